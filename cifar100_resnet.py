@@ -1,0 +1,1222 @@
+"""Train a ResNet-34 from scratch on CIFAR-100: the notebook's recipe, correct, fast and GPU-resident.
+
+    python cifar100_resnet.py --epochs 400            # the notebook's recipe at its defaults
+    python cifar100_resnet.py --help                  # every flag
+
+One self-contained module (torch, torchvision, numpy): its own ResNet-18/34, the official CIFAR files read
+without running pickled code, the whole dataset resident on the training device, crop/flip/MixUp/CutMix as
+batch tensor functions, label-smoothed cross-entropy on mixed targets, SGD with per-step cosine annealing
+with warm restarts, mixed precision, exact top-1/top-5 evaluation, a run folder with config.json,
+metrics.csv and atomic checkpoints, and bit-exact resume. Measured results are in README.md, each with the
+command and machine that produced it.
+
+Library use:
+
+    import cifar100_resnet as cr
+    result = cr.train(cr.TrainConfig(epochs=30, batch_size=512, lr=0.4, data_dir="./data"))
+    result.model, result.history   # the trained nn.Module and one dict of metrics per epoch
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset facts (from the official release page and torchvision/datasets/cifar.py)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str  # the folder the official archive extracts to, inside --data-dir
+    url: str
+    archive_md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str  # key of the labels list in each batch file
+    names_key: str  # key of the class names list in the meta file
+    num_classes: int
+    mean: tuple[float, float, float]  # per-channel mean of the training pixels / 255
+    std: tuple[float, float, float]
+
+
+DATASETS = {
+    "cifar100": DatasetInfo(
+        folder="cifar-100-python",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_files=("train",), test_files=("test",), meta_file="meta",
+        label_key="fine_labels", names_key="fine_label_names", num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),  # the notebook's constants
+    ),
+    "cifar10": DatasetInfo(
+        folder="cifar-10-batches-py",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        archive_md5="c58f30108f718f92721af3b95e74349a",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
+        meta_file="batches.meta", label_key="labels", names_key="label_names", num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),  # CIFAR-10's own statistics
+    ),
+}
+
+IMAGE_SIZE = 32
+CROP_PADDING = 4
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors: each becomes one message on stderr and a non-zero exit code in main()
+
+
+class UserError(Exception):
+    """Bad input (a flag, a folder, a file): reported as one message, exit code 2."""
+
+
+class DataError(UserError):
+    """The dataset is missing or unreadable."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the last good checkpoint is kept. Exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    # --- the notebook's hyperparameters (defaults are its values)
+    epochs: int = 400  # full passes over the training images
+    batch_size: int = 128  # images per optimiser step
+    lr: float = 0.1  # peak learning rate; scale it with the batch size (0.4 at 512 is 0.1 * 512/128)
+    momentum: float = 0.9
+    weight_decay: float = 1e-3  # L2 penalty, applied by SGD
+    decay_norm_and_bias: bool = True  # the notebook decays every parameter, BatchNorm and biases included
+    nesterov: bool = False
+    label_smoothing: float = 0.1  # in [0, 1)
+    mixup: bool = True
+    cutmix: bool = True
+    mixup_alpha: float = 1.0  # Beta(alpha, alpha) for the MixUp weight; 0 switches MixUp off
+    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for the CutMix area; 0 switches CutMix off
+    cutmix_prob: float = 0.5  # with both on, the chance that a batch gets CutMix rather than MixUp
+    # --- schedule: cosine annealing with warm restarts, set every step
+    t0: Optional[float] = None  # first cycle in epochs; None ("auto") fits whole cycles into the run
+    t_mult: float = 2.0  # each cycle is t_mult times longer than the one before
+    warmup_epochs: float = 0.0  # linear warm-up from 0 before the first cycle
+    min_lr: float = 0.0  # the rate at the bottom of each cycle (torch's eta_min)
+    # --- model
+    arch: str = "resnet34"  # resnet18 | resnet34
+    stem: str = "cifar"  # cifar: 3x3 stride-1 conv, no max-pool | imagenet: torchvision's 7x7/2 + max-pool
+    width: int = 64  # channels of the first stage; stages have width, 2, 4, 8 x width
+    # --- data
+    dataset: str = "cifar100"  # cifar100 | cifar10
+    data_dir: str = "./data"  # the folder that holds cifar-100-python/ (torchvision's root)
+    download: bool = True  # fetch the official archive when the folder has no data
+    limit_train: int = 0  # keep the first N training images (0: all)
+    limit_test: int = 0  # keep the first N test images (0: all)
+    val_split: int = 0  # hold out the last N training images to choose best.pt without the test set
+    # --- running
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False  # torch.compile the forward pass and loss
+    seed: int = 0
+    eval_batch_size: int = 1000
+    out_dir: Optional[str] = None  # run folder; None in library use writes nothing
+    checkpoint_every: int = 20  # also keep ckpt_ep{N}.pt every N epochs (0: never)
+    log_every: int = 100  # a progress line every N batches (0: only per epoch)
+    quiet: bool = False
+
+    def validate(self) -> None:
+        """Raise UserError naming the first invalid setting."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.mixup_alpha >= 0, f"--mixup-alpha must be >= 0, got {self.mixup_alpha}"),
+            (self.cutmix_alpha >= 0, f"--cutmix-alpha must be >= 0, got {self.cutmix_alpha}"),
+            (0 <= self.cutmix_prob <= 1, f"--cutmix-prob must be in [0, 1], got {self.cutmix_prob}"),
+            (self.t0 is None or self.t0 > 0, f"--t0 must be positive or 'auto', got {self.t0}"),
+            (self.t_mult >= 1, f"--t-mult must be >= 1, got {self.t_mult}"),
+            (0 <= self.warmup_epochs < self.epochs,
+             f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} epochs"),
+            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}"),
+            (self.arch in ARCHITECTURES, f"--arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}"),
+            (self.stem in ("cifar", "imagenet"), f"--stem must be cifar or imagenet, got {self.stem!r}"),
+            (self.width >= 1, f"--width must be at least 1, got {self.width}"),
+            (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}"),
+            (self.limit_train >= 0, f"--limit-train must be >= 0, got {self.limit_train}"),
+            (self.limit_test >= 0, f"--limit-test must be >= 0, got {self.limit_test}"),
+            (self.val_split >= 0, f"--val-split must be >= 0, got {self.val_split}"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
+            (self.log_every >= 0, f"--log-every must be >= 0, got {self.log_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        resolve_device(self.device)  # raises UserError for an unknown or absent device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a reader of the official "python version" files that cannot be made to run code
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR files hold: dicts, lists, str, int, bytes and numpy arrays."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR format")
+        if module.startswith(("numpy.core.", "numpy._core.")):  # numpy 2 renamed numpy.core to numpy._core
+            submodule = module.split(".", 2)[2]
+            module = ("numpy._core." if hasattr(np, "_core") else "numpy.core.") + submodule
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable CIFAR file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a readable CIFAR file (holds {type(obj).__name__}, not dict)")
+    return obj
+
+
+def _read_batches(folder: str, files: tuple[str, ...], label_key: str, num_classes: int):
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        batch = _read_pickle(path)
+        data, lab = batch.get("data"), batch.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
+        if not isinstance(lab, list) or len(lab) != len(data) or not all(type(v) is int for v in lab):
+            raise DataError(f"{path}: '{label_key}' must be a list of {len(data)} ints")
+        if lab and not 0 <= min(lab) <= max(lab) < num_classes:
+            raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}")
+        images.append(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))  # rows are R, G, B planes: NCHW
+        labels.append(np.asarray(lab, dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+@dataclass
+class CifarData:
+    train_images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    info: DatasetInfo
+
+
+def read_cifar(folder: str, dataset: str = "cifar100") -> CifarData:
+    """Read the official layout in `folder` (e.g. ./data/cifar-100-python) into uint8 NCHW tensors."""
+    info = DATASETS[dataset]
+    train_images, train_labels = _read_batches(folder, info.train_files, info.label_key, info.num_classes)
+    test_images, test_labels = _read_batches(folder, info.test_files, info.label_key, info.num_classes)
+    meta_path = os.path.join(folder, info.meta_file)
+    names = _read_pickle(meta_path).get(info.names_key)
+    if not isinstance(names, list) or len(names) != info.num_classes:
+        raise DataError(f"{meta_path}: '{info.names_key}' must list {info.num_classes} class names")
+    return CifarData(train_images, train_labels, test_images, test_labels, [str(n) for n in names], info)
+
+
+def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True) -> CifarData:
+    """Read `data_dir/<official folder>`; download the md5-checked archive first if its files are missing.
+
+    A copy whose files differ from the official md5 sums (a user's own rebuild) is read as it is: the reader
+    checks the content instead.
+    """
+    info = DATASETS[dataset]
+    folder = os.path.join(data_dir, info.folder)
+    expected = info.train_files + info.test_files + (info.meta_file,)
+    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        reason = "download switched off (--no-download)"
+        if download:
+            from torchvision.datasets.utils import download_and_extract_archive  # only needed here
+
+            try:
+                download_and_extract_archive(info.url, download_root=data_dir, md5=info.archive_md5)
+                reason = ""
+            except Exception as e:  # no network, a proxy page, a bad md5, a full disk: all end the same way
+                reason = f"download failed ({type(e).__name__}: {e})"
+        missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise DataError(
+                f"{dataset} not found in {os.path.abspath(data_dir)}: expected {os.path.abspath(folder)}/ "
+                f"with {', '.join(expected)} (missing: {', '.join(missing)}); {reason or 'archive had no such files'}. "
+                f"Download {info.url}, extract it into {os.path.abspath(data_dir)}, or pass --data-dir.")
+    return read_cifar(folder, dataset)
+
+
+class Normalizer:
+    """uint8 images -> float32 (x/255 - mean) / std as one fused multiply-add, optionally channels_last."""
+
+    def __init__(self, mean, std, device, channels_last: bool = False):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(memory_format=self.memory_format).float()
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each batch of an n-image epoch; the last batch holds the remainder."""
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation and mixing: batch tensor functions, all randomness from torch (optionally a Generator)
+
+
+def _randint(high: int, n: int, generator, device) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=generator, device=device)
+
+
+def random_crop(images: torch.Tensor, padding: int = CROP_PADDING,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each image: zero-pad by `padding`, then cut a same-size window at its own random offset.
+
+    Works on any dtype (uint8 here). Instead of a gather with a large index, the shift is applied one axis
+    at a time with one torch.where per possible offset: 2 * (2 * padding + 1) passes, no host sync.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4)
+    dy = _randint(2 * padding + 1, n, generator, device).view(n, 1, 1, 1)
+    dx = _randint(2 * padding + 1, n, generator, device).view(n, 1, 1, 1)
+    rows = padded[:, :, 0:h, :]
+    for s in range(1, 2 * padding + 1):
+        rows = torch.where(dy == s, padded[:, :, s:s + h, :], rows)
+    out = rows[:, :, :, 0:w]
+    for s in range(1, 2 * padding + 1):
+        out = torch.where(dx == s, rows[:, :, :, s:s + w], out)
+    return out
+
+
+def random_flip(images: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Mirror each image left-right with probability p, each its own draw."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def sample_beta(alpha: float, generator: Optional[torch.Generator] = None) -> float:
+    """One draw of Beta(alpha, alpha) from torch's RNG (torch.distributions.Beta takes no generator).
+
+    Beta = X / (X + Y) with X, Y ~ Gamma(alpha), each by Marsaglia and Tsang's method (2000), with the
+    boost Gamma(a) = Gamma(a + 1) * U^(1/a) for a < 1. Runs on the CPU: no device sync for a scalar.
+    """
+    def gamma(a: float) -> float:
+        boost = 1.0
+        if a < 1:
+            boost = float(torch.rand((), generator=generator)) ** (1.0 / a)
+            a += 1.0
+        d = a - 1.0 / 3.0
+        c = 1.0 / math.sqrt(9.0 * d)
+        while True:
+            z = float(torch.randn((), generator=generator))
+            v = (1.0 + c * z) ** 3
+            if v <= 0:
+                continue
+            u = float(torch.rand((), generator=generator))
+            if u > 0 and math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
+                return d * v * boost
+
+    x, y = gamma(alpha), gamma(alpha)
+    return x / (x + y) if x + y > 0 else 0.5
+
+
+def cutmix_box(lam: float, height: int, width: int, generator: Optional[torch.Generator] = None,
+               center: Optional[tuple[int, int]] = None):
+    """(top, bottom, left, right) of a CutMix box: centre (row, col) uniform over the image unless given,
+    sides sqrt(1 - lam) * size, clipped at the borders (so a box near an edge is smaller than asked)."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    if center is None:
+        center = (int(torch.randint(0, height, (), generator=generator)),
+                  int(torch.randint(0, width, (), generator=generator)))
+    top, left = center[0] - cut_h // 2, center[1] - cut_w // 2
+    return max(top, 0), min(top + cut_h, height), max(left, 0), min(left + cut_w, width)
+
+
+def mixup_batch(images: torch.Tensor, labels: torch.Tensor, lam: float):
+    """MixUp with each image's partner in the reversed batch (the batch order is already random)."""
+    mixed = images.mul(lam).add_(images.flip(0), alpha=1.0 - lam)
+    return mixed, labels, labels.flip(0), lam
+
+
+def cutmix_batch(images: torch.Tensor, labels: torch.Tensor, box):
+    """Paste `box` from each image's partner (reversed batch); lam recomputed from the area actually pasted."""
+    top, bottom, left, right = box
+    mixed = images.clone()
+    mixed[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
+    lam = 1.0 - (bottom - top) * (right - left) / (images.shape[2] * images.shape[3])
+    return mixed, labels, labels.flip(0), lam
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+              generator: Optional[torch.Generator] = None):
+    """Apply ONE of MixUp or CutMix to the batch (chosen with config.cutmix_prob when both are on).
+
+    Returns (images, labels_a, labels_b, lam): the target is lam * labels_a + (1 - lam) * labels_b.
+    The notebook applied CutMix after MixUp and kept only CutMix's labels, losing MixUp's second label.
+    """
+    use_mixup = config.mixup and config.mixup_alpha > 0
+    use_cutmix = config.cutmix and config.cutmix_alpha > 0
+    if use_mixup and use_cutmix:
+        use_cutmix = float(torch.rand((), generator=generator)) < config.cutmix_prob
+        use_mixup = not use_cutmix
+    if use_cutmix:
+        lam = sample_beta(config.cutmix_alpha, generator)
+        return cutmix_batch(images, labels, cutmix_box(lam, images.shape[2], images.shape[3], generator))
+    if use_mixup:
+        return mixup_batch(images, labels, sample_beta(config.mixup_alpha, generator))
+    return images, labels, labels, 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def mixed_cross_entropy(logits: torch.Tensor, labels_a: torch.Tensor, labels_b: Optional[torch.Tensor] = None,
+                        lam=1.0, smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Label-smoothed cross-entropy against the mixed target lam * a + (1 - lam) * b.
+
+    Smoothing is applied once, to the mixed target: each sample's loss is
+    (1 - smoothing) * (lam * NLL(a) + (1 - lam) * NLL(b)) + smoothing * mean over classes of -log p,
+    which equals lam * CE_s(a) + (1 - lam) * CE_s(b) and, for hard labels, F.cross_entropy(label_smoothing=s).
+    Computed in float32 whatever the logits' dtype. `lam` may be a float or a 0-d tensor.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)
+    nll = -logp.gather(1, labels_a[:, None]).squeeze(1)
+    if labels_b is not None:
+        nll_b = -logp.gather(1, labels_b[:, None]).squeeze(1)
+        nll = nll_b + lam * (nll - nll_b)
+    loss = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=1) if smoothing else nll
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: ResNet with BasicBlocks, parameter names as in torchvision
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:  # match the shortcut's shape with a 1x1 conv
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet of BasicBlocks. stem="cifar": 3x3 stride-1 conv, no max-pool (32x32 stays 32x32 into stage 1);
+    stem="imagenet": torchvision's 7x7 stride-2 conv + 3x3 max-pool, state_dict-compatible with
+    torchvision.models.resnet18/34 when width=64."""
+
+    def __init__(self, blocks_per_stage=(3, 4, 6, 3), num_classes: int = 100, width: int = 64, stem: str = "cifar"):
+        super().__init__()
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        channels = width
+        for i, n_blocks in enumerate(blocks_per_stage):
+            out_channels = width * 2 ** i
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(channels, out_channels, stride)]
+            blocks += [BasicBlock(out_channels, out_channels) for _ in range(n_blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            channels = out_channels
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):  # torchvision's choices; nn.Linear keeps its default init
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, x):  # x: (B, 3, H, W) normalised images
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
+
+
+ARCHITECTURES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+def resnet18(num_classes: int = 100, width: int = 64, stem: str = "cifar") -> ResNet:
+    return ResNet(ARCHITECTURES["resnet18"], num_classes, width, stem)
+
+
+def resnet34(num_classes: int = 100, width: int = 64, stem: str = "cifar") -> ResNet:
+    return ResNet(ARCHITECTURES["resnet34"], num_classes, width, stem)
+
+
+def build_model(config: TrainConfig) -> ResNet:
+    return ResNet(ARCHITECTURES[config.arch], DATASETS[config.dataset].num_classes, config.width, config.stem)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.SGD:
+    """SGD with momentum. With decay_norm_and_bias off, BatchNorm weights and all biases (every parameter
+    with fewer than 2 dimensions) get no weight decay; the notebook decays them all."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.decay_norm_and_bias:
+        groups = [{"params": params, "weight_decay": config.weight_decay}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, **kwargs)
+
+
+def resolve_t0(epochs: float, t_mult: float, t0: Optional[float] = None, notebook_t0: float = 50.0) -> float:
+    """The first cycle length. Given t0 is kept; t0=None fits k whole cycles exactly into `epochs`, with k the
+    largest number whose first cycle is still at least the notebook's 50 epochs (k >= 1): 400 epochs at
+    t_mult=2 give cycles of 57.1, 114.3 and 228.6 epochs; 30 epochs give one 30-epoch cycle."""
+    if t0 is not None:
+        return float(t0)
+
+    def first_cycle(k: int) -> float:  # epochs / (1 + t_mult + ... + t_mult^(k-1))
+        return epochs / sum(t_mult ** i for i in range(k))
+
+    k = 1
+    while first_cycle(k + 1) >= notebook_t0:
+        k += 1
+    return first_cycle(k)
+
+
+def cycle_position(t: float, t0: float, t_mult: float) -> tuple[float, float]:
+    """(epochs into the current cycle, length of that cycle) at `t` epochs after the warm-up."""
+    length = t0
+    # Subtract whole cycles, as torch's step() does. The 1e-9 tolerance puts a boundary that rounding left a
+    # hair away (three cycles of 400/7 epochs sum to 399.99999999999994) at the boundary.
+    while t > length - 1e-9:
+        t -= length
+        length *= t_mult
+    return max(t, 0.0), length
+
+
+def learning_rate(epoch: float, config: TrainConfig, t0: float) -> float:
+    """The learning rate at a fractional epoch: linear warm-up, then cosine annealing with warm restarts.
+
+    At whole epochs (after warm-up) this equals torch's CosineAnnealingWarmRestarts(T_0=t0, T_mult, eta_min)
+    stepped once per epoch; here it is set every step so the rate falls smoothly within an epoch.
+    """
+    if epoch < config.warmup_epochs:
+        return config.lr * epoch / config.warmup_epochs
+    t_cur, length = cycle_position(epoch - config.warmup_epochs, t0, config.t_mult)
+    return config.min_lr + (config.lr - config.min_lr) * (1 + math.cos(math.pi * t_cur / length)) / 2
+
+
+def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
+    """A warning when the run ends inside a cycle, i.e. its last weights are trained at a high rate."""
+    t_cur, length = cycle_position(config.epochs - config.warmup_epochs, t0, config.t_mult)
+    if t_cur < 1e-6:
+        return None
+    end_lr = learning_rate(config.epochs, config, t0)
+    return (f"the schedule ends {t_cur:g} epochs into a {length:g}-epoch cycle at {end_lr / config.lr:.0%} of the "
+            f"peak learning rate, so the last weights are not annealed; --t0 auto fits whole cycles into "
+            f"--epochs")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything named must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for float32. auto: bf16 where the GPU has it, else fp16; off on CPU/MPS."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device (with its gradient scaler); this run is on {device}")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,
+             batch_size: int = 1000, amp_dtype: Optional[torch.dtype] = None) -> dict:
+    """Exact metrics over every image: loss = mean cross-entropy (no smoothing), top1/top5 = correct / N."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros(2, dtype=torch.int64, device=device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    for start, end in epoch_batches(len(images), batch_size):
+        with autocast:
+            logits = model(normalize(images[start:end]))
+        y = labels[start:end]
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        correct[0] += hits[:, 0].sum()
+        correct[1] += hits.any(dim=1).sum()
+    model.train(was_training)
+    n = max(len(images), 1)
+    loss, (c1, c5) = loss_sum.item(), correct.tolist()  # note: the one host sync of an evaluation
+    return {"loss": loss / n, "top1": c1 / n, "top5": c5 / n, "n": len(images)}
+
+
+@dataclass
+class EpochState:
+    """What a checkpoint written inside an epoch needs to finish that epoch exactly."""
+    data_rng_at_start: torch.Tensor  # the data generator's state when the epoch began (replays its order)
+    step: int = 0  # batches done
+    loss_sum: Optional[torch.Tensor] = None  # sum over done batches of loss * batch size (on the device)
+    seen: int = 0  # images done
+    first_bad_step: Optional[torch.Tensor] = None  # -1, or the first step whose loss was not finite
+    seconds: float = 0.0  # training time spent in this epoch so far
+
+
+class Trainer:
+    """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time."""
+
+    def __init__(self, config: TrainConfig, data: CifarData, log: Callable[[str], None] = print):
+        config.validate()
+        self.config, self.log = config, log
+        self.device = resolve_device(config.device)
+        self.amp_dtype = resolve_amp(config.amp, self.device)
+        cuda = self.device.type == "cuda"
+        self.t0 = resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0)
+
+        n_train = len(data.train_images) if not config.limit_train else min(config.limit_train, len(data.train_images))
+        n_test = len(data.test_images) if not config.limit_test else min(config.limit_test, len(data.test_images))
+        if config.val_split >= n_train:
+            raise UserError(f"--val-split {config.val_split} leaves no training images (have {n_train})")
+        n_fit = n_train - config.val_split
+        def on_device(images, labels, start, end):
+            return images[start:end].to(self.device), labels[start:end].to(self.device)
+
+        self.train_images, self.train_labels = on_device(data.train_images, data.train_labels, 0, n_fit)
+        self.val_images, self.val_labels = on_device(data.train_images, data.train_labels, n_fit, n_train)
+        self.test_images, self.test_labels = on_device(data.test_images, data.test_labels, 0, n_test)
+        self.normalize = Normalizer(data.info.mean, data.info.std, self.device, channels_last=cuda)
+        self.batches = epoch_batches(n_fit, config.batch_size)
+
+        torch.manual_seed(config.seed)  # the model's initial weights
+        self.model = build_model(config).to(self.device)
+        if cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, config, fused=cuda)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # Two streams of randomness: the epoch order and crop/flip on the device, and the per-batch mixing
+        # scalars (lam, the box, MixUp or CutMix) on the CPU, where drawing them costs no device sync.
+        self.data_rng = torch.Generator(self.device).manual_seed(config.seed + 1)
+        self.mix_rng = torch.Generator().manual_seed(config.seed + 2)
+        self.forward_loss = torch.compile(self._forward_loss) if config.compile else self._forward_loss
+
+        self.epoch = 0  # epochs completed
+        self.partial: Optional[EpochState] = None  # set while an epoch is interrupted
+        self.best: dict = {"metric": "val_top1" if config.val_split else "test_top1", "value": -1.0, "epoch": 0}
+
+    def _forward_loss(self, x, labels_a, labels_b, lam):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            logits = self.model(x)
+        return mixed_cross_entropy(logits, labels_a, labels_b, lam, self.config.label_smoothing)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batches)
+
+    def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> Optional[dict]:
+        """Train epoch self.epoch + 1 (or finish an interrupted one). Returns its train metrics, or None when
+        should_stop() asked to stop after a step (self.partial then holds where to continue)."""
+        cfg, dev = self.config, self.device
+        state = self.partial
+        if state is None:
+            state = EpochState(self.data_rng.get_state())
+        else:
+            self.data_rng.set_state(state.data_rng_at_start)  # replays this epoch's order and augmentation
+        if state.loss_sum is None:
+            state.loss_sum = torch.zeros((), device=dev)
+            state.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.partial = None
+
+        order = torch.randperm(len(self.train_images), generator=self.data_rng, device=dev)
+        images = random_flip(random_crop(self.train_images[order], generator=self.data_rng), generator=self.data_rng)
+        labels = self.train_labels[order]
+
+        self.model.train()
+        started = time.perf_counter() - state.seconds
+        for step in range(state.step, self.steps_per_epoch):
+            start, end = self.batches[step]
+            lr = learning_rate(self.epoch + step / self.steps_per_epoch, cfg, self.t0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x, y_a, y_b, lam = mix_batch(self.normalize(images[start:end]), labels[start:end], cfg, self.mix_rng)
+            loss = self.forward_loss(x, y_a, y_b, torch.full((), lam, device=dev))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+            detached = loss.detach()
+            state.loss_sum += detached * (end - start)
+            bad_now = ~torch.isfinite(detached) & (state.first_bad_step < 0)
+            state.first_bad_step = torch.where(bad_now, step, state.first_bad_step)
+            state.seen += end - start
+            state.step = step + 1
+            if cfg.log_every and state.step % cfg.log_every == 0:
+                self._check_finite(state)  # note: a host sync, once every log_every batches
+                seconds = time.perf_counter() - started
+                self.log(f"epoch {self.epoch + 1}/{cfg.epochs} step {state.step}/{self.steps_per_epoch} "
+                         f"lr {lr:.4f} loss {state.loss_sum.item() / state.seen:.4f} "
+                         f"{state.seen / seconds:.0f} img/s")
+            if state.step < self.steps_per_epoch and should_stop():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                state.seconds = time.perf_counter() - started
+                self._check_finite(state)
+                self.partial = state
+                return None
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - started
+        self._check_finite(state)
+        self.epoch += 1
+        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": state.loss_sum.item() / state.seen,
+                "train_seconds": seconds, "images_per_s": len(self.train_images) / seconds}
+
+    def _check_finite(self, state: EpochState) -> None:
+        bad = int(state.first_bad_step)
+        if bad >= 0:
+            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} "
+                                   f"(lr {learning_rate(self.epoch + bad / self.steps_per_epoch, self.config, self.t0):.4g}); "
+                                   f"stopped, the last good checkpoint is kept")
+
+    def evaluate(self, split: str = "test") -> dict:
+        images, labels = (self.test_images, self.test_labels) if split == "test" else (self.val_images, self.val_labels)
+        return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype)
+
+    # --- checkpoints: plain dicts of tensors and Python values, loadable with torch.load(weights_only=True)
+
+    def state_dict(self) -> dict:
+        partial = None
+        if self.partial is not None:
+            partial = dataclasses.asdict(self.partial)
+        return {
+            "format": "cifar100_resnet", "version": __version__,
+            "config": dataclasses.asdict(self.config),
+            "epoch": self.epoch, "partial_epoch": partial, "best": dict(self.best),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"data": self.data_rng.get_state(), "mix": self.mix_rng.get_state(),
+                    "data_device": self.device.type},
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        check_architecture(ckpt, self.config)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.best = int(ckpt["epoch"]), dict(ckpt["best"])
+        self.mix_rng.set_state(ckpt["rng"]["mix"])
+        partial = ckpt.get("partial_epoch")
+        if ckpt["rng"]["data_device"] == self.device.type:
+            self.data_rng.set_state(ckpt["rng"]["data"])
+            if partial is not None:
+                partial = EpochState(**partial)
+                partial.loss_sum = partial.loss_sum.to(self.device)
+                partial.first_bad_step = partial.first_bad_step.to(self.device)
+        else:  # a CPU generator's state cannot seed a CUDA generator: continue on a fresh, seeded stream
+            warn(f"this run's data order was drawn on {ckpt['rng']['data_device']}; on {self.device.type} it "
+                 f"continues from a fresh stream, so it will not repeat bit for bit")
+            self.data_rng.manual_seed(self.config.seed + 1 + 1000003 * self.epoch)
+            partial = None
+        self.partial = partial
+
+
+def check_architecture(ckpt: dict, config: TrainConfig) -> None:
+    """Refuse a checkpoint of another model with one clear message instead of a state_dict key dump."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
+        raise UserError("not a cifar100_resnet checkpoint")
+    saved = ckpt["config"]
+    keys = ("arch", "stem", "width", "dataset")
+    theirs, ours = {k: saved.get(k) for k in keys}, {k: getattr(config, k) for k in keys}
+    if theirs != ours:
+        differ = ", ".join(f"{k} {theirs[k]} (checkpoint) vs {ours[k]}" for k in keys if theirs[k] != ours[k])
+        raise UserError(f"the checkpoint holds another architecture: {differ}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folder: config.json, metrics.csv (a row per epoch, flushed at once), atomic checkpoints
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "val_loss", "val_top1",
+                  "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds"]
+RUN_FILES = ("config.json", "metrics.csv", "last.pt")
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{os.getpid()}.{time.monotonic_ns()}.partial")
+    try:
+        with open(tmp, "xb") as f:  # honours the umask, unlike mkstemp's 0600
+            if isinstance(obj, (bytes, str)):
+                f.write(obj.encode() if isinstance(obj, str) else obj)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint written by this module (weights_only: a crafted file cannot run code)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
+        raise UserError(f"{path} is not a cifar100_resnet checkpoint")
+    return ckpt
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _format_row(row: dict) -> dict:
+    return {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+class RunFolder:
+    """The files of one run. Refuses a folder that holds another run unless resuming."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.metrics_path = os.path.join(path, "metrics.csv")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def holds_run(self) -> bool:
+        return any(os.path.exists(self.file(f)) for f in RUN_FILES)
+
+    def prepare(self) -> None:
+        """Create the folder and prove it writable before any training time is spent."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to --out-dir {self.path}: {e.strerror or e}") from None
+
+    def write_config(self, config: TrainConfig, extra: dict) -> None:
+        atomic_save(json.dumps({**dataclasses.asdict(config), **extra}, indent=2) + "\n", self.file("config.json"))
+
+    def keep_metrics_through(self, epoch: int, source: Optional[str] = None) -> None:
+        """Make metrics.csv hold exactly the rows of epochs 1..epoch (from `source`, default its own)."""
+        rows = [r for r in read_metrics(source or self.metrics_path) if int(r["epoch"]) <= epoch]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_save(buf.getvalue(), self.metrics_path)
+
+    def append_metrics(self, row: dict) -> None:
+        new = not os.path.exists(self.metrics_path)
+        with open(self.metrics_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(_format_row({k: row.get(k, "") for k in METRIC_COLUMNS}))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training run
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list  # one dict per epoch trained in this call (the columns of metrics.csv)
+    out_dir: Optional[str]
+    interrupted: bool = False  # stopped by should_stop(); last.pt holds the position to resume from
+
+
+def _environment(device: torch.device) -> dict:
+    import torchvision  # imported here: only the run's record needs its version
+
+    env = {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+           "numpy_version": np.__version__, "python_version": sys.version.split()[0],
+           "module_version": __version__, "device_resolved": str(device)}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
+          resume: Optional[str] = None, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Train per `config`; with config.out_dir, write the run folder (and resume from `resume`, a checkpoint).
+
+    should_stop() is polled after every step; when it returns True, last.pt is written at that exact
+    position (mid-epoch) and the result says interrupted.
+    """
+    config.validate()
+    if config.quiet:
+        log = lambda message: None  # noqa: E731
+    folder = RunFolder(config.out_dir) if config.out_dir else None
+    ckpt = load_checkpoint(resume) if resume else None
+    if folder:
+        if ckpt is None and folder.holds_run():
+            raise UserError(f"--out-dir {folder.path} holds another run; pass --resume to continue it, "
+                            f"or choose another --out-dir")
+        folder.prepare()
+    if ckpt is not None:
+        check_architecture(ckpt, config)
+
+    if data is None:
+        data = load_dataset(config.data_dir, config.dataset, config.download)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    trainer = Trainer(config, data, log)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+    warning = schedule_end_warning(config, trainer.t0)
+    if warning and trainer.epoch == 0:
+        warn(warning)
+
+    if folder:
+        if not os.path.exists(folder.file("config.json")):
+            folder.write_config(config, {"t0_resolved": trainer.t0, **_environment(trainer.device)})
+        if ckpt is not None:
+            source = os.path.join(os.path.dirname(os.path.abspath(resume)), "metrics.csv")
+            folder.keep_metrics_through(trainer.epoch, source if os.path.exists(source) else None)
+    log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
+        f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
+        f"amp {trainer.amp_dtype or 'off'}, batch {config.batch_size}, lr {config.lr}, "
+        f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
+        + (f", run folder {folder.path}" if folder else ""))
+
+    history, run_started = [], time.perf_counter()
+    elapsed_before = 0.0
+    if folder:
+        rows = read_metrics(folder.metrics_path)
+        elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
+    while trainer.epoch < config.epochs:
+        epoch_started = time.perf_counter()
+        stats = trainer.train_epoch(should_stop)
+        if stats is None:
+            if folder:
+                atomic_save(trainer.state_dict(), folder.file("last.pt"))
+            log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
+                + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
+            return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
+        row = {"epoch": trainer.epoch, **stats}
+        test = trainer.evaluate("test")
+        row.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
+        if config.val_split:
+            val = trainer.evaluate("val")
+            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+        row["epoch_seconds"] = time.perf_counter() - epoch_started
+        row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
+        history.append(row)
+
+        improved = row[trainer.best["metric"]] > trainer.best["value"]
+        if improved:
+            trainer.best.update(value=row[trainer.best["metric"]], epoch=trainer.epoch)
+        if folder:  # the row first: a crash between the two writes then costs no row (resume rewrites it)
+            folder.append_metrics(row)
+            state = trainer.state_dict()
+            atomic_save(state, folder.file("last.pt"))
+            if improved:
+                atomic_save({k: state[k] for k in ("format", "version", "config", "epoch", "best", "model")},
+                            folder.file("best.pt"))
+            if config.checkpoint_every and trainer.epoch % config.checkpoint_every == 0:
+                atomic_save(state, folder.file(f"ckpt_ep{trainer.epoch}.pt"))
+        eta = (config.epochs - trainer.epoch) * (row["elapsed_seconds"] - elapsed_before) / len(history)
+        log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
+            f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
+            + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
+            + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s ETA {_duration(eta)}")
+        if trainer.epoch < config.epochs and should_stop():
+            log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
+                                                          if folder else ""))
+            return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
+    return TrainResult(trainer.model, history, config.out_dir)
+
+
+def warn(message: str) -> None:
+    """Warnings go to stderr and are shown even with --quiet."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+# Settings a resumed run may change: they do not alter what is computed, only where and how it is shown.
+RESUMABLE_OVERRIDES = {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every", "out_dir",
+                       "compile", "eval_batch_size"}
+
+
+def _t0_arg(text: str) -> Optional[float]:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs or 'auto', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train command's flags; every default is TrainConfig's."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="cifar100_resnet.py",
+        description="Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimiser step")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (scale it with the batch size)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", default=d.nesterov, help="Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (L2)")
+    g.add_argument("--no-decay-norm-bias", dest="decay_norm_and_bias", action="store_false",
+                   default=d.decay_norm_and_bias, help="exempt BatchNorm weights and biases from weight decay "
+                                                       "(the notebook decays them)")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="in [0, 1)")
+    g.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, help="MixUp Beta(alpha, alpha)")
+    g.add_argument("--cutmix-alpha", type=float, default=d.cutmix_alpha, help="CutMix Beta(alpha, alpha)")
+    g.add_argument("--no-mixup", dest="mixup", action="store_false", default=d.mixup, help="switch MixUp off")
+    g.add_argument("--no-cutmix", dest="cutmix", action="store_false", default=d.cutmix, help="switch CutMix off")
+    g.add_argument("--cutmix-prob", type=float, default=d.cutmix_prob,
+                   help="with both on, the chance a batch gets CutMix instead of MixUp")
+    g = p.add_argument_group("schedule (cosine annealing with warm restarts, set every step)")
+    g.add_argument("--t0", type=_t0_arg, default="auto", metavar="EPOCHS|auto",
+                   help="first cycle length; auto fits whole cycles into --epochs; 50 is the notebook's")
+    g.add_argument("--t-mult", type=float, default=d.t_mult, help="cycle length multiplier")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cycle 1")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="rate at the bottom of each cycle")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=list(ARCHITECTURES), default=d.arch, help="network depth")
+    g.add_argument("--stem", choices=["cifar", "imagenet"], default=d.stem,
+                   help="cifar: 3x3 stride-1 conv; imagenet: torchvision's 7x7/2 conv + max-pool (the notebook)")
+    g.add_argument("--width", type=int, default=d.width, help="channels of the first stage")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default=d.dataset, help="which CIFAR")
+    g.add_argument("--data-dir", default=d.data_dir, help="folder holding cifar-100-python/ (downloaded if absent)")
+    g.add_argument("--no-download", dest="download", action="store_false", default=d.download,
+                   help="never download; fail if the data is not in --data-dir")
+    g.add_argument("--limit-train", type=int, default=d.limit_train, help="use the first N training images (0: all)")
+    g.add_argument("--limit-test", type=int, default=d.limit_test, help="use the first N test images (0: all)")
+    g.add_argument("--val-split", type=int, default=d.val_split,
+                   help="hold out the last N training images; best.pt is then chosen on them, not on the test set")
+    g = p.add_argument_group("running")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
+                   help="mixed precision: auto = bf16 where supported, else fp16 with a gradient scaler; off on CPU")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile forward and loss")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds weights, data order, augmentation, mixing")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="images per evaluation batch")
+    g = p.add_argument_group("output")
+    g.add_argument("--out-dir", default=d.out_dir, help="run folder (default: runs/<timestamp>)")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a run: from --out-dir's last.pt, or from the checkpoint PATH")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="keep ckpt_ep{N}.pt every N epochs (0: never)")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="a progress line every N batches (0: none)")
+    g.add_argument("--quiet", action="store_true", default=d.quiet, help="print nothing but warnings and errors")
+    return p
+
+
+def _given_flags(argv: list) -> dict:
+    """Only the flags the user typed, with their parsed values (to tell them from defaults on resume)."""
+    not_given = object()  # not a str, so argparse does not run it through the flag's type
+    probe = build_parser()
+    probe.set_defaults(**{f.name: not_given for f in dataclasses.fields(TrainConfig)}, resume=not_given)
+    return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not not_given}
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, str]:
+    """The run's saved settings plus the flags a resume may change; refuses flags that would alter the run."""
+    if args.resume:
+        path = args.resume
+        out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
+    else:
+        if not args.out_dir:
+            raise UserError("--resume without a PATH continues --out-dir's last.pt: pass --out-dir")
+        out_dir, path = args.out_dir, os.path.join(args.out_dir, "last.pt")
+    ckpt = load_checkpoint(path)
+    saved = dict(ckpt["config"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES and v != saved.get(k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
+        raise UserError(f"a resumed run keeps its settings; these differ: {flags}")
+    saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+    saved["out_dir"] = out_dir
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+
+    folder = RunFolder(out_dir)
+    last = os.path.join(out_dir, "last.pt")
+    if os.path.abspath(path) != os.path.abspath(last) and os.path.exists(last):
+        later = load_checkpoint(last)["epoch"]
+        if later > ckpt["epoch"]:
+            raise UserError(f"{out_dir} already holds epochs up to {later}; resuming from epoch {ckpt['epoch']} "
+                            f"there would overwrite them: pass another --out-dir to branch off")
+    elif os.path.abspath(path) != os.path.abspath(last) and folder.holds_run() and \
+            os.path.dirname(os.path.abspath(path)) != os.path.abspath(out_dir):
+        raise UserError(f"--out-dir {out_dir} holds another run; choose an empty folder to branch into")
+    return config, path
+
+
+def main(argv: Optional[list] = None) -> int:
+    """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        argv.pop(0)
+    try:
+        args = build_parser().parse_args(argv)
+        given = _given_flags(argv)
+        if args.resume is not None:
+            config, resume = _resume_config(args, given)
+        else:
+            config, resume = _config_from_args(args), None
+            if config.out_dir is None:
+                config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        config.validate()
+        stop_requested = []
+
+        def on_sigint(signum, frame):  # first Ctrl-C: finish the step, write last.pt; second: stop at once
+            stop_requested.append(True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\ninterrupt: writing last.pt after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            result = train(config, resume=resume, should_stop=lambda: bool(stop_requested))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 130 if result.interrupted else 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
