@@ -1,0 +1,890 @@
+"""Tests for cifar100_resnet: each compares against a trusted reference or a slow obvious implementation.
+
+Run: python -m pytest -q test_cifar100_resnet.py   (CPU only, a few minutes on 2 cores)
+"""
+
+import csv
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cifar100_resnet as cr
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+MODULE = str(HERE / "cifar100_resnet.py")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: a small dataset in the official "python version" layout, with a learnable signal
+
+
+def make_images(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, 3072) rows: noise plus a class-specific colour and a class-specific bright square."""
+    n = len(labels)
+    images = rng.integers(0, 96, (n, 3, 32, 32)).astype(np.int64)
+    palette = np.random.default_rng(1234).integers(0, 160, (num_classes, 3))
+    images += palette[labels][:, :, None, None]
+    for i, y in enumerate(labels):
+        r, c = (y * 7) % 24, (y * 13) % 24
+        images[i, :, r:r + 8, c:c + 8] = 255
+    return images.clip(0, 255).astype(np.uint8).reshape(n, 3072)
+
+
+def write_official_layout(root: Path, n_train: int = 200, n_test: int = 100, dataset: str = "cifar100",
+                          seed: int = 0, protocol: int = 2) -> Path:
+    """Write root/<official folder>/ the way the official release is laid out; returns that folder."""
+    info = cr.DATASETS[dataset]
+    folder = root / info.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_file = {"train": np.array_split(np.arange(n_train), len(info.train_files)),
+                "test": [np.arange(n_test)]}
+    for split, files in (("train", info.train_files), ("test", info.test_files)):
+        n = n_train if split == "train" else n_test
+        labels = np.arange(n) % info.num_classes
+        rng.shuffle(labels)
+        images = make_images(labels, info.num_classes, rng)
+        for name, idx in zip(files, per_file[split]):
+            batch = {"data": images[idx], info.label_key: labels[idx].astype(int).tolist(),
+                     "filenames": [f"{split}_{i}.png" for i in idx], "batch_label": split}
+            if dataset == "cifar100":
+                batch["coarse_labels"] = (labels[idx] // 5).astype(int).tolist()
+            with open(folder / name, "wb") as f:
+                pickle.dump(batch, f, protocol=protocol)
+    with open(folder / info.meta_file, "wb") as f:
+        pickle.dump({info.names_key: [f"class_{i}" for i in range(info.num_classes)]}, f, protocol=protocol)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_official_layout(root, n_train=192, n_test=64)
+    return root
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    """CLI flags for a run of seconds: resnet18 of width 4, batches of 32, 2 epochs."""
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--arch", "resnet18", "--width", "4",
+            "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--quiet", "--no-download", *extra]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, MODULE, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+def model_tensors(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def metric_rows(run_dir) -> list:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5"]
+
+
+def stop_on_call(n: int):
+    """A should_stop that says stop on its n-th call. train() asks after every step but an epoch's last,
+    and once after each epoch."""
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) == n
+
+    return should_stop
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: against torchvision
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
+def test_imagenet_stem_loads_into_torchvision_and_gives_same_outputs(arch):
+    import torchvision
+
+    torch.manual_seed(0)
+    ours = getattr(cr, arch)(num_classes=100, stem="imagenet").eval()
+    ref = getattr(torchvision.models, arch)(num_classes=100).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    # and the other way round, in training mode (batch statistics)
+    ref2 = getattr(torchvision.models, arch)(num_classes=100).train()
+    ours.load_state_dict(ref2.state_dict(), strict=True)
+    ours.train()
+    torch.testing.assert_close(ours(x), ref2(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cifar_resnet34_parameter_count():
+    import torchvision
+
+    n = sum(p.numel() for p in cr.resnet34(num_classes=100).parameters())
+    reference = sum(p.numel() for p in torchvision.models.resnet34(num_classes=100).parameters())
+    assert n == reference - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3  # only the stem's conv differs
+    assert round(n / 1e6, 1) == 21.3
+
+
+def test_cifar_stem_keeps_resolution_and_width_scales_channels():
+    m = cr.resnet18(num_classes=10, width=8)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
+    assert m.fc.in_features == 64
+    feats = m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(torch.randn(2, 3, 32, 32))))))
+    assert feats.shape == (2, 8, 32, 32)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule: against torch's CosineAnnealingWarmRestarts
+
+
+@pytest.mark.parametrize("t0,t_mult,eta_min,epochs", [(50, 2, 0.0, 400), (10, 1, 0.001, 60), (7, 3, 0.0, 200)])
+def test_schedule_matches_torch_at_every_epoch(t0, t_mult, eta_min, epochs):
+    cfg = cr.TrainConfig(epochs=epochs, lr=0.1, t0=t0, t_mult=t_mult, min_lr=eta_min)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=t0, T_mult=t_mult, eta_min=eta_min)
+    for epoch in range(epochs):
+        assert abs(cr.learning_rate(epoch, cfg, t0) - opt.param_groups[0]["lr"]) < 1e-9, epoch
+        opt.step()
+        sched.step()
+
+
+def test_schedule_is_set_per_step_and_continuous_within_a_cycle():
+    cfg = cr.TrainConfig(epochs=400, lr=0.1, t0=50)
+    lrs = [cr.learning_rate(e / 10, cfg, 50.0) for e in range(500)]
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))  # strictly falling inside the first cycle
+    assert cr.learning_rate(50, cfg, 50.0) == pytest.approx(0.1)  # restart at the peak
+
+
+def test_auto_t0_fits_whole_cycles_and_notebook_t0_warns():
+    assert cr.resolve_t0(400, 2.0) == pytest.approx(400 / 7)  # 57.1 + 114.3 + 228.6 = 400
+    assert cr.resolve_t0(30, 2.0) == 30
+    assert cr.resolve_t0(400, 1.0) == 50
+    assert cr.resolve_t0(400, 2.0, t0=50) == 50
+    auto = cr.TrainConfig(epochs=400)
+    t0 = cr.resolve_t0(400, 2.0)
+    assert cr.schedule_end_warning(auto, t0) is None
+    assert cr.learning_rate(400 - 1e-3, auto, t0) < 1e-6  # the last step is annealed to ~0
+    notebook = cr.TrainConfig(epochs=400, t0=50)
+    warning = cr.schedule_end_warning(notebook, 50.0)
+    assert "50 epochs into a 400-epoch cycle" in warning and "96%" in warning
+    assert cr.learning_rate(399, notebook, 50.0) / 0.1 > 0.95
+
+
+def test_warmup_is_linear_then_cosine_starts_at_peak():
+    cfg = cr.TrainConfig(epochs=30, lr=0.4, warmup_epochs=2)
+    t0 = cr.resolve_t0(28, 2.0)
+    assert t0 == 28
+    assert cr.learning_rate(0.5, cfg, t0) == pytest.approx(0.1)
+    assert cr.learning_rate(1.0, cfg, t0) == pytest.approx(0.2)
+    assert cr.learning_rate(2.0, cfg, t0) == pytest.approx(0.4)
+    assert cr.learning_rate(16.0, cfg, t0) == pytest.approx(0.2)  # half way through the single cycle
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss: against F.cross_entropy
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_loss_equals_torch_cross_entropy_on_hard_labels(smoothing):
+    torch.manual_seed(0)
+    logits, y = torch.randn(64, 100) * 3, torch.randint(0, 100, (64,))
+    ours = cr.mixed_cross_entropy(logits, y, smoothing=smoothing)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, y, label_smoothing=smoothing), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
+def test_loss_on_mixed_targets_equals_weighted_torch_losses_and_soft_target(lam):
+    torch.manual_seed(1)
+    logits = torch.randn(32, 100) * 2
+    a, b = torch.randint(0, 100, (32,)), torch.randint(0, 100, (32,))
+    s = 0.1
+    ours = cr.mixed_cross_entropy(logits, a, b, lam, s)
+    weighted = lam * F.cross_entropy(logits, a, label_smoothing=s) + (1 - lam) * F.cross_entropy(
+        logits, b, label_smoothing=s)
+    torch.testing.assert_close(ours, weighted, rtol=1e-6, atol=1e-6)
+    # the soft target, smoothed once: weights sum to 1 and torch's probability-target CE agrees
+    target = lam * F.one_hot(a, 100).float() + (1 - lam) * F.one_hot(b, 100).float()
+    target = target * (1 - s) + s / 100
+    torch.testing.assert_close(target.sum(1), torch.ones(32))
+    torch.testing.assert_close(ours, F.cross_entropy(logits, target), rtol=1e-6, atol=1e-6)
+    # lam as a 0-d tensor (the training step's form) and bf16 logits
+    torch.testing.assert_close(cr.mixed_cross_entropy(logits, a, b, torch.tensor(lam), s), ours)
+    bf = cr.mixed_cross_entropy(logits.bfloat16(), a, b, lam, s)
+    assert bf.dtype == torch.float32 and abs(bf.item() - ours.item()) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def brute_force_offset(out: torch.Tensor, image: torch.Tensor, padding: int):
+    padded = F.pad(image, (padding,) * 4)
+    h, w = image.shape[1:]
+    return [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
+            if torch.equal(padded[:, dy:dy + h, dx:dx + w], out)]
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image_with_per_image_offsets():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (300, 3, 32, 32), dtype=torch.uint8)  # no zeros: the padding is visible
+    out = cr.random_crop(images, 4, generator=g)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    offsets = []
+    for i in range(len(images)):
+        found = brute_force_offset(out[i], images[i], 4)
+        assert len(found) == 1, i
+        offsets.append(found[0])
+    assert len(set(offsets)) > 60  # 81 possible offsets, each image its own draw
+    dys = [o[0] for o in offsets]
+    assert min(dys) == 0 and max(dys) == 8
+
+
+def test_random_flip_mirrors_about_half_each_its_own_draw():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2000, 3, 8, 8), dtype=torch.uint8)
+    out = cr.random_flip(images, generator=g)
+    same = (out == images).flatten(1).all(1)
+    mirrored = (out == images.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 0.45 < mirrored.float().mean().item() < 0.55
+
+
+def test_augmentation_is_deterministic_with_a_generator_and_varies_without_reseeding():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    run = lambda g: cr.random_flip(cr.random_crop(images, generator=g), generator=g)  # noqa: E731
+    a, b = run(torch.Generator().manual_seed(5)), run(torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(5)
+    assert not torch.equal(run(g), run(g))
+
+
+def test_normalizer_matches_torchvision_transforms():
+    import torchvision.transforms as T
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    info = cr.DATASETS["cifar100"]
+    ours = cr.Normalizer(info.mean, info.std, "cpu")(images)
+    ref = T.Normalize(info.mean, info.std)(images.float() / 255)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert cr.Normalizer(info.mean, info.std, "cpu", channels_last=True)(images).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_epoch_batches_cover_every_image_once():
+    batches = cr.epoch_batches(1000, 128)
+    assert batches[0] == (0, 128) and batches[-1] == (896, 1000) and len(batches) == 8
+    assert sum(e - s for s, e in batches) == 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MixUp and CutMix: hand-worked cases
+
+
+@pytest.mark.parametrize("lam,center,box,corrected", [
+    (0.75, (16, 16), (8, 24, 8, 24), 0.75),  # a 16x16 box fully inside: lam unchanged
+    (0.75, (0, 0), (0, 8, 0, 8), 1 - 64 / 1024),  # clipped at the top-left corner: a quarter of the box
+    (0.75, (31, 31), (23, 32, 23, 32), 1 - 81 / 1024),  # clipped at the bottom-right: 9x9
+    (0.75, (2, 20), (0, 10, 12, 28), 1 - 160 / 1024),  # clipped on one side only
+    (1.0, (5, 5), (5, 5, 5, 5), 1.0),  # lam = 1: an empty box
+])
+def test_cutmix_box_is_clipped_and_lam_recomputed_from_pasted_area(lam, center, box, corrected):
+    assert cr.cutmix_box(lam, 32, 32, center=center) == box
+    images, labels = torch.randn(6, 3, 32, 32), torch.arange(6)
+    mixed, a, b, new_lam = cr.cutmix_batch(images, labels, box)
+    assert new_lam == pytest.approx(corrected)
+    t, bt, l, r = box
+    partner = images.flip(0)
+    assert torch.equal(mixed[:, :, t:bt, l:r], partner[:, :, t:bt, l:r])
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[t:bt, l:r] = True
+    assert torch.equal(mixed[:, :, ~inside], images[:, :, ~inside])
+    # lam is exactly the share of pixels that still come from the image itself
+    own = (mixed == images).all(1).flatten(1).float().mean(1)
+    torch.testing.assert_close(own, torch.full((6,), new_lam))
+    assert torch.equal(a, labels) and torch.equal(b, labels.flip(0))
+
+
+def test_cutmix_box_centre_is_uniform_and_side_follows_sqrt_one_minus_lam():
+    g = torch.Generator().manual_seed(0)
+    tops = [cr.cutmix_box(0.99, 32, 32, generator=g)[0] for _ in range(3000)]
+    # side int(32 * 0.1) = 3, so top = centre - 1 clipped at 0: every value 0..30 for centres 0..31
+    assert sorted(set(tops)) == list(range(31))
+    assert 0.04 < tops.count(0) / len(tops) < 0.09  # centres 0 and 1: 2/32
+    assert cr.cutmix_box(0.36, 32, 32, center=(16, 16)) == (4, 29, 4, 29)  # side int(32 * 0.8) = 25
+
+
+def test_mixup_blends_each_image_with_its_partner():
+    images, labels = torch.randn(5, 3, 4, 4), torch.tensor([3, 1, 4, 1, 5])
+    mixed, a, b, lam = cr.mixup_batch(images, labels, 0.3)
+    torch.testing.assert_close(mixed, 0.3 * images + 0.7 * images.flip(0))
+    assert lam == 0.3 and torch.equal(a, labels) and torch.equal(b, labels.flip(0))
+
+
+def test_mix_batch_applies_exactly_one_method_and_labels_match_what_was_applied():
+    cfg = cr.TrainConfig()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 32, 32) + 1.0  # no pixel equals its partner by chance
+    labels = torch.arange(8)
+    kinds = []
+    for _ in range(400):
+        mixed, a, b, lam = cr.mix_batch(images, labels, cfg, g)
+        assert 0.0 <= lam <= 1.0 and torch.equal(a, labels) and torch.equal(b, labels.flip(0))
+        own = (mixed == images).all(1)
+        partner = (mixed == images.flip(0)).all(1)
+        if bool((own | partner).all()) and lam not in (0.0, 1.0):  # every pixel copied: CutMix
+            kinds.append("cutmix")
+            torch.testing.assert_close(own.flatten(1).float().mean(1), torch.full((8,), lam))
+        else:  # every pixel a blend with the same weight: MixUp
+            kinds.append("mixup")
+            torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    share = kinds.count("cutmix") / len(kinds)
+    assert 0.4 < share < 0.6
+
+
+def test_mix_batch_respects_switches():
+    images, labels = torch.rand(4, 3, 8, 8), torch.arange(4)
+    g = torch.Generator().manual_seed(0)
+    off = cr.TrainConfig(mixup=False, cutmix=False)
+    mixed, a, b, lam = cr.mix_batch(images, labels, off, g)
+    assert mixed is images and lam == 1.0
+    only_mixup = cr.TrainConfig(cutmix=False)
+    for _ in range(20):
+        mixed, *_, lam = cr.mix_batch(images, labels, only_mixup, g)
+        torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    alpha_zero = cr.TrainConfig(cutmix_alpha=0.0)  # alpha 0 switches a method off
+    for _ in range(20):
+        mixed, *_, lam = cr.mix_batch(images, labels, alpha_zero, g)
+        torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+def test_sample_beta_has_the_beta_distributions_moments(alpha):
+    g = torch.Generator().manual_seed(0)
+    draws = np.array([cr.sample_beta(alpha, g) for _ in range(20000)])
+    assert ((0 <= draws) & (draws <= 1)).all()
+    assert abs(draws.mean() - 0.5) < 0.01
+    assert abs(draws.var() - 1 / (4 * (2 * alpha + 1))) < 0.005
+    if alpha == 1.0:  # Beta(1, 1) is uniform: compare the CDF
+        for q in (0.1, 0.25, 0.5, 0.9):
+            assert abs((draws < q).mean() - q) < 0.015
+    again = torch.Generator().manual_seed(0)
+    assert cr.sample_beta(alpha, again) == draws[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the reader of the official layout
+
+
+def test_reader_reads_the_official_layout(tmp_path):
+    folder = write_official_layout(tmp_path, n_train=150, n_test=50)
+    data = cr.read_cifar(str(folder))
+    assert data.train_images.shape == (150, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_labels.shape == (50,) and data.test_labels.dtype == torch.int64
+    assert len(data.classes) == 100 and data.classes[0] == "class_0"
+    with open(folder / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    assert np.array_equal(data.train_images.numpy().reshape(150, -1), raw["data"])
+    # the "R, G, B planes" order: channel 0 of image 0 is the first 1024 bytes
+    assert np.array_equal(data.train_images[0, 0].numpy().ravel(), raw["data"][0, :1024])
+    assert data.train_labels.tolist() == raw["fine_labels"]
+
+
+def test_reader_matches_torchvision_on_cifar10_layout(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+    from torchvision.datasets import CIFAR10
+
+    write_official_layout(tmp_path, n_train=100, n_test=20, dataset="cifar10")
+    data = cr.load_dataset(str(tmp_path), "cifar10", download=False)
+    # our files are not the official bytes: switch torchvision's md5 checks off
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    ref = CIFAR10(str(tmp_path), train=True, download=False)
+    assert np.array_equal(data.train_images.permute(0, 2, 3, 1).numpy(), ref.data)
+    assert data.train_labels.tolist() == ref.targets and data.classes == ref.classes
+
+
+def test_reader_accepts_files_written_before_numpy_2(tmp_path):
+    folder = write_official_layout(tmp_path, n_train=10, n_test=10)
+    raw = (folder / "train").read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    (folder / "train").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert cr.read_cifar(str(folder)).train_images.shape[0] == 10
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_reader_refuses_a_pickle_that_would_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = write_official_layout(tmp_path, n_train=10, n_test=10)
+    with open(folder / "train", "wb") as f:
+        pickle.dump({"data": _Exploit(), "fine_labels": []}, f)
+    with pytest.raises(cr.DataError, match="posix.system|os.system|refusing"):
+        cr.read_cifar(str(folder))
+    assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "bad_labels"])
+def test_reader_reports_a_corrupt_file(tmp_path, damage):
+    folder = write_official_layout(tmp_path, n_train=10, n_test=10)
+    path = folder / "test"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:500])
+    elif damage == "garbage":
+        path.write_bytes(b"not a pickle at all")
+    else:
+        batch = {"data": np.zeros((10, 3072), np.uint8), "fine_labels": [0] * 10}
+        if damage == "wrong_shape":
+            batch["data"] = np.zeros((10, 100), np.uint8)
+        else:
+            batch["fine_labels"] = [0] * 9 + [100]
+        with open(path, "wb") as f:
+            pickle.dump(batch, f)
+    with pytest.raises(cr.DataError, match=str(path)):
+        cr.read_cifar(str(folder))
+
+
+def test_missing_data_without_network_is_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(cr.DataError) as e:
+        cr.load_dataset(str(tmp_path), download=False)
+    message = str(e.value)
+    assert "cifar-100-python" in message and "train, test, meta" in message and str(tmp_path) in message
+    # a download that cannot connect ends the same way (port 9 on localhost refuses at once)
+    info = cr.DATASETS["cifar100"]
+    monkeypatch.setitem(cr.DATASETS, "cifar100", cr.dataclasses.replace(info, url="http://127.0.0.1:9/c.tar.gz"))
+    with pytest.raises(cr.DataError, match="download failed"):
+        cr.load_dataset(str(tmp_path), download=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def synthetic_data(n_train=512, n_test=256, dataset="cifar10", seed=0) -> "cr.CifarData":
+    info = cr.DATASETS[dataset]
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in (n_train, n_test):
+        labels = rng.integers(0, info.num_classes, n)
+        images = make_images(labels, info.num_classes, rng).reshape(n, 3, 32, 32)
+        out += [torch.from_numpy(images), torch.from_numpy(labels)]
+    return cr.CifarData(*out, [str(i) for i in range(info.num_classes)], info)
+
+
+def test_a_tiny_model_learns_a_small_problem():
+    cfg = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=8, epochs=4, batch_size=32, lr=0.05,
+                         weight_decay=5e-4, mixup=False, cutmix=False, device="cpu", quiet=True)
+    result = cr.train(cfg, data=synthetic_data())
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["test_top1"] > 0.8  # chance is 0.1
+
+
+def test_evaluate_counts_exact_top1_and_top5_over_every_image():
+    class Fixed(torch.nn.Module):  # returns preset logits for the images it is given, by their first pixel
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits[x[:, 0, 0, 0].round().long()]
+
+    torch.manual_seed(0)
+    n, c = 1003, 10
+    logits, labels = torch.randn(n, c), torch.randint(0, c, (n,))
+    images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    identity = cr.Normalizer((0, 0, 0), (1 / 255, 1 / 255, 1 / 255), "cpu")
+    metrics = cr.evaluate(Fixed(logits), images, labels, identity, batch_size=100)  # uneven last batch
+    top1 = (logits.argmax(1) == labels).sum().item() / n
+    top5 = sum(int(labels[i] in logits[i].topk(5).indices) for i in range(n)) / n
+    assert metrics["top1"] == pytest.approx(top1, abs=1e-12) and metrics["top5"] == pytest.approx(top5, abs=1e-12)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert metrics["n"] == n
+
+
+def test_optimizer_groups_decay_as_documented():
+    model = cr.resnet18(num_classes=10, width=4)
+    every = cr.build_optimizer(model, cr.TrainConfig())
+    assert len(every.param_groups) == 1 and every.param_groups[0]["weight_decay"] == 1e-3
+    split = cr.build_optimizer(model, cr.TrainConfig(decay_norm_and_bias=False, nesterov=True))
+    decayed, exempt = split.param_groups
+    assert all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"]) and exempt["weight_decay"] == 0
+    assert all(p.ndim == 1 for p in exempt["params"]) and split.defaults["nesterov"]
+    assert len(decayed["params"]) + len(exempt["params"]) == len(list(model.parameters()))
+
+
+def test_trainer_sets_the_learning_rate_every_step():
+    cfg = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=64, device="cpu",
+                         quiet=True, log_every=0)
+    trainer = cr.Trainer(cfg, synthetic_data(n_train=256, n_test=16))
+    seen = []
+    original = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return original(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    trainer.train_epoch()
+    trainer.train_epoch()
+    expected = [cr.learning_rate(s / 4, cfg, trainer.t0) for s in range(8)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+
+
+def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
+    data = synthetic_data(n_train=200, n_test=40)
+    common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=32, device="cpu", quiet=True)
+    straight = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "a")), data=data)
+
+    # 7 steps per epoch: 6 calls after epoch 1's steps, 1 after the epoch, the 10th after epoch 2's step 3
+    first = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "b")), data=data, should_stop=stop_on_call(10))
+    assert first.interrupted and len(first.history) == 1
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["partial_epoch"]["step"] == 3
+    rest = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "b")), data=data,
+                    resume=str(tmp_path / "b" / "last.pt"))
+    assert not rest.interrupted
+    assert_same_tensors(model_tensors(tmp_path / "a" / "last.pt"), model_tensors(tmp_path / "b" / "last.pt"))
+    a, b = metric_rows(tmp_path / "a"), metric_rows(tmp_path / "b")
+    assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in a] == [[r[k] for k in DETERMINISTIC_COLUMNS] for r in b]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line, end to end on a tiny dataset in the official layout
+
+
+def test_cli_writes_every_output(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*tiny_args(tiny_data_dir, out, "--epochs", "4", "--checkpoint-every", "2", "--log-every", "2"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""  # --quiet
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.csv", "last.pt", "best.pt",
+                                                "ckpt_ep2.pt", "ckpt_ep4.pt"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 4 and config["arch"] == "resnet18" and config["lr"] == 0.1
+    assert config["torch_version"] == torch.__version__ and "torchvision_version" in config
+    assert config["device_resolved"] == "cpu" and config["t0_resolved"] == 4
+    rows = metric_rows(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert list(rows[0]) == cr.METRIC_COLUMNS
+    for r in rows:
+        assert 0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 1
+        assert float(r["epoch_seconds"]) > 0 and float(r["train_loss"]) > 0
+    for name in ("last.pt", "ckpt_ep2.pt", "ckpt_ep4.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert ckpt["format"] == "cifar100_resnet" and {"model", "optimizer", "scaler", "rng"} <= ckpt.keys()
+    assert torch.load(out / "ckpt_ep2.pt", weights_only=True)["epoch"] == 2
+    best = torch.load(out / "best.pt", weights_only=True)
+    best_row = max(rows, key=lambda r: float(r["test_top1"]))
+    assert best["best"]["metric"] == "test_top1" and best["epoch"] == int(best_row["epoch"])
+    if best["epoch"] in (2, 4):
+        assert_same_tensors(best["model"], model_tensors(out / f"ckpt_ep{best['epoch']}.pt"))
+    model = cr.resnet18(num_classes=100, width=4)
+    model.load_state_dict(best["model"])
+
+
+def test_cli_progress_output(tiny_data_dir, tmp_path):
+    args = [a for a in tiny_args(tiny_data_dir, tmp_path / "run", "--log-every", "3") if a != "--quiet"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("training resnet18")
+    assert any(line.startswith("epoch 1/2 step 3/6 lr") and "img/s" in line for line in lines)
+    epoch_lines = [line for line in lines if line.startswith("epoch ") and "top1" in line]
+    assert len(epoch_lines) == 2
+    for field in ("lr", "train_loss", "test_loss", "top1", "top5", "img/s", "ETA"):
+        assert field in epoch_lines[0]
+
+
+def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(*tiny_args(tiny_data_dir, straight)).returncode == 0
+    r = run_cli(*tiny_args(tiny_data_dir, split, "--epochs", "1"))
+    assert r.returncode == 0, r.stderr
+    # a one-epoch run has a different schedule: resume refuses to change it ...
+    r = run_cli(*tiny_args(tiny_data_dir, split, "--resume"))
+    assert r.returncode == 2 and "--epochs 2 (the run has 1)" in r.stderr
+    # ... so stop a 2-epoch run after epoch 1 (6 steps: the 6th call comes after the epoch), then resume it
+    split2 = tmp_path / "split2"
+    args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, split2))
+    result = cr.train(cr._config_from_args(args), should_stop=stop_on_call(6))
+    assert result.interrupted and len(result.history) == 1
+    assert torch.load(split2 / "last.pt", weights_only=True)["partial_epoch"] is None
+    r = run_cli(*tiny_args(tiny_data_dir, split2, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert_same_tensors(model_tensors(straight / "last.pt"), model_tensors(split2 / "last.pt"))
+    rows_a, rows_b = metric_rows(straight), metric_rows(split2)
+    assert [int(r["epoch"]) for r in rows_b] == [1, 2]
+    assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in rows_a] == \
+           [[r[k] for k in DETERMINISTIC_COLUMNS] for r in rows_b]
+
+
+def test_cli_ctrl_c_writes_last_pt_and_resume_finishes_the_run(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_data_dir, out, "--epochs", "40", "--batch-size", "8")
+    proc = subprocess.Popen([sys.executable, MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=HERE)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    done = ckpt["epoch"]
+    assert 1 <= done < 40
+    rows = metric_rows(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, done + 1))
+    # finish a shorter continuation: the run's settings are fixed, so only check that it resumes cleanly
+    proc = subprocess.Popen([sys.executable, MODULE, *tiny_args(tiny_data_dir, out, "--resume", "--epochs", "40",
+                                                                "--batch-size", "8")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    while len(metric_rows(out)) < done + 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    rows = metric_rows(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > done
+
+
+def test_seed_determinism(tiny_data_dir, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, tmp_path / name, "--seed", str(seed)))
+        cr.train(cr._config_from_args(args))
+    a, b, c = (model_tensors(tmp_path / n / "last.pt") for n in "abc")
+    assert_same_tensors(a, b)
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
+def test_val_split_chooses_best_on_held_out_images(tiny_data_dir, tmp_path):
+    args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, tmp_path / "run", "--val-split", "32"))
+    result = cr.train(cr._config_from_args(args))
+    rows = metric_rows(tmp_path / "run")
+    assert all(r["val_top1"] != "" for r in rows)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["best"]["metric"] == "val_top1"
+    assert best["best"]["value"] == max(row["val_top1"] for row in result.history)
+
+
+def test_notebook_schedule_warns_that_the_run_ends_mid_cycle(tiny_data_dir, tmp_path):
+    r = run_cli(*tiny_args(tiny_data_dir, tmp_path / "run", "--epochs", "3", "--t0", "2"))
+    assert r.returncode == 0
+    assert "warning: the schedule ends 1 epochs into a 4-epoch cycle" in r.stderr
+
+
+def test_help_documents_every_flag():
+    text = cr.build_parser().format_help()
+    for field in cr.dataclasses.fields(cr.TrainConfig):
+        flag = {"decay_norm_and_bias": "--no-decay-norm-bias", "mixup": "--no-mixup", "cutmix": "--no-cutmix",
+                "download": "--no-download"}.get(field.name, "--" + field.name.replace("_", "-"))
+        assert flag in text, flag
+    for flag in ("--resume", "--t0 EPOCHS|auto", "(default: auto)"):
+        assert flag in text
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--mixup-alpha" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one message, exit code 2, nothing overwritten
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "-3"], "--epochs must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-8"], "--batch-size must be at least 1"),
+    (["--mixup-alpha", "-1"], "--mixup-alpha must be >= 0"),
+    (["--cutmix-alpha", "-0.5"], "--cutmix-alpha must be >= 0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 1)"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--t0", "0"], "--t0 must be positive"),
+    (["--val-split", "5000"], "--val-split 5000 leaves no training images"),
+])
+def test_bad_values_give_one_message_and_exit_2(tiny_data_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    code = cr.main(tiny_args(tiny_data_dir, out, *flags))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (out / "last.pt").exists()
+
+
+def test_bad_flag_types_exit_2_without_traceback():
+    r = run_cli("--epochs", "many")
+    assert r.returncode == 2 and "invalid int value" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_out_dir_holding_another_run_is_refused_and_untouched(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = cr.main(tiny_args(tiny_data_dir, out, "--lr", "0.05"))
+    err = capsys.readouterr().err
+    assert code == 2 and "holds another run" in err and "--resume" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_unwritable_out_dir_is_refused(tiny_data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = cr.main(tiny_args(tiny_data_dir, blocker / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to --out-dir" in err
+    assert blocker.read_text() == "x"
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out, "--epochs", "1")) == 0
+    before = (out / "last.pt").read_bytes()
+    code = cr.main(tiny_args(tiny_data_dir, out, "--epochs", "1", "--arch", "resnet34", "--resume"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--arch resnet34 (the run has resnet18)" in err
+    assert (out / "last.pt").read_bytes() == before
+    # the library refuses it too, with the architectures named
+    ckpt = cr.load_checkpoint(str(out / "last.pt"))
+    with pytest.raises(cr.UserError, match="another architecture: arch resnet18 \\(checkpoint\\) vs resnet34"):
+        cr.check_architecture(ckpt, cr.TrainConfig(arch="resnet34", width=4))
+    # and a file that is no checkpoint at all
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    code = cr.main(tiny_args(tiny_data_dir, tmp_path / "other", "--resume", str(tmp_path / "junk.pt")))
+    assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_into_its_own_folder_is_refused(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out, "--epochs", "2", "--checkpoint-every", "1")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = cr.main(tiny_args(tiny_data_dir, out, "--resume", str(out / "ckpt_ep1.pt")))
+    assert code == 2 and "would overwrite them" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # branching into a new folder works and carries the rows up to the checkpoint
+    branch = tmp_path / "branch"
+    assert cr.main(tiny_args(tiny_data_dir, branch, "--checkpoint-every", "1",
+                             "--resume", str(out / "ckpt_ep1.pt"))) == 0
+    assert [r["train_loss"] for r in metric_rows(branch)] == [r["train_loss"] for r in metric_rows(out)]
+    assert_same_tensors(model_tensors(out / "last.pt"), model_tensors(branch / "last.pt"))
+
+
+def test_corrupt_data_file_exits_2(tmp_path, capsys):
+    folder = write_official_layout(tmp_path / "data", n_train=10, n_test=10)
+    (folder / "meta").write_bytes(b"\x80\x04garbage")
+    code = cr.main(tiny_args(tmp_path / "data", tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "meta" in err
+
+
+def test_missing_data_exits_2_naming_folder_and_files(tmp_path):
+    r = run_cli(*tiny_args(tmp_path / "nothing", tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cifar-100-python" in r.stderr and "train, test, meta" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(
+        tiny_data_dir, tmp_path, capsys, monkeypatch):
+    calls = []
+    real = cr.mixed_cross_entropy
+
+    def poisoned(*args, **kwargs):  # the 9th step overall is epoch 2, step 3 (6 steps per epoch)
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 9 else loss
+
+    monkeypatch.setattr(cr, "mixed_cross_entropy", poisoned)
+    out = tmp_path / "run"
+    code = cr.main(tiny_args(tiny_data_dir, out, "--epochs", "3"))
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite at epoch 2, step 3" in err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    assert [int(r["epoch"]) for r in metric_rows(out)] == [1]
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    cr.atomic_save({"a": torch.ones(2)}, str(target))
+    before = target.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cr.torch, "save", crash)
+    with pytest.raises(OSError):
+        cr.atomic_save({"a": torch.zeros(2)}, str(target))
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import is free
+
+
+def test_import_prints_nothing_reads_nothing_and_changes_no_torch_setting():
+    probe = r"""
+import sys, torch
+def settings():
+    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_default_dtype(),
+            torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.get_float32_matmul_precision(), torch.initial_seed(), torch.is_grad_enabled())
+before = settings()
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+import cifar100_resnet
+after = settings()
+others = [p for p in opened if not p.endswith((".py", ".pyc", ".so")) and "__pycache__" not in p
+          and not p.rstrip("/").endswith(("site-packages", "lib-dynload"))]
+print(repr((before == after, others)), file=sys.stderr)
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.stdout == ""
+    same, others = eval(r.stderr.strip().splitlines()[-1])
+    assert same
+    assert [p for p in others if os.path.isfile(p)] == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real data: a subset of the real CIFAR-100, written in the official layout by the shared tool
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "cifar100" / "cifar100_part1.npz").exists(),
+                    reason="the real CIFAR-100 (../shared/data/cifar100) is not beside this checkout")
+def test_real_cifar100_subset_learns_well_above_chance(tmp_path):
+    tool = SHARED / "tools" / "cifar100_to_official_layout.py"
+    r = subprocess.run([sys.executable, str(tool), str(tmp_path / "data"), "--limit-train", "5000",
+                        "--limit-test", "1000"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cfg = cr.TrainConfig(data_dir=str(tmp_path / "data"), arch="resnet18", width=16, epochs=4, batch_size=32,
+                         lr=0.05, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False, mixup=False,
+                         cutmix=False, device="cpu", download=False, quiet=True, out_dir=str(tmp_path / "run"))
+    result = cr.train(cfg)
+    top1 = result.history[-1]["test_top1"]
+    assert top1 > 0.05, top1  # chance is 0.01; this reached 0.098 in 30 s on a 2-core CPU
