@@ -2,6 +2,7 @@
 
     python cifar100_resnet.py --epochs 400            # the notebook's recipe at its defaults
     python cifar100_resnet.py --help                  # every flag
+    python cifar100_resnet.py bench --batch-size 512 --lr 0.4   # time the training step on this device
 
 One self-contained module (torch, torchvision, numpy): its own ResNet-18/34, the official CIFAR files read
 without running pickled code, the whole dataset resident on the training device, crop/flip/MixUp/CutMix as
@@ -32,6 +33,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -139,6 +141,8 @@ class TrainConfig:
     amp: str = "auto"  # auto | bf16 | fp16 | off
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the forward pass and loss
+    cuda_graphs: str = "auto"  # auto | on | off: replay each full-batch step as one CUDA graph (auto: on CUDA
+    # unless fp16, whose gradient scaler decides on the host whether to skip a step)
     seed: int = 0
     eval_batch_size: int = 1000
     out_dir: Optional[str] = None  # run folder; None in library use writes nothing
@@ -172,13 +176,15 @@ class TrainConfig:
             (self.limit_test >= 0, f"--limit-test must be >= 0, got {self.limit_test}"),
             (self.val_split >= 0, f"--val-split must be >= 0, got {self.val_split}"),
             (self.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}"),
+            (self.cuda_graphs in ("auto", "on", "off"), f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.log_every >= 0, f"--log-every must be >= 0, got {self.log_every}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        resolve_device(self.device)  # raises UserError for an unknown or absent device
+        device = resolve_device(self.device)  # raises UserError for an unknown or absent device
+        resolve_cuda_graphs(self.cuda_graphs, device, resolve_amp(self.amp, device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -612,6 +618,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_cuda_graphs(setting: str, device: torch.device, amp_dtype: Optional[torch.dtype]) -> bool:
+    """Whether to capture the training step as a CUDA graph (needs CUDA and no fp16 gradient scaler)."""
+    possible = device.type == "cuda" and amp_dtype != torch.float16
+    if setting == "on" and not possible:
+        raise UserError(f"--cuda-graphs on needs a CUDA device and --amp other than fp16 (device {device}, "
+                        f"amp {amp_dtype or 'off'})")
+    return possible and setting != "off"
+
+
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for float32. auto: bf16 where the GPU has it, else fp16; off on CPU/MPS."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
@@ -663,6 +678,32 @@ class EpochState:
     seconds: float = 0.0  # training time spent in this epoch so far
 
 
+GRAPH_WARMUP_STEPS = 3  # eager steps before capture: cuDNN autotuning, momentum buffers, compilation
+
+
+class CapturedStep:
+    """One training step (forward, backward, SGD update) recorded once as a CUDA graph and then replayed.
+
+    A ResNet-34 step launches about a thousand kernels; at batch 128 launching them costs more than running
+    them. Replaying the graph launches them all at once. Inputs are copied into the static buffers the graph
+    was recorded with. Gradients are set to None before capture, so backward allocates them in the graph's
+    own memory pool; the learning rate is a device tensor the optimiser reads, updated with fill_().
+    """
+
+    def __init__(self, step: Callable, inputs: tuple, zero_grad: Callable[[], None]):
+        self.inputs = tuple(t.clone() for t in inputs)  # clone keeps channels_last
+        zero_grad()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step(*self.inputs)
+
+    def __call__(self, *inputs) -> torch.Tensor:
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        self.graph.replay()
+        return self.loss
+
+
 class Trainer:
     """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time."""
 
@@ -698,16 +739,59 @@ class Trainer:
         # scalars (lam, the box, MixUp or CutMix) on the CPU, where drawing them costs no device sync.
         self.data_rng = torch.Generator(self.device).manual_seed(config.seed + 1)
         self.mix_rng = torch.Generator().manual_seed(config.seed + 2)
-        self.forward_loss = torch.compile(self._forward_loss) if config.compile else self._forward_loss
+        # dynamic=False: the last, smaller batch gets its own specialised graph instead of turning every
+        # batch size into a symbol (slower kernels)
+        self.forward_loss = torch.compile(self._forward_loss, dynamic=False) if config.compile else self._forward_loss
+        self.use_graphs = resolve_cuda_graphs(config.cuda_graphs, self.device, self.amp_dtype)
+        self.captured: Optional[CapturedStep] = None
+        self.eager_steps = 0
+        # with graphs the rate must live on the device, where the recorded SGD kernel reads it each replay
+        self.lr_tensor = torch.tensor(config.lr, device=self.device) if self.use_graphs else None
 
         self.epoch = 0  # epochs completed
         self.partial: Optional[EpochState] = None  # set while an epoch is interrupted
         self.best: dict = {"metric": "val_top1" if config.val_split else "test_top1", "value": -1.0, "epoch": 0}
 
     def _forward_loss(self, x, labels_a, labels_b, lam):
-        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+        # no autocast weight cache: each weight is cast once per step anyway, and a cache breaks graph replay
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype
+                    else nullcontext())
+        with autocast:
             logits = self.model(x)
         return mixed_cross_entropy(logits, labels_a, labels_b, lam, self.config.label_smoothing)
+
+    def _update(self, x, labels_a, labels_b, lam) -> torch.Tensor:
+        """Forward, backward and SGD update on one batch (gradients must be None); returns the loss."""
+        loss = self.forward_loss(x, labels_a, labels_b, lam)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def _step(self, x, labels_a, labels_b, lam) -> torch.Tensor:
+        """One training step: replayed from a CUDA graph for full batches once captured, else eager."""
+        full = x.shape[0] == self.config.batch_size
+        if self.use_graphs and full and self.captured is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
+            self.captured = CapturedStep(self._update, (x, labels_a, labels_b, lam),
+                                         lambda: self.optimizer.zero_grad(set_to_none=True))
+        if self.captured is not None and full:
+            return self.captured(x, labels_a, labels_b, lam)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.eager_steps += 1
+        if self.use_graphs and self.captured is None:  # warm-up before capture belongs on a side stream
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss = self._update(x, labels_a, labels_b, lam)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss
+        return self._update(x, labels_a, labels_b, lam)
+
+    def _set_lr(self, lr: float) -> None:
+        if self.lr_tensor is not None:
+            self.lr_tensor.fill_(lr)  # a device-side write: no sync, and the captured graph sees it
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_tensor if self.lr_tensor is not None else lr
 
     @property
     def steps_per_epoch(self) -> int:
@@ -736,18 +820,12 @@ class Trainer:
         for step in range(state.step, self.steps_per_epoch):
             start, end = self.batches[step]
             lr = learning_rate(self.epoch + step / self.steps_per_epoch, cfg, self.t0)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self._set_lr(lr)
             x, y_a, y_b, lam = mix_batch(self.normalize(images[start:end]), labels[start:end], cfg, self.mix_rng)
-            loss = self.forward_loss(x, y_a, y_b, torch.full((), lam, device=dev))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            loss = self._step(x, y_a, y_b, torch.full((), lam, device=dev))
 
-            detached = loss.detach()
-            state.loss_sum += detached * (end - start)
-            bad_now = ~torch.isfinite(detached) & (state.first_bad_step < 0)
+            state.loss_sum += loss * (end - start)
+            bad_now = ~torch.isfinite(loss) & (state.first_bad_step < 0)
             state.first_bad_step = torch.where(bad_now, step, state.first_bad_step)
             state.seen += end - start
             state.step = step + 1
@@ -803,7 +881,8 @@ class Trainer:
     def load_state_dict(self, ckpt: dict) -> None:
         check_architecture(ckpt, self.config)
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # new momentum tensors: a captured graph is stale
+        self.captured, self.eager_steps = None, 0
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.best = int(ckpt["epoch"]), dict(ckpt["best"])
@@ -860,6 +939,47 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def snapshot(obj):
+    """A CPU copy of a (nested) state dict, so it can be written while training changes the original."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one batch of files at a time, so the next epoch starts
+    while last.pt (170 MB for ResNet-34 with its momentum) goes to disk. wait() re-raises a failed write."""
+
+    def __init__(self):
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, files: list) -> None:
+        """files: [(object already on the CPU, path), ...], written in order, each atomically."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(files,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, files: list) -> None:
+        try:
+            for obj, path in files:
+                atomic_save(obj, path)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise UserError(f"could not write a checkpoint: {error}")
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -988,26 +1108,40 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
     if folder:
         if not os.path.exists(folder.file("config.json")):
-            folder.write_config(config, {"t0_resolved": trainer.t0, **_environment(trainer.device)})
+            folder.write_config(config, {"t0_resolved": trainer.t0, "amp_resolved": str(trainer.amp_dtype or "off"),
+                                         "cuda_graphs_resolved": trainer.use_graphs,
+                                         **_environment(trainer.device)})
         if ckpt is not None:
             source = os.path.join(os.path.dirname(os.path.abspath(resume)), "metrics.csv")
             folder.keep_metrics_through(trainer.epoch, source if os.path.exists(source) else None)
     log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
         f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
-        f"amp {trainer.amp_dtype or 'off'}, batch {config.batch_size}, lr {config.lr}, "
+        f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
+        f"{', compiled' if config.compile else ''}, batch {config.batch_size}, lr {config.lr}, "
         f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
         + (f", run folder {folder.path}" if folder else ""))
 
-    history, run_started = [], time.perf_counter()
     elapsed_before = 0.0
     if folder:
         rows = read_metrics(folder.metrics_path)
         elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
+    writer = CheckpointWriter()
+    try:
+        return _train_epochs(trainer, folder, writer, elapsed_before, log, should_stop)
+    finally:
+        writer.wait()  # every checkpoint is on disk before train() returns or raises
+
+
+def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter, elapsed_before: float,
+                  log: Callable[[str], None], should_stop: Callable[[], bool]) -> TrainResult:
+    config = trainer.config
+    history, run_started = [], time.perf_counter()
     while trainer.epoch < config.epochs:
         epoch_started = time.perf_counter()
         stats = trainer.train_epoch(should_stop)
         if stats is None:
             if folder:
+                writer.wait()
                 atomic_save(trainer.state_dict(), folder.file("last.pt"))
             log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
                 + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
@@ -1027,13 +1161,15 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
             trainer.best.update(value=row[trainer.best["metric"]], epoch=trainer.epoch)
         if folder:  # the row first: a crash between the two writes then costs no row (resume rewrites it)
             folder.append_metrics(row)
-            state = trainer.state_dict()
-            atomic_save(state, folder.file("last.pt"))
+            writer.wait()
+            state = snapshot(trainer.state_dict())
+            files = [(state, folder.file("last.pt"))]
             if improved:
-                atomic_save({k: state[k] for k in ("format", "version", "config", "epoch", "best", "model")},
-                            folder.file("best.pt"))
+                files.append(({k: state[k] for k in ("format", "version", "config", "epoch", "best", "model")},
+                              folder.file("best.pt")))
             if config.checkpoint_every and trainer.epoch % config.checkpoint_every == 0:
-                atomic_save(state, folder.file(f"ckpt_ep{trainer.epoch}.pt"))
+                files.append((state, folder.file(f"ckpt_ep{trainer.epoch}.pt")))
+            writer.submit(files)
         eta = (config.epochs - trainer.epoch) * (row["elapsed_seconds"] - elapsed_before) / len(history)
         log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
             f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
@@ -1044,6 +1180,148 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
                                                           if folder else ""))
             return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
     return TrainResult(trainer.model, history, config.out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: the real training step and evaluation, timed on this device
+
+
+def count_forward_flops(model: nn.Module, image_size: int = IMAGE_SIZE) -> int:
+    """FLOPs (2 x multiply-adds) of every Conv2d and Linear for one image's forward pass. BatchNorm, ReLU,
+    additions and pooling are left out: they are memory-bound and add about 1 % of the arithmetic."""
+    flops = 0
+
+    def conv(m, inputs, out):
+        nonlocal flops
+        flops += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inputs, out):
+        nonlocal flops
+        flops += 2 * out.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()  # one image: batch statistics would be undefined
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return flops
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matrix product on random data, the median of `repeats` after a warm-up."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> CifarData:
+    """Random uint8 images and labels of CIFAR's shape: the cost of a step does not depend on pixel values."""
+    info = DATASETS[dataset]
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for n in (n_train, n_test):
+        tensors.append(torch.randint(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g))
+        tensors.append(torch.randint(0, info.num_classes, (n,), generator=g))
+    return CifarData(*tensors, [str(i) for i in range(info.num_classes)], info)
+
+
+def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3) -> dict:
+    """Time whole training epochs (augmentation, mixing, forward, backward, optimiser) and evaluation.
+
+    One full epoch first is the warm-up, timed and reported apart: it holds cuDNN's autotuning, compilation
+    (both batch shapes) and graph capture. Returns seconds per 50,000-image epoch, images/s, evaluation
+    seconds per 10,000 images, peak memory and the share of the measured matmul rate reached (MFU).
+    """
+    trainer = Trainer(config, data, log=lambda message: None)
+    device = trainer.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    trainer.train_epoch()
+    trainer.evaluate("test")
+    warmup_seconds = time.perf_counter() - start
+
+    epoch_seconds = [trainer.train_epoch()["train_seconds"] for _ in range(epochs)]
+    eval_seconds = []
+    for _ in range(eval_repeats):
+        start = time.perf_counter()
+        trainer.evaluate("test")  # ends in a host sync
+        eval_seconds.append(time.perf_counter() - start)
+
+    n_train, n_test = len(trainer.train_images), len(trainer.test_images)
+    train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2] * 50_000 / n_train
+    eval_10k = sorted(eval_seconds)[len(eval_seconds) // 2] * 10_000 / max(n_test, 1)
+    forward_flops = count_forward_flops(build_model(config))
+    images_per_s = 50_000 / train_epoch
+    matmul_dtype = trainer.amp_dtype or torch.float32
+    peak_rate = measure_matmul_rate(device, matmul_dtype, 8192 if device.type == "cuda" else 1024)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__, "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch,
+        "stem": config.stem, "width": config.width, "amp": str(trainer.amp_dtype or "off"),
+        "cuda_graphs": trainer.use_graphs, "compile": config.compile,
+        "warmup_seconds": warmup_seconds, "train_epoch_seconds": train_epoch,
+        "train_epoch_seconds_each": [s * 50_000 / n_train for s in epoch_seconds],
+        "images_per_s": images_per_s, "eval_seconds_per_10k": eval_10k,
+        # an epoch's share of evaluation: the 10,000 test images once per epoch
+        "epoch_with_eval_seconds": train_epoch + eval_10k,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+        "forward_gflop_per_image": forward_flops / 1e9, "train_gflop_per_image": 3 * forward_flops / 1e9,
+        "matmul_tflops": peak_rate / 1e12, "matmul_dtype": str(matmul_dtype),
+        "mfu": 3 * forward_flops * images_per_s / peak_rate,
+    }
+
+
+def bench_main(argv: list) -> int:
+    """`bench [train flags]`: time the training step and evaluation on random data (or --data-dir's data)."""
+    parser = build_parser(bench=True)
+    args = parser.parse_args(argv)
+    config = _config_from_args(args)
+    config.out_dir = None
+    config.validate()
+    if "data_dir" in _given_flags(argv, bench=True):
+        data, source = load_dataset(config.data_dir, config.dataset, config.download), "real data"
+    else:
+        data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
+        source = "random data"
+    r = benchmark(config, data, epochs=args.bench_epochs)
+    print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
+          f"amp {r['amp']}, batch {r['batch_size']}, lr {r['lr']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
+          f"compile {'on' if r['compile'] else 'off'}, {source}")
+    print(f"warm-up (one epoch + one evaluation: autotuning, compilation, capture): {r['warmup_seconds']:.2f} s")
+    print(f"train: {r['train_epoch_seconds']:.3f} s per 50,000-image epoch ({r['images_per_s']:,.0f} images/s; "
+          f"epochs: {', '.join(f'{s:.3f}' for s in r['train_epoch_seconds_each'])})")
+    print(f"eval: {r['eval_seconds_per_10k']:.3f} s per 10,000 images")
+    print(f"epoch with its evaluation: {r['epoch_with_eval_seconds']:.3f} s; "
+          f"{config.epochs} epochs: {_duration(config.epochs * r['epoch_with_eval_seconds'])}")
+    if r["peak_memory_gib"] is not None:
+        print(f"peak GPU memory: {r['peak_memory_gib']:.2f} GiB")
+    print(f"MFU: {r['train_gflop_per_image']:.2f} GFLOP per training image (3 x {r['forward_gflop_per_image']:.2f} "
+          f"forward, convolutions and classifier) x {r['images_per_s']:,.0f} images/s = "
+          f"{r['train_gflop_per_image'] * r['images_per_s'] / 1e3:.1f} TFLOP/s, {r['mfu']:.1%} of the measured "
+          f"{r['matmul_tflops']:.1f} TFLOP/s {r['matmul_dtype'].replace('torch.', '')} matmul rate")
+    print("BENCH_JSON " + json.dumps(r))
+    return 0
 
 
 def warn(message: str) -> None:
@@ -1062,7 +1340,7 @@ def _duration(seconds: float) -> str:
 
 # Settings a resumed run may change: they do not alter what is computed, only where and how it is shown.
 RESUMABLE_OVERRIDES = {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every", "out_dir",
-                       "compile", "eval_batch_size"}
+                       "compile", "cuda_graphs", "eval_batch_size"}
 
 
 def _t0_arg(text: str) -> Optional[float]:
@@ -1074,12 +1352,15 @@ def _t0_arg(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(f"expected a number of epochs or 'auto', got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The train command's flags; every default is TrainConfig's."""
+def build_parser(bench: bool = False) -> argparse.ArgumentParser:
+    """The train command's flags (every default is TrainConfig's); with bench, also the bench command's."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="cifar100_resnet.py",
-        description="Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values).",
+        prog="cifar100_resnet.py" + (" bench" if bench else ""),
+        description=("Time the training step and evaluation on this device, on random data of CIFAR's shape "
+                     "(or the real data with --data-dir). Takes every train flag." if bench else
+                     "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
+                     "'cifar100_resnet.py bench [flags]' times the training step instead."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
@@ -1123,6 +1404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 where supported, else fp16 with a gradient scaler; off on CPU")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile forward and loss")
+    g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default=d.cuda_graphs,
+                   help="replay each full-batch training step as one CUDA graph; auto: on with CUDA unless fp16")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds weights, data order, augmentation, mixing")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="images per evaluation batch")
     g = p.add_argument_group("output")
@@ -1133,13 +1416,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep ckpt_ep{N}.pt every N epochs (0: never)")
     g.add_argument("--log-every", type=int, default=d.log_every, help="a progress line every N batches (0: none)")
     g.add_argument("--quiet", action="store_true", default=d.quiet, help="print nothing but warnings and errors")
+    if bench:
+        g = p.add_argument_group("bench")
+        g.add_argument("--bench-epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
     return p
 
 
-def _given_flags(argv: list) -> dict:
+def _given_flags(argv: list, bench: bool = False) -> dict:
     """Only the flags the user typed, with their parsed values (to tell them from defaults on resume)."""
     not_given = object()  # not a str, so argparse does not run it through the flag's type
-    probe = build_parser()
+    probe = build_parser(bench)
     probe.set_defaults(**{f.name: not_given for f in dataclasses.fields(TrainConfig)}, resume=not_given)
     return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not not_given}
 
@@ -1185,9 +1471,10 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
 def main(argv: Optional[list] = None) -> int:
     """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        argv.pop(0)
+    command = argv.pop(0) if argv and argv[0] in ("train", "bench") else "train"
     try:
+        if command == "bench":
+            return bench_main(argv)
         args = build_parser().parse_args(argv)
         given = _given_flags(argv)
         if args.resume is not None:

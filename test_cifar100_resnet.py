@@ -729,6 +729,8 @@ def test_help_documents_every_flag():
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--t0", "0"], "--t0 must be positive"),
     (["--val-split", "5000"], "--val-split 5000 leaves no training images"),
+    (["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
 ])
 def test_bad_values_give_one_message_and_exit_2(tiny_data_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
@@ -739,9 +741,12 @@ def test_bad_values_give_one_message_and_exit_2(tiny_data_dir, tmp_path, capsys,
     assert not (out / "last.pt").exists()
 
 
-def test_bad_flag_types_exit_2_without_traceback():
-    r = run_cli("--epochs", "many")
-    assert r.returncode == 2 and "invalid int value" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("flags,message", [(["--epochs", "many"], "invalid int value"),
+                                           (["--cuda-graphs", "sometimes"], "invalid choice"),
+                                           (["--t0", "soon"], "expected a number of epochs or 'auto'")])
+def test_bad_flag_types_exit_2_without_traceback(flags, message):
+    r = run_cli(*flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_out_dir_holding_another_run_is_refused_and_untouched(tiny_data_dir, tmp_path, capsys):
@@ -842,6 +847,65 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
         cr.atomic_save({"a": torch.zeros(2)}, str(target))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speed: the bench command, the FLOP count, background checkpoints (the GPU numbers come from bench/gpu_speed.py)
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_flop_count_matches_torch_flop_counter(stem):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = cr.resnet34(num_classes=100, stem=stem).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    assert cr.count_forward_flops(model) == counter.get_total_flops()
+    assert model.training is False
+    if stem == "cifar":  # the figure in ../shared/docs/gpu.md: 6.96 GFLOP per training image
+        assert round(3 * cr.count_forward_flops(model) / 1e9, 2) == 6.96
+
+
+def test_bench_command_times_training_and_evaluation_on_cpu(capsys):
+    code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256",
+                    "--limit-test", "64", "--batch-size", "64", "--bench-epochs", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in ("warm-up (one epoch", "s per 50,000-image epoch", "s per 10,000 images", "MFU:", "random data"):
+        assert text in out, text
+    r = json.loads(out.split("BENCH_JSON ")[1])
+    assert len(r["train_epoch_seconds_each"]) == 2 and r["warmup_seconds"] > 0
+    assert r["train_epoch_seconds"] == pytest.approx(50_000 / r["images_per_s"])
+    assert r["epoch_with_eval_seconds"] == pytest.approx(r["train_epoch_seconds"] + r["eval_seconds_per_10k"])
+    assert r["mfu"] == pytest.approx(r["train_gflop_per_image"] * 1e9 * r["images_per_s"] / (r["matmul_tflops"] * 1e12))
+    assert r["cuda_graphs"] is False and r["peak_memory_gib"] is None
+
+
+def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):
+    code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--data-dir", str(tiny_data_dir),
+                    "--no-download", "--batch-size", "64", "--bench-epochs", "1"])
+    assert code == 0 and "real data" in capsys.readouterr().out
+
+
+def test_snapshot_is_a_cpu_copy_that_training_cannot_change():
+    weights = {"w": torch.ones(3), "nested": {"m": [torch.zeros(2)]}, "epoch": 4}
+    copy = cr.snapshot(weights)
+    weights["w"].add_(1)
+    weights["nested"]["m"][0].add_(1)
+    assert torch.equal(copy["w"], torch.ones(3)) and torch.equal(copy["nested"]["m"][0], torch.zeros(2))
+    assert copy["epoch"] == 4
+
+
+def test_checkpoint_writer_writes_in_background_and_reports_failures(tmp_path, monkeypatch):
+    writer = cr.CheckpointWriter()
+    writer.submit([({"a": torch.ones(2)}, str(tmp_path / "one.pt")), ({"b": 1}, str(tmp_path / "two.pt"))])
+    writer.wait()
+    assert torch.load(tmp_path / "one.pt", weights_only=True)["a"].tolist() == [1.0, 1.0]
+    assert torch.load(tmp_path / "two.pt", weights_only=True) == {"b": 1}
+    monkeypatch.setattr(cr, "atomic_save", lambda obj, path: (_ for _ in ()).throw(OSError("disk full")))
+    writer.submit([({"a": 1}, str(tmp_path / "three.pt"))])
+    with pytest.raises(cr.UserError, match="could not write a checkpoint: disk full"):
+        writer.wait()
 
 
 # ----------------------------------------------------------------------------------------------------------
