@@ -3,6 +3,7 @@
     python cifar100_resnet.py --epochs 400            # the notebook's recipe at its defaults
     python cifar100_resnet.py --help                  # every flag
     python cifar100_resnet.py bench --batch-size 512 --lr 0.4   # time the training step on this device
+    python cifar100_resnet.py plot runs/a runs/b      # learning curves from metrics.csv (needs matplotlib)
 
 One self-contained module (torch, torchvision, numpy): its own ResNet-18/34, the official CIFAR files read
 without running pickled code, the whole dataset resident on the training device, crop/flip/MixUp/CutMix as
@@ -1324,6 +1325,65 @@ def bench_main(argv: list) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Learning curves from metrics.csv (matplotlib, an optional extra: pip install "cifar100_resnet[plot]")
+
+
+def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> str:
+    """Draw loss, accuracy and learning rate per epoch of one or more runs into one PNG; returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError('plot needs matplotlib: pip install "cifar100_resnet[plot]" (or pip install matplotlib)') from None
+    runs = []
+    for run_dir in run_dirs:
+        rows = read_metrics(os.path.join(run_dir, "metrics.csv"))
+        if not rows:
+            raise UserError(f"{run_dir} has no metrics.csv rows to plot")
+        runs.append(rows)
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+
+    def column(rows, name):
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for rows, label in zip(runs, labels):
+        epochs = column(rows, "epoch")
+        (line,) = ax_loss.plot(epochs, column(rows, "test_loss"), label=f"{label} test")
+        ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color(), label=f"{label} train")
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color(), label=f"{label} top-1")
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color(),
+                    label=f"{label} top-5")
+        ax_lr.plot(epochs, column(rows, "lr"), color=line.get_color(), label=label)
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="%")
+    ax_lr.set(title="learning rate (at each epoch's start)", xlabel="epoch")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def plot_main(argv: list) -> int:
+    """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared."""
+    p = argparse.ArgumentParser(prog="cifar100_resnet.py plot", description=plot_main.__doc__.split(": ", 1)[1])
+    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv")
+    p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder)")
+    p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
+    args = p.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.run_dirs):
+        raise UserError(f"--labels needs one label per run folder ({len(args.run_dirs)}), got {len(args.labels)}")
+    out = args.out or os.path.join(args.run_dirs[0], "curves.png")
+    print(f"wrote {plot_runs(args.run_dirs, out, args.labels)}")
+    return 0
+
+
 def warn(message: str) -> None:
     """Warnings go to stderr and are shown even with --quiet."""
     print(f"warning: {message}", file=sys.stderr)
@@ -1360,7 +1420,8 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
         description=("Time the training step and evaluation on this device, on random data of CIFAR's shape "
                      "(or the real data with --data-dir). Takes every train flag." if bench else
                      "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
-                     "'cifar100_resnet.py bench [flags]' times the training step instead."),
+                     "'cifar100_resnet.py bench [flags]' times the training step instead; "
+                     "'cifar100_resnet.py plot RUN_DIR...' draws learning curves from metrics.csv."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
@@ -1471,10 +1532,12 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
 def main(argv: Optional[list] = None) -> int:
     """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "bench") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot") else "train"
     try:
         if command == "bench":
             return bench_main(argv)
+        if command == "plot":
+            return plot_main(argv)
         args = build_parser().parse_args(argv)
         given = _given_flags(argv)
         if args.resume is not None:

@@ -908,6 +908,52 @@ def test_checkpoint_writer_writes_in_background_and_reports_failures(tmp_path, m
         writer.wait()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_cuda_graph_epoch_matches_eager_epoch_on_gpu(monkeypatch):
+    # deterministic cuDNN kernels: the same kernels run replayed or eagerly, so the results must agree to
+    # rounding; a stale learning rate inside the graph (the rate falls from 0.4 to ~0 over this epoch) or a
+    # missed input copy would not
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    data = cr.random_cifar("cifar100", 512 * 8 + 100, 200)
+    runs = {}
+    for graphs in ("off", "on"):
+        trainer = cr.Trainer(cr.TrainConfig(batch_size=512, lr=0.4, epochs=1, device="cuda", cuda_graphs=graphs,
+                                            quiet=True, log_every=0), data)
+        stats = trainer.train_epoch()
+        assert trainer.use_graphs == (graphs == "on")
+        runs[graphs] = (stats["train_loss"], {k: v.float() for k, v in trainer.model.state_dict().items()})
+    assert runs["on"][0] == pytest.approx(runs["off"][0], rel=1e-3)
+    for name, eager in runs["off"][1].items():
+        torch.testing.assert_close(runs["on"][1][name], eager, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning curves
+
+
+def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("a", "b"):
+        assert cr.main(tiny_args(tiny_data_dir, tmp_path / name, "--epochs", "3", "--seed", str(ord(name)))) == 0
+    assert cr.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "first", "second"]) == 0
+    png = tmp_path / "a" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(str(png)).shape
+    assert (width, height) == (1760, 495)  # 16 x 4.5 inches at 110 dpi
+
+
+def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
+    assert cr.main(["plot", str(tmp_path)]) == 2
+    assert "has no metrics.csv rows" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    (tmp_path / "metrics.csv").write_text("epoch,lr,train_loss,test_loss,test_top1,test_top5\n1,0.1,4,4,0.1,0.2\n")
+    assert cr.main(["plot", str(tmp_path)]) == 2
+    assert "plot needs matplotlib" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Import is free
 
