@@ -594,14 +594,16 @@ def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
 # Devices and precision
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; anything named must exist here."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if _mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -612,7 +614,7 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        if not _mps_available():
             raise UserError(f"--device {name}: MPS is not available on this machine")
     elif device.type != "cpu":
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
@@ -637,6 +639,12 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (with its gradient scaler); this run is on {device}")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (before reading a host clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -837,14 +845,12 @@ class Trainer:
                          f"lr {lr:.4f} loss {state.loss_sum.item() / state.seen:.4f} "
                          f"{state.seen / seconds:.0f} img/s")
             if state.step < self.steps_per_epoch and should_stop():
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
+                _sync(dev)
                 state.seconds = time.perf_counter() - started
                 self._check_finite(state)
                 self.partial = state
                 return None
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _sync(dev)
         seconds = time.perf_counter() - started
         self._check_finite(state)
         self.epoch += 1
@@ -1227,11 +1233,6 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192,
         if i >= 2:
             times.append(time.perf_counter() - start)
     return 2 * n ** 3 / sorted(times)[len(times) // 2]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> CifarData:
