@@ -57,7 +57,7 @@ def record(path, result):
     print(json.dumps(result), flush=True)
 
 
-def notebook(args):
+def notebook():
     out, code, wall = run([sys.executable, NOTEBOOK, "--steps", "150"], 300)
     m = re.search(r"([\d.]+) images/s, ([\d.]+) s per 50,000-image epoch", out)
     if not m:
@@ -111,7 +111,7 @@ def main():
         results.append(result)
         record(args.out, result)
 
-    add(notebook(args))
+    add(notebook())
     for name, flags in BENCH_VARIANTS:
         if left() > 20:
             add(bench(name, flags + args.extra.split(), min(240, left() + 30)))
