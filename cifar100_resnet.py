@@ -146,6 +146,7 @@ class TrainConfig:
     # unless fp16, whose gradient scaler decides on the host whether to skip a step)
     seed: int = 0
     eval_batch_size: int = 1000
+    tta: bool = False  # also report flip test-time augmentation metrics (extra columns, the plain ones stay)
     out_dir: Optional[str] = None  # run folder; None in library use writes nothing
     checkpoint_every: int = 20  # also keep ckpt_ep{N}.pt every N epochs (0: never)
     log_every: int = 100  # a progress line every N batches (0: only per epoch)
@@ -653,27 +654,37 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,
-             batch_size: int = 1000, amp_dtype: Optional[torch.dtype] = None) -> dict:
-    """Exact metrics over every image: loss = mean cross-entropy (no smoothing), top1/top5 = correct / N."""
+             batch_size: int = 1000, amp_dtype: Optional[torch.dtype] = None, tta: bool = False) -> dict:
+    """Exact metrics over every image: loss = mean cross-entropy (no smoothing), top1/top5 = correct / N.
+
+    With tta, also tta_loss/tta_top1/tta_top5: the same metrics of the mean of the logits of each image and
+    its mirror image (flip test-time augmentation), reported beside the plain ones, never instead of them.
+    """
     was_training = model.training
     model.eval()
     device = images.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros(2, dtype=torch.int64, device=device)
+    views = ("plain", "tta") if tta else ("plain",)
+    loss_sum = {v: torch.zeros((), device=device) for v in views}
+    correct = {v: torch.zeros(2, dtype=torch.int64, device=device) for v in views}  # top-1, top-5 hits
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for start, end in epoch_batches(len(images), batch_size):
+        x, y = normalize(images[start:end]), labels[start:end]
         with autocast:
-            logits = model(normalize(images[start:end]))
-        y = labels[start:end]
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        correct[0] += hits[:, 0].sum()
-        correct[1] += hits.any(dim=1).sum()
+            logits = {"plain": model(x).float()}
+            if tta:
+                logits["tta"] = (logits["plain"] + model(x.flip(3)).float()) / 2
+        for v in views:
+            loss_sum[v] += F.cross_entropy(logits[v], y, reduction="sum")
+            hits = logits[v].topk(min(5, logits[v].shape[1]), dim=1).indices == y[:, None]
+            correct[v][0] += hits[:, 0].sum()
+            correct[v][1] += hits.any(dim=1).sum()
     model.train(was_training)
     n = max(len(images), 1)
-    loss, (c1, c5) = loss_sum.item(), correct.tolist()  # note: the one host sync of an evaluation
-    return {"loss": loss / n, "top1": c1 / n, "top5": c5 / n, "n": len(images)}
+    result = {"n": len(images)}
+    for v in views:
+        (c1, c5), prefix = correct[v].tolist(), "" if v == "plain" else "tta_"  # the host syncs of an evaluation
+        result.update({f"{prefix}loss": loss_sum[v].item() / n, f"{prefix}top1": c1 / n, f"{prefix}top5": c5 / n})
+    return result
 
 
 @dataclass
@@ -866,7 +877,8 @@ class Trainer:
 
     def evaluate(self, split: str = "test") -> dict:
         images, labels = (self.test_images, self.test_labels) if split == "test" else (self.val_images, self.val_labels)
-        return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype)
+        return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
+                        tta=self.config.tta)
 
     # --- checkpoints: plain dicts of tensors and Python values, loadable with torch.load(weights_only=True)
 
@@ -925,7 +937,8 @@ def check_architecture(ckpt: dict, config: TrainConfig) -> None:
 # Run folder: config.json, metrics.csv (a row per epoch, flushed at once), atomic checkpoints
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "val_loss", "val_top1",
-                  "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds"]
+                  "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds",
+                  "test_tta_loss", "test_tta_top1", "test_tta_top5", "val_tta_loss", "val_tta_top1", "val_tta_top5"]
 RUN_FILES = ("config.json", "metrics.csv", "last.pt")
 
 
@@ -1154,11 +1167,11 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
             return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
         row = {"epoch": trainer.epoch, **stats}
-        test = trainer.evaluate("test")
-        row.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
-        if config.val_split:
-            val = trainer.evaluate("val")
-            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+        for split in ("test", "val") if config.val_split else ("test",):
+            metrics = trainer.evaluate(split)
+            row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
+            if config.tta:
+                row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
         row["epoch_seconds"] = time.perf_counter() - epoch_started
         row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
         history.append(row)
@@ -1179,6 +1192,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
         eta = (config.epochs - trainer.epoch) * (row["elapsed_seconds"] - elapsed_before) / len(history)
         log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
             f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
+            + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
             + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
             + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s ETA {_duration(eta)}")
         if trainer.epoch < config.epochs and should_stop():
@@ -1401,7 +1415,7 @@ def _duration(seconds: float) -> str:
 
 # Settings a resumed run may change: they do not alter what is computed, only where and how it is shown.
 RESUMABLE_OVERRIDES = {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every", "out_dir",
-                       "compile", "cuda_graphs", "eval_batch_size"}
+                       "compile", "cuda_graphs", "eval_batch_size", "tta"}
 
 
 def _t0_arg(text: str) -> Optional[float]:
@@ -1470,6 +1484,9 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
                    help="replay each full-batch training step as one CUDA graph; auto: on with CUDA unless fp16")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds weights, data order, augmentation, mixing")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="images per evaluation batch")
+    g.add_argument("--tta", action="store_true", default=d.tta,
+                   help="also evaluate with flip test-time augmentation (mean logits of each image and its mirror), "
+                        "in extra test_tta_* columns; best.pt is still chosen on the plain metric")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=d.out_dir, help="run folder (default: runs/<timestamp>)")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",

@@ -527,6 +527,33 @@ def test_evaluate_counts_exact_top1_and_top5_over_every_image():
     assert metrics["n"] == n
 
 
+def test_flip_tta_equals_the_mean_logits_of_each_image_and_its_mirror_computed_one_by_one():
+    torch.manual_seed(0)
+    model = cr.resnet18(num_classes=10, width=4).eval()
+    with torch.no_grad():  # non-trivial running statistics, so eval-mode BatchNorm is not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    images, labels = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (37,))
+    normalize = cr.Normalizer(cr.DATASETS["cifar10"].mean, cr.DATASETS["cifar10"].std, "cpu")
+    metrics = cr.evaluate(model, images, labels, normalize, batch_size=10, tta=True)
+    plain = cr.evaluate(model, images, labels, normalize, batch_size=10)
+    assert {k: metrics[k] for k in plain} == pytest.approx(plain)  # the plain metrics are unchanged
+    with torch.no_grad():
+        mirrored = []
+        for i in range(len(images)):  # the slow way: each image and its mirror as separate calls
+            x = normalize(images[i:i + 1])
+            mirrored.append((model(x) + model(torch.flip(x, dims=[3]))) / 2)
+        mean_logits = torch.cat(mirrored)
+    top1 = (mean_logits.argmax(1) == labels).sum().item() / len(labels)
+    top5 = sum(int(labels[i] in mean_logits[i].topk(5).indices) for i in range(len(labels))) / len(labels)
+    assert metrics["tta_top1"] == pytest.approx(top1, abs=1e-9)
+    assert metrics["tta_top5"] == pytest.approx(top5, abs=1e-9)
+    assert metrics["tta_loss"] == pytest.approx(F.cross_entropy(mean_logits, labels).item(), rel=1e-4)
+    assert metrics["tta_loss"] != pytest.approx(plain["loss"], rel=1e-3)  # the mirror really was used
+
+
 def test_optimizer_groups_decay_as_documented():
     model = cr.resnet18(num_classes=10, width=4)
     every = cr.build_optimizer(model, cr.TrainConfig())
@@ -606,6 +633,17 @@ def test_cli_writes_every_output(tiny_data_dir, tmp_path):
         assert_same_tensors(best["model"], model_tensors(out / f"ckpt_ep{best['epoch']}.pt"))
     model = cr.resnet18(num_classes=100, width=4)
     model.load_state_dict(best["model"])
+
+
+def test_cli_tta_adds_columns_and_changes_nothing_else(tiny_data_dir, tmp_path):
+    assert cr.main(tiny_args(tiny_data_dir, tmp_path / "plain")) == 0
+    assert cr.main(tiny_args(tiny_data_dir, tmp_path / "tta", "--tta")) == 0
+    plain, tta = metric_rows(tmp_path / "plain"), metric_rows(tmp_path / "tta")
+    for a, b in zip(plain, tta):
+        assert [a[k] for k in DETERMINISTIC_COLUMNS] == [b[k] for k in DETERMINISTIC_COLUMNS]
+        assert a["test_tta_top1"] == "" and 0 <= float(b["test_tta_top1"]) <= float(b["test_tta_top5"]) <= 1
+        assert float(b["test_tta_loss"]) > 0 and b["val_tta_top1"] == ""
+    assert_same_tensors(model_tensors(tmp_path / "plain" / "last.pt"), model_tensors(tmp_path / "tta" / "last.pt"))
 
 
 def test_cli_progress_output(tiny_data_dir, tmp_path):
