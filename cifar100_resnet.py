@@ -1548,7 +1548,8 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 interrupted."""
+    """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM)
+    stopped with last.pt written."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot") else "train"
     try:
@@ -1567,17 +1568,22 @@ def main(argv: Optional[list] = None) -> int:
         config.validate()
         stop_requested = []
 
-        def on_sigint(signum, frame):  # first Ctrl-C: finish the step, write last.pt; second: stop at once
-            stop_requested.append(True)
+        # Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop): finish the step, write
+        # last.pt, exit 128 + the signal's number. A second one stops at once.
+        def on_stop_signal(signum, frame):
+            stop_requested.append(signum)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\ninterrupt: writing last.pt after this step (Ctrl-C again to abort)", file=sys.stderr)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            print(f"\n{signal.Signals(signum).name}: writing last.pt after this step (Ctrl-C again to abort)",
+                  file=sys.stderr)
 
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             result = train(config, resume=resume, should_stop=lambda: bool(stop_requested))
         finally:
-            signal.signal(signal.SIGINT, previous)
-        return 130 if result.interrupted else 0
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 128 + stop_requested[0] if result.interrupted else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -682,7 +682,9 @@ def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tmp_path):
            [[r[k] for k in DETERMINISTIC_COLUMNS] for r in rows_b]
 
 
-def test_cli_ctrl_c_writes_last_pt_and_resume_finishes_the_run(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("stop_signal,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_cli_ctrl_c_or_sigterm_writes_last_pt_and_resume_finishes_the_run(tiny_data_dir, tmp_path, stop_signal,
+                                                                          code):
     out = tmp_path / "run"
     args = tiny_args(tiny_data_dir, out, "--epochs", "40", "--batch-size", "8")
     proc = subprocess.Popen([sys.executable, MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -690,9 +692,10 @@ def test_cli_ctrl_c_writes_last_pt_and_resume_finishes_the_run(tiny_data_dir, tm
     deadline = time.time() + 120
     while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
+    assert signal.Signals(stop_signal).name in err
     assert "Traceback" not in err
     ckpt = torch.load(out / "last.pt", weights_only=True)
     done = ckpt["epoch"]
