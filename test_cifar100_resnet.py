@@ -930,7 +930,7 @@ def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):
 
 def test_snapshot_is_a_cpu_copy_that_training_cannot_change():
     weights = {"w": torch.ones(3), "nested": {"m": [torch.zeros(2)]}, "epoch": 4}
-    copy = cr.snapshot(weights)
+    copy = cr.CheckpointWriter().snapshot(weights)
     weights["w"].add_(1)
     weights["nested"]["m"][0].add_(1)
     assert torch.equal(copy["w"], torch.ones(3)) and torch.equal(copy["nested"]["m"][0], torch.zeros(2))
@@ -947,6 +947,30 @@ def test_checkpoint_writer_writes_in_background_and_reports_failures(tmp_path, m
     writer.submit([({"a": 1}, str(tmp_path / "three.pt"))])
     with pytest.raises(cr.UserError, match="could not write a checkpoint: disk full"):
         writer.wait()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_gpu_snapshot_holds_the_values_at_snapshot_time_and_reuses_its_buffers(tmp_path):
+    model = cr.resnet18(num_classes=10, width=8).cuda().to(memory_format=torch.channels_last)
+    state = {"model": model.state_dict(), "loss": torch.full((), 2.5, device="cuda"), "epoch": 3}
+    expected = {k: v.cpu().clone() for k, v in state["model"].items()}
+    writer = cr.CheckpointWriter()
+    copy = writer.snapshot(state)
+    with torch.no_grad():  # later work on the same stream, queued before the copies have surely landed
+        for p in model.parameters():
+            p.mul_(-3).add_(1)
+    writer.submit([(copy, str(tmp_path / "a.pt"))])
+    writer.wait()
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert_same_tensors(saved["model"], expected)
+    assert saved["loss"].item() == 2.5 and saved["epoch"] == 3
+    pointers = [t.data_ptr() for t in copy["model"].values()]
+    second = writer.snapshot(state)
+    assert [t.data_ptr() for t in second["model"].values()] == pointers  # no new page-locked memory
+    writer.submit([(second, str(tmp_path / "b.pt"))])
+    writer.wait()
+    assert_same_tensors(torch.load(tmp_path / "b.pt", weights_only=True)["model"],
+                        {k: v.cpu() for k, v in model.state_dict().items()})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
