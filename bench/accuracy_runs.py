@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Every training run behind the README's accuracy results, with its exact command, in one place.
+
+    python bench/accuracy_runs.py PART [PART ...] --data-dir DIR [--runs DIR] [--results DIR] [--budget SECONDS]
+
+Parts, each sized for one 10-minute command on an H100 (batch 512, lr 0.4 = the notebook's 0.1 x 512/128):
+  short    30-epoch runs at batch 512 (the target: >= 76 % top-1), and the time to 75 % top-1
+  compare  the notebook's choices at 100 epochs each: MixUp/CutMix on vs off, its schedule (--t0 50
+           --t-mult 2) vs the default that fits whole cycles
+  full400  the notebook's recipe for 400 epochs, the user's main job
+  report   results.md (a table of every run with its command) and the learning curves of each part
+
+Runs live in --runs (checkpoints included: keep it on a disk with room). A run that would pass --budget
+gets SIGTERM, which makes the training command finish its step, write last.pt and exit; running the same
+part again resumes it with --resume, and a finished run is never run twice. So a part too long for one
+command finishes over two. The small files of each run (metrics.csv, config.json, its log) are copied to
+--results after every run.
+
+--smoke runs every command at a toy size on the CPU (the test suite does this) to check the script itself;
+its numbers mean nothing.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.normpath(os.path.join(HERE, "..", "cifar100_resnet.py"))
+
+# batch 512 with the linearly scaled rate (0.1 x 512/128) and 2 warm-up epochs (Goyal et al.'s rule for
+# scaling the batch), bf16 and CUDA graphs (the defaults on an H100)
+B512 = ["--batch-size", "512", "--lr", "0.4", "--warmup-epochs", "2"]
+# the plain short-budget recipe of ../shared/docs/gpu.md: Nesterov, weight decay 5e-4, no mixing; --tta
+# adds the flip-TTA columns beside the plain ones (see the README's "Honest evaluation")
+PLAIN = B512 + ["--nesterov", "--weight-decay", "5e-4", "--no-mixup", "--no-cutmix", "--tta"]
+# the notebook's recipe (momentum 0.9, weight decay 1e-3 on every parameter, label smoothing 0.1,
+# MixUp + CutMix with alpha 1, cosine warm restarts) at batch 512; compiled, since these runs are long
+NOTEBOOK = B512 + ["--compile"]
+
+RUNS = [  # (part, name, flags): the exact commands, in the order they run
+    # short: no --compile, whose 30-75 s would count against the time to 75 %
+    ("short", "plain30", PLAIN + ["--epochs", "30"]),
+    ("short", "plain30-nodecay-norm", PLAIN + ["--epochs", "30", "--no-decay-norm-bias"]),
+    ("short", "plain30-smooth0.2", PLAIN + ["--epochs", "30", "--label-smoothing", "0.2"]),
+    ("short", "plain20", PLAIN + ["--epochs", "20"]),
+    # compare: notebook100 is the baseline of both comparisons
+    ("compare", "notebook100", NOTEBOOK + ["--epochs", "100"]),
+    ("compare", "notebook100-nomix", NOTEBOOK + ["--epochs", "100", "--no-mixup", "--no-cutmix"]),
+    ("compare", "notebook100-t0-50", NOTEBOOK + ["--epochs", "100", "--t0", "50", "--t-mult", "2"]),
+    # full400: the main job at batch 512
+    ("full400", "notebook400", NOTEBOOK + ["--epochs", "400"]),
+]
+PARTS = ("short", "compare", "full400")
+
+# --smoke: the same commands on a toy problem (flags given later win in argparse)
+SMOKE = ["--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256", "--limit-test", "128",
+         "--batch-size", "32", "--eval-batch-size", "128", "--log-every", "0"]
+SMOKE_EPOCHS = 3
+KEPT_FILES = ("metrics.csv", "config.json", "train.log")
+
+
+def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool) -> list:
+    flags = list(flags)
+    if smoke:  # fewer epochs (and warm-up to match), no compilation, a toy model and data
+        flags = [a for a in flags if a != "--compile"]
+        for flag, value in (("--epochs", SMOKE_EPOCHS), ("--warmup-epochs", 1)):
+            if flag in flags:
+                flags[flags.index(flag) + 1] = str(value)
+        flags += SMOKE
+    return [sys.executable, MODULE, *flags, "--data-dir", data_dir, "--no-download", "--out-dir", run_dir,
+            *(["--resume"] if resume else [])]
+
+
+def planned_epochs(cmd: list) -> int:
+    return int(cmd[len(cmd) - 1 - cmd[::-1].index("--epochs") + 1])
+
+
+def read_rows(run_dir: str) -> list:
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_one(name: str, flags: list, args, deadline: float) -> str:
+    """Start, resume or skip one run; returns 'done', 'stopped' (resumable), 'skipped' or 'failed: ...'."""
+    run_dir = os.path.join(args.runs, name)
+    resume = os.path.exists(os.path.join(run_dir, "last.pt"))
+    cmd = command(flags, run_dir, args.data_dir, args.smoke, resume)
+    if len(read_rows(run_dir)) >= planned_epochs(cmd):
+        return "done"
+    if time.monotonic() > deadline - args.min_start:
+        return "skipped"
+    os.makedirs(run_dir, exist_ok=True)
+    if not resume:  # stopped before its first checkpoint: nothing to resume, so start afresh (the log stays)
+        for stale in ("config.json", "metrics.csv"):
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        log.write(f"$ {' '.join(cmd[1:])}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.join(HERE, ".."))
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.send_signal(signal.SIGTERM)  # finish the step, write last.pt, exit 143
+                proc.wait()
+                break
+            time.sleep(0.5)
+    keep(name, run_dir, args.results)
+    if proc.returncode == 0:
+        return "done"
+    if proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM):  # the latter: stopped before training began
+        return "stopped"
+    return f"failed: exit {proc.returncode}, see {os.path.join(run_dir, 'train.log')}"
+
+
+def keep(name: str, run_dir: str, results: str) -> None:
+    os.makedirs(results, exist_ok=True)
+    for file in KEPT_FILES:
+        if os.path.exists(os.path.join(run_dir, file)):
+            shutil.copyfile(os.path.join(run_dir, file), os.path.join(results, f"{name}_{file}"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def first_reaching(rows: list, column: str, threshold: float):
+    """(epoch, elapsed seconds) of the first epoch whose `column` is at least `threshold`, else (None, None)."""
+    for r in rows:
+        if r.get(column) not in (None, "") and float(r[column]) >= threshold:
+            return int(r["epoch"]), float(r["elapsed_seconds"])
+    return None, None
+
+
+def summarize(part: str, name: str, flags: list, args) -> dict:
+    run_dir = os.path.join(args.runs, name)
+    rows = read_rows(run_dir)
+    cmd = command(flags, run_dir, args.data_dir, args.smoke, resume=False)
+    result = {"part": part, "name": name, "command": "python cifar100_resnet.py " + " ".join(flags),
+              "epochs_planned": planned_epochs(cmd), "epochs_done": len(rows)}
+    if not rows:
+        return result
+    config_path = os.path.join(run_dir, "config.json")
+    config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+    last = rows[-1]
+    best = max(rows, key=lambda r: float(r["test_top1"]))
+    epoch75, seconds75 = first_reaching(rows, "test_top1", 0.75)
+    tta_epoch75, tta_seconds75 = first_reaching(rows, "test_tta_top1", 0.75)
+    result.update(
+        device=config.get("device_name", config.get("device_resolved")), torch=config.get("torch_version"),
+        wall_seconds=float(last["elapsed_seconds"]), first_epoch_seconds=float(rows[0]["epoch_seconds"]),
+        top1=float(last["test_top1"]), top5=float(last["test_top5"]),
+        best_top1=float(best["test_top1"]), best_epoch=int(best["epoch"]),
+        tta_top1=float(last["test_tta_top1"]) if last.get("test_tta_top1") else None,
+        tta_top5=float(last["test_tta_top5"]) if last.get("test_tta_top5") else None,
+        epoch_to_75=epoch75, seconds_to_75=seconds75, tta_epoch_to_75=tta_epoch75, tta_seconds_to_75=tta_seconds75)
+    return result
+
+
+def pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def report(args) -> None:
+    results = [summarize(part, name, flags, args) for part, name, flags in RUNS]
+    lines = [f"Runs of `bench/accuracy_runs.py` ({'--smoke: toy size, numbers mean nothing' if args.smoke else 'real data'}), "
+             f"report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| part | run | epochs | device | wall s | top-1 % | top-5 % | best top-1 % (epoch) | TTA top-1 % | "
+             "s to 75 % (epoch) | s to 75 % with TTA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if not r["epochs_done"]:
+            lines.append(f"| {r['part']} | {r['name']} | 0/{r['epochs_planned']} | not run |")
+            continue
+        to75 = f"{r['seconds_to_75']:.1f} ({r['epoch_to_75']})" if r["epoch_to_75"] else "not reached"
+        tta75 = f"{r['tta_seconds_to_75']:.1f} ({r['tta_epoch_to_75']})" if r["tta_epoch_to_75"] else (
+            "not reached" if r["tta_top1"] is not None else "")
+        lines.append(f"| {r['part']} | {r['name']} | {r['epochs_done']}/{r['epochs_planned']} | {r['device']} | "
+                     f"{r['wall_seconds']:.0f} | {pct(r['top1'])} | {pct(r['top5'])} | "
+                     f"{pct(r['best_top1'])} ({r['best_epoch']}) | {pct(r['tta_top1'])} | {to75} | {tta75} |")
+    lines += ["", "wall s: the run's elapsed_seconds (training and per-epoch evaluation from its first step, first-epoch "
+              "compilation and CUDA-graph capture included; startup and data loading before it not included). "
+              "top-1/top-5: the last epoch; best: chosen on the test set, so optimistic.", "", "Commands "
+              "(each also takes --data-dir DIR --no-download --out-dir DIR):", ""]
+    lines += [f"- {r['name']}: `{r['command']}`" for r in results]
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.results, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    print("\n".join(lines))
+    for part in PARTS:  # one figure per part, of the runs it has
+        names = [name for p, name, _ in RUNS if p == part and read_rows(os.path.join(args.runs, name))]
+        if names:
+            out = os.path.join(args.results, f"{part}_curves.png")
+            p = subprocess.run([sys.executable, MODULE, "plot", *[os.path.join(args.runs, n) for n in names],
+                                "--labels", *names, "--out", out], capture_output=True, text=True)
+            print(p.stdout.strip() or p.stderr.strip())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("parts", nargs="+", choices=[*PARTS, "report"])
+    ap.add_argument("--data-dir", required=True, help="folder holding cifar-100-python/")
+    ap.add_argument("--runs", default="runs/accuracy", help="where the run folders go (checkpoints: 170 MB each)")
+    ap.add_argument("--results", default=None, help="where the small files and the report go (default: --runs)")
+    ap.add_argument("--budget", type=float, default=float("inf"),
+                    help="seconds; a run still going then is stopped with last.pt written, to resume later")
+    ap.add_argument("--min-start", type=float, default=60, help="start no run with fewer seconds of --budget left")
+    ap.add_argument("--smoke", action="store_true", help="toy size on the CPU, to test this script")
+    args = ap.parse_args(argv)
+    args.results = args.results or args.runs
+    deadline = time.monotonic() + args.budget
+    status = {}
+    for part in args.parts:
+        if part == "report":
+            continue
+        for run_part, name, flags in RUNS:
+            if run_part == part:
+                status[name] = run_one(name, flags, args, deadline)
+                print(f"{name}: {status[name]}", flush=True)
+    if "report" in args.parts:
+        report(args)
+    unfinished = [name for name, s in status.items() if s in ("stopped", "skipped")]
+    if unfinished:
+        print(f"not finished within --budget: {', '.join(unfinished)}; the same command again continues them")
+    failed = [name for name, s in status.items() if s.startswith("failed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
