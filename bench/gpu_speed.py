@@ -8,7 +8,9 @@ Each measurement runs in its own process, most important first, so that a time b
   2. `cifar100_resnet.py bench` at batch 512 (lr 0.4 = 0.1 x 512/128) and at the notebook's 128: eager,
      CUDA graphs, torch.compile, compile + graphs
   3. with --data-dir: short real-data runs of the training command with and without the speed features (do
-     the loss curves agree?), and the training command at its defaults (wall time with checkpoints)
+     the loss curves agree?), and the training command at its defaults (wall time with checkpoints), beside
+     the same run through train() without a run folder (so without checkpoints): their difference is what
+     checkpointing costs per epoch
 Prints a markdown table at the end; each result is also appended to --out as one JSON line as soon as it exists.
 bench/notebook_pipeline.py is an unchanged copy of the team's shared/bench/notebook_pipeline.py.
 """
@@ -92,6 +94,30 @@ def training_run(name, data_dir, flags, timeout):
             "steady_epoch_seconds": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else None}
 
 
+NO_FOLDER_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+import cifar100_resnet as cr
+config = cr.TrainConfig(epochs=int(sys.argv[2]), data_dir=sys.argv[1], download=False, quiet=True)
+result = cr.train(config)
+print("RUN_JSON " + json.dumps([{k: row[k] for k in ("train_loss", "test_top1", "epoch_seconds", "elapsed_seconds")}
+                                for row in result.history]))
+"""
+
+
+def run_without_folder(name, data_dir, epochs, timeout):
+    """train() at the defaults with no run folder: the same loop, no metrics.csv and no checkpoints."""
+    out, code, wall = run([sys.executable, "-c", NO_FOLDER_RUN, data_dir, str(epochs), os.path.dirname(MODULE)], timeout)
+    line = next((l for l in out.splitlines() if l.startswith("RUN_JSON ")), None)
+    if line is None:
+        return {"name": name, "error": f"exit {code}: {out[-1500:]}"}
+    rows = json.loads(line[len("RUN_JSON "):])
+    elapsed = [r["elapsed_seconds"] for r in rows]
+    return {"name": name, "wall_seconds": wall, "train_loss": [r["train_loss"] for r in rows],
+            "test_top1": [r["test_top1"] for r in rows], "epoch_seconds": [r["epoch_seconds"] for r in rows],
+            "steady_epoch_seconds": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else None}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", help="folder holding cifar-100-python/ (enables the real-data runs)")
@@ -120,9 +146,11 @@ def main():
         for name, flags in (("real b512 eager", agree + ["--cuda-graphs", "off"]),
                             ("real b512 eager again", agree + ["--cuda-graphs", "off"]),
                             ("real b512 graphs", agree + ["--cuda-graphs", "on"]),
-                            ("real defaults (b128, graphs auto)", ["--epochs", "3"])):
+                            ("real defaults (b128, graphs auto)", ["--epochs", "6"])):
             if left() > 20:
                 add(training_run(name, args.data_dir, flags + args.train_extra.split(), min(240, left() + 30)))
+        if left() > 20 and not args.train_extra:
+            add(run_without_folder("real defaults, no run folder", args.data_dir, 6, min(240, left() + 30)))
     if not args.no_compile:
         for name, flags in COMPILE_VARIANTS:
             if left() > 20:
