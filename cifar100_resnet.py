@@ -1277,6 +1277,47 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192,
     return 2 * n ** 3 / sorted(times)[len(times) // 2]
 
 
+# Kernel (GPU) or operator (CPU) names -> what they do; the first group with a matching substring wins.
+# BatchNorm comes first: cuDNN names both its convolution and its BatchNorm kernels "cudnn...".
+PROFILE_GROUPS = [
+    ("batchnorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
+    ("convolution and matmul", ("conv", "xmma", "implicit", "wgrad", "dgrad", "gemm", "cutlass", "mm")),
+    ("optimizer", ("multi_tensor", "sgd", "foreach")),
+    ("fused by compile (triton)", ("triton",)),
+    ("copy, index, fill", ("copy", "memcpy", "memset", "index", "gather", "cat", "fill")),
+]
+
+
+def profile_group(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, keys in PROFILE_GROUPS if any(k in lowered for k in keys)), "other")
+
+
+def profile_epoch(trainer: "Trainer", top: int = 12) -> dict:
+    """Run one training epoch under torch.profiler; returns where the time went: the self time of each GPU
+    kernel (on CUDA) or CPU operator (elsewhere), summed into PROFILE_GROUPS, and the `top` largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        trainer.train_epoch()
+    times = {}  # name -> self seconds
+    for event in prof.key_averages():
+        on_device = event.device_type != torch.autograd.DeviceType.CPU
+        if on_device == cuda:
+            seconds = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total) / 1e6
+            if seconds > 0:
+                times[event.key] = times.get(event.key, 0.0) + seconds
+    total = sum(times.values()) or 1.0
+    groups = {}
+    for name, seconds in times.items():
+        groups[profile_group(name)] = groups.get(profile_group(name), 0.0) + seconds
+    return {"measured": "GPU kernel time" if cuda else "CPU operator self time", "total_seconds": total,
+            "groups": {g: {"seconds": t, "share": t / total} for g, t in sorted(groups.items(), key=lambda x: -x[1])},
+            "top": [{"name": n, "group": profile_group(n), "seconds": t, "share": t / total}
+                    for n, t in sorted(times.items(), key=lambda x: -x[1])[:top]]}
+
+
 def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> CifarData:
     """Random uint8 images and labels of CIFAR's shape: the cost of a step does not depend on pixel values."""
     info = DATASETS[dataset]
@@ -1288,12 +1329,14 @@ def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> Cifa
     return CifarData(*tensors, [str(i) for i in range(info.num_classes)], info)
 
 
-def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3) -> dict:
+def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3,
+              profile: bool = False) -> dict:
     """Time whole training epochs (augmentation, mixing, forward, backward, optimiser) and evaluation.
 
     One full epoch first is the warm-up, timed and reported apart: it holds cuDNN's autotuning, compilation
     (both batch shapes) and graph capture. Returns seconds per 50,000-image epoch, images/s, evaluation
-    seconds per 10,000 images, peak memory and the share of the measured matmul rate reached (MFU).
+    seconds per 10,000 images, peak memory and the share of the measured matmul rate reached (MFU). With
+    profile, one more epoch runs under torch.profiler (see profile_epoch), after the timed ones.
     """
     trainer = Trainer(config, data, log=lambda message: None)
     device = trainer.device
@@ -1311,6 +1354,8 @@ def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeat
         start = time.perf_counter()
         trainer.evaluate("test")  # ends in a host sync
         eval_seconds.append(time.perf_counter() - start)
+
+    where_time_went = profile_epoch(trainer) if profile else None
 
     n_train, n_test = len(trainer.train_images), len(trainer.test_images)
     train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2] * 50_000 / n_train
@@ -1333,6 +1378,7 @@ def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeat
         "forward_gflop_per_image": forward_flops / 1e9, "train_gflop_per_image": 3 * forward_flops / 1e9,
         "matmul_tflops": peak_rate / 1e12, "matmul_dtype": str(matmul_dtype),
         "mfu": 3 * forward_flops * images_per_s / peak_rate,
+        "profile": where_time_went,
     }
 
 
@@ -1348,7 +1394,7 @@ def bench_main(argv: list) -> int:
     else:
         data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
         source = "random data"
-    r = benchmark(config, data, epochs=args.bench_epochs)
+    r = benchmark(config, data, epochs=args.bench_epochs, profile=args.profile)
     print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
           f"amp {r['amp']}, batch {r['batch_size']}, lr {r['lr']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"compile {'on' if r['compile'] else 'off'}, {source}")
@@ -1364,6 +1410,14 @@ def bench_main(argv: list) -> int:
           f"forward, convolutions and classifier) x {r['images_per_s']:,.0f} images/s = "
           f"{r['train_gflop_per_image'] * r['images_per_s'] / 1e3:.1f} TFLOP/s, {r['mfu']:.1%} of the measured "
           f"{r['matmul_tflops']:.1f} TFLOP/s {r['matmul_dtype'].replace('torch.', '')} matmul rate")
+    if r["profile"]:
+        prof = r["profile"]
+        print(f"profile of one more epoch, {prof['measured']}: {prof['total_seconds']:.3f} s")
+        for group, g in prof["groups"].items():
+            print(f"  {g['share']:6.1%} {g['seconds']:8.3f} s  {group}")
+        print("  largest:")
+        for k in prof["top"]:
+            print(f"  {k['share']:6.1%} {k['seconds']:8.3f} s  [{k['group']}] {k['name'][:110]}")
     print("BENCH_JSON " + json.dumps(r))
     return 0
 
@@ -1526,6 +1580,8 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     if bench:
         g = p.add_argument_group("bench")
         g.add_argument("--bench-epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
+        g.add_argument("--profile", action="store_true",
+                       help="then profile one more epoch: GPU kernel time (CPU operator time without CUDA) by kind")
     return p
 
 

@@ -922,6 +922,35 @@ def test_bench_command_times_training_and_evaluation_on_cpu(capsys):
     assert r["cuda_graphs"] is False and r["peak_memory_gib"] is None
 
 
+def test_bench_profile_splits_one_epoch_by_kind_of_work(capsys):
+    code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "128",
+                    "--limit-test", "32", "--batch-size", "64", "--bench-epochs", "1", "--profile"])
+    out = capsys.readouterr().out
+    assert code == 0 and "profile of one more epoch, CPU operator self time" in out
+    prof = json.loads(out.split("BENCH_JSON ")[1])["profile"]
+    assert sum(g["seconds"] for g in prof["groups"].values()) == pytest.approx(prof["total_seconds"])
+    assert sum(g["share"] for g in prof["groups"].values()) == pytest.approx(1.0)
+    assert prof["groups"]["convolution and matmul"]["share"] > 0.05 and "batchnorm" in prof["groups"]
+    shares = [k["share"] for k in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and len(shares) == 12
+
+
+@pytest.mark.parametrize("name,group", [
+    ("cudnn::bn_fw_tr_1C11_kernel_NCHW<__nv_bfloat16, float, 512, true, 1>", "batchnorm"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution and matmul"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel", "other"),
+    ("triton_per_fused__native_batch_norm_legit_functional_relu_12", "batchnorm"),
+    ("triton_poi_fused_add_relu_7", "fused by compile (triton)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedSgdMathFunctor>", "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "copy, index, fill"),
+    ("aten::mkldnn_convolution", "convolution and matmul"),
+    ("aten::native_batch_norm_backward", "batchnorm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor>", "other"),
+])
+def test_profile_groups_kernel_names(name, group):
+    assert cr.profile_group(name) == group
+
+
 def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):
     code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--data-dir", str(tiny_data_dir),
                     "--no-download", "--batch-size", "64", "--bench-epochs", "1"])

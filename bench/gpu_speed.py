@@ -11,6 +11,7 @@ Each measurement runs in its own process, most important first, so that a time b
      the loss curves agree?), and the training command at its defaults (wall time with checkpoints), beside
      the same run through train() without a run folder (so without checkpoints): their difference is what
      checkpointing costs per epoch
+  4. a profile of one epoch at batch 512 (compile + graphs) and at the defaults: GPU time by kind of kernel
 Prints a markdown table at the end; each result is also appended to --out as one JSON line as soon as it exists.
 bench/notebook_pipeline.py is an unchanged copy of the team's shared/bench/notebook_pipeline.py.
 """
@@ -34,6 +35,13 @@ BENCH_VARIANTS = [
     ("b512 graphs", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "on"]),
     ("b128 eager", ["--batch-size", "128", "--cuda-graphs", "off", "--bench-epochs", "1"]),
     ("b128 graphs", ["--batch-size", "128", "--cuda-graphs", "on"]),
+]
+# one epoch under torch.profiler each: where the GPU time of the fastest batch-512 and of the default setting goes
+PROFILE_VARIANTS = [
+    ("profile b512 compile+graphs", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "on", "--compile",
+                                     "--bench-epochs", "1", "--profile"]),
+    ("profile b128 graphs (defaults)", ["--batch-size", "128", "--cuda-graphs", "on", "--bench-epochs", "1",
+                                        "--profile"]),
 ]
 COMPILE_VARIANTS = [
     ("b512 compile", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "off", "--compile"]),
@@ -156,6 +164,10 @@ def main():
             if left() > 20:
                 add(bench(name, flags + args.extra.split(), min(420, left() + 30)))
 
+    for name, flags in PROFILE_VARIANTS:
+        if left() > 20 and not (args.no_compile and "--compile" in flags):
+            add(bench(name, flags + args.extra.split(), min(420, left() + 30)))
+
     base = next((r["train_epoch_seconds"] for r in results if r["name"] == "notebook pipeline" and "error" not in r),
                 None)
     print("\n| variant | train s/epoch | + eval s | images/s | x notebook | warm-up s | peak GiB | MFU | 400 epochs |")
@@ -163,7 +175,7 @@ def main():
     for r in results:
         if "error" in r:
             print(f"| {r['name']} | failed: {r['error'][-200:]!r} |")
-        elif "train_loss" in r:
+        elif "train_loss" in r or r.get("profile"):
             continue
         elif r["name"] == "notebook pipeline":
             print(f"| notebook pipeline (batch 128) | {r['train_epoch_seconds']:.2f} | | {r['images_per_s']:,.0f} | 1.0 |")
@@ -179,6 +191,15 @@ def main():
         for r in runs:
             print(f"| {r['name']} | {', '.join(f'{v:.4f}' for v in r['train_loss'])} | "
                   f"{', '.join(f'{v:.4f}' for v in r['test_top1'])} | {r['steady_epoch_seconds']} |")
+    for r in results:
+        if r.get("profile"):
+            prof = r["profile"]
+            print(f"\n{r['name']}: {prof['measured']} {prof['total_seconds']:.3f} s in one epoch (wall "
+                  f"{r['train_epoch_seconds']:.3f} s per epoch when not profiled)")
+            for group, g in prof["groups"].items():
+                print(f"  {g['share']:6.1%} {g['seconds']:7.3f} s  {group}")
+            for k in prof["top"]:
+                print(f"  {k['share']:6.1%} {k['seconds']:7.3f} s  [{k['group']}] {k['name'][:100]}")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
