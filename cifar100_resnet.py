@@ -994,9 +994,11 @@ class CheckpointWriter:
             if not obj.is_cuda:
                 return obj.detach().to("cpu", copy=True)
             buffer = self._pinned.get(key)
-            if buffer is None or (buffer.shape, buffer.dtype, buffer.stride()) != (obj.shape, obj.dtype, obj.stride()):
-                buffer = self._pinned[key] = torch.empty_like(obj, device="cpu", pin_memory=True)
-            buffer.copy_(obj.detach(), non_blocking=True)
+            if buffer is None or (buffer.shape, buffer.dtype) != (obj.shape, obj.dtype):
+                buffer = self._pinned[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            # contiguous on both sides: an asynchronous copy into a non-contiguous (e.g. channels_last) CPU
+            # tensor would go through a pageable temporary that is read before the copy lands
+            buffer.copy_(obj.detach().contiguous(), non_blocking=True)
             self._cuda_device = obj.device
             return buffer
         if isinstance(obj, dict):
