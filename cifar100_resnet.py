@@ -131,6 +131,7 @@ class TrainConfig:
     arch: str = "resnet34"  # resnet18 | resnet34
     stem: str = "cifar"  # cifar: 3x3 stride-1 conv, no max-pool | imagenet: torchvision's 7x7/2 + max-pool
     width: int = 64  # channels of the first stage; stages have width, 2, 4, 8 x width
+    zero_init_residual: bool = False  # start each block's last BatchNorm weight at 0 (the block = its shortcut)
     # --- data
     dataset: str = "cifar100"  # cifar100 | cifar10
     data_dir: str = "./data"  # the folder that holds cifar-100-python/ (torchvision's root)
@@ -469,9 +470,11 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """ResNet of BasicBlocks. stem="cifar": 3x3 stride-1 conv, no max-pool (32x32 stays 32x32 into stage 1);
     stem="imagenet": torchvision's 7x7 stride-2 conv + 3x3 max-pool, state_dict-compatible with
-    torchvision.models.resnet18/34 when width=64."""
+    torchvision.models.resnet18/34 when width=64. zero_init_residual: each block's last BatchNorm starts at
+    weight 0, so every block starts as its shortcut (torchvision's option of that name; Goyal et al. 2017)."""
 
-    def __init__(self, blocks_per_stage=(3, 4, 6, 3), num_classes: int = 100, width: int = 64, stem: str = "cifar"):
+    def __init__(self, blocks_per_stage=(3, 4, 6, 3), num_classes: int = 100, width: int = 64, stem: str = "cifar",
+                 zero_init_residual: bool = False):
         super().__init__()
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
@@ -494,6 +497,10 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.apply(self._init_weights)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
 
     @staticmethod
     def _init_weights(module):  # torchvision's choices; nn.Linear keeps its default init
@@ -512,16 +519,17 @@ class ResNet(nn.Module):
 ARCHITECTURES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
 
-def resnet18(num_classes: int = 100, width: int = 64, stem: str = "cifar") -> ResNet:
-    return ResNet(ARCHITECTURES["resnet18"], num_classes, width, stem)
+def resnet18(num_classes: int = 100, width: int = 64, stem: str = "cifar", zero_init_residual: bool = False) -> ResNet:
+    return ResNet(ARCHITECTURES["resnet18"], num_classes, width, stem, zero_init_residual)
 
 
-def resnet34(num_classes: int = 100, width: int = 64, stem: str = "cifar") -> ResNet:
-    return ResNet(ARCHITECTURES["resnet34"], num_classes, width, stem)
+def resnet34(num_classes: int = 100, width: int = 64, stem: str = "cifar", zero_init_residual: bool = False) -> ResNet:
+    return ResNet(ARCHITECTURES["resnet34"], num_classes, width, stem, zero_init_residual)
 
 
 def build_model(config: TrainConfig) -> ResNet:
-    return ResNet(ARCHITECTURES[config.arch], DATASETS[config.dataset].num_classes, config.width, config.stem)
+    return ResNet(ARCHITECTURES[config.arch], DATASETS[config.dataset].num_classes, config.width, config.stem,
+                  config.zero_init_residual)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1550,6 +1558,9 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--stem", choices=["cifar", "imagenet"], default=d.stem,
                    help="cifar: 3x3 stride-1 conv; imagenet: torchvision's 7x7/2 conv + max-pool (the notebook)")
     g.add_argument("--width", type=int, default=d.width, help="channels of the first stage")
+    g.add_argument("--zero-init-residual", action="store_true", default=d.zero_init_residual,
+                   help="start each residual block's last BatchNorm weight at 0, so each block starts as its "
+                        "shortcut (torchvision's option; often helps large batches)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default=d.dataset, help="which CIFAR")
     g.add_argument("--data-dir", default=d.data_dir, help="folder holding cifar-100-python/ (downloaded if absent)")

@@ -138,6 +138,25 @@ def test_imagenet_stem_loads_into_torchvision_and_gives_same_outputs(arch):
     torch.testing.assert_close(ours(x), ref2(x), rtol=1e-5, atol=1e-5)
 
 
+def test_zero_init_residual_zeroes_what_torchvision_zeroes_and_blocks_start_as_their_shortcut():
+    import torchvision
+
+    ours = cr.resnet34(num_classes=100, stem="imagenet", zero_init_residual=True)
+    ref = torchvision.models.resnet34(num_classes=100, zero_init_residual=True)
+    def zero(model):
+        return {k for k, v in model.state_dict().items() if v.is_floating_point() and not v.any()}
+    assert zero(ours) == zero(ref) and any(k.endswith("bn2.weight") for k in zero(ours))
+    assert not any(k.endswith("bn2.weight") for k in zero(cr.resnet34(num_classes=100)))  # off by default
+    model = cr.resnet18(num_classes=10, width=8, zero_init_residual=True).train()
+    x = torch.randn(4, 8, 16, 16)
+    for block in (model.layer1[0], model.layer1[1]):  # no downsample: the shortcut is x itself
+        torch.testing.assert_close(block(x), torch.relu(x))
+    down = model.layer2[0]
+    torch.testing.assert_close(down(x), torch.relu(down.downsample(x)))
+    cfg = cr.TrainConfig(arch="resnet18", width=8, zero_init_residual=True)
+    assert not cr.build_model(cfg).layer3[1].bn2.weight.any()
+
+
 def test_cifar_resnet34_parameter_count():
     import torchvision
 

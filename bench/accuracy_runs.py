@@ -48,6 +48,7 @@ RUNS = [  # (part, name, flags): the exact commands, in the order they run
     ("short", "plain30-nodecay-norm", PLAIN + ["--epochs", "30", "--no-decay-norm-bias"]),
     ("short", "plain30-smooth0.2", PLAIN + ["--epochs", "30", "--label-smoothing", "0.2"]),
     ("short", "plain30-wd1e-3", PLAIN + ["--epochs", "30", "--weight-decay", "1e-3"]),
+    ("short", "plain30-zero-init", PLAIN + ["--epochs", "30", "--zero-init-residual"]),
     ("short", "plain20", PLAIN + ["--epochs", "20"]),
     # compare: notebook100 is the baseline of both comparisons
     ("compare", "notebook100", NOTEBOOK + ["--epochs", "100"]),
