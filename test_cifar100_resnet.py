@@ -4,6 +4,8 @@ Run: python -m pytest -q test_cifar100_resnet.py   (CPU only, a few minutes on 2
 """
 
 import csv
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -600,6 +602,42 @@ def test_trainer_sets_the_learning_rate_every_step():
     trainer.train_epoch()
     expected = [cr.learning_rate(s / 4, cfg, trainer.t0) for s in range(8)]
     assert seen == pytest.approx(expected, abs=1e-12)
+
+
+def test_compile_auto_is_on_only_for_long_cuda_runs_and_flags_parse(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # as if Triton were installed
+    assert cr.resolve_compile("auto", cuda, cr.COMPILE_AUTO_EPOCHS) is True
+    assert cr.resolve_compile("auto", cuda, cr.COMPILE_AUTO_EPOCHS - 1) is False
+    assert cr.resolve_compile("auto", cpu, 400) is False
+    assert cr.resolve_compile("on", cpu, 1) is True and cr.resolve_compile("off", cuda, 400) is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no Triton
+    assert cr.resolve_compile("auto", cuda, 400) is False
+    parse = cr.build_parser().parse_args
+    assert parse([]).compile == "auto" and parse(["--compile"]).compile == "on"
+    assert parse(["--compile", "off"]).compile == "off"
+    assert cr.TrainConfig(compile=True).compile == "on" and cr.TrainConfig(compile=False).compile == "off"
+
+
+def test_compile_auto_trains_on_uncompiled_when_compiling_fails(monkeypatch, capsys):
+    cfg = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=64, device="cpu",
+                         quiet=True, log_every=0)
+    data = synthetic_data(n_train=256, n_test=32)
+    plain = cr.train(dataclasses.replace(cfg, compile="off"), data=data)
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("backend compiler failed\nlong trace")
+        return compiled
+
+    monkeypatch.setattr(cr, "resolve_compile", lambda setting, device, epochs: setting != "off")
+    monkeypatch.setattr(cr.torch, "compile", failing_compile)
+    fallback = cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
+    assert "warning: torch.compile failed (RuntimeError: backend compiler failed); training on" in capsys.readouterr().err
+    assert [r["train_loss"] for r in fallback.history] == [r["train_loss"] for r in plain.history]
+    assert_same_tensors(fallback.model.state_dict(), plain.model.state_dict())
+    with pytest.raises(RuntimeError, match="backend compiler failed"):  # on: no silent fallback
+        cr.train(dataclasses.replace(cfg, compile="on"), data=data)
 
 
 def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
