@@ -1609,8 +1609,9 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 where supported, else fp16 with a gradient scaler; off on CPU")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=d.compile,
-                   help=f"torch.compile the forward pass and loss (--compile alone: on). auto: on with CUDA for runs of "
-                        f"{COMPILE_AUTO_EPOCHS}+ epochs, where its 30-75 s are repaid, and off if compiling fails")
+                   help=f"torch.compile the forward pass and loss (--compile alone: on). auto: on with CUDA for "
+                        f"runs of {COMPILE_AUTO_EPOCHS}+ epochs, where its 30-75 s are repaid, and off if compiling "
+                        f"fails")
     g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default=d.cuda_graphs,
                    help="replay each full-batch training step as one CUDA graph; auto: on with CUDA unless fp16")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds weights, data order, augmentation, mixing")

@@ -633,7 +633,8 @@ def test_compile_auto_trains_on_uncompiled_when_compiling_fails(monkeypatch, cap
     monkeypatch.setattr(cr, "resolve_compile", lambda setting, device, epochs: setting != "off")
     monkeypatch.setattr(cr.torch, "compile", failing_compile)
     fallback = cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
-    assert "warning: torch.compile failed (RuntimeError: backend compiler failed); training on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: torch.compile failed (RuntimeError: backend compiler failed); training on" in err
     assert [r["train_loss"] for r in fallback.history] == [r["train_loss"] for r in plain.history]
     assert_same_tensors(fallback.model.state_dict(), plain.model.state_dict())
     with pytest.raises(RuntimeError, match="backend compiler failed"):  # on: no silent fallback

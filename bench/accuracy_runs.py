@@ -176,7 +176,8 @@ def pct(value) -> str:
 
 def report(args) -> None:
     results = [summarize(part, name, flags, args) for part, name, flags in RUNS]
-    lines = [f"Runs of `bench/accuracy_runs.py` ({'--smoke: toy size, numbers mean nothing' if args.smoke else 'real data'}), "
+    kind = "--smoke: toy size, numbers mean nothing" if args.smoke else "real data"
+    lines = [f"Runs of `bench/accuracy_runs.py` ({kind}), "
              f"report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| part | run | epochs | device | wall s | top-1 % | top-5 % | best top-1 % (epoch) | TTA top-1 % | "
              "s to 75 % (epoch) | s to 75 % with TTA |",
@@ -191,10 +192,10 @@ def report(args) -> None:
         lines.append(f"| {r['part']} | {r['name']} | {r['epochs_done']}/{r['epochs_planned']} | {r['device']} | "
                      f"{r['wall_seconds']:.0f} | {pct(r['top1'])} | {pct(r['top5'])} | "
                      f"{pct(r['best_top1'])} ({r['best_epoch']}) | {pct(r['tta_top1'])} | {to75} | {tta75} |")
-    lines += ["", "wall s: the run's elapsed_seconds (training and per-epoch evaluation from its first step, first-epoch "
-              "compilation and CUDA-graph capture included; startup and data loading before it not included). "
-              "top-1/top-5: the last epoch; best: chosen on the test set, so optimistic.", "", "Commands "
-              "(each also takes --data-dir DIR --no-download --out-dir DIR):", ""]
+    lines += ["", "wall s: the run's elapsed_seconds (training and per-epoch evaluation from its first step, "
+              "first-epoch compilation and CUDA-graph capture included; startup and data loading before it not "
+              "included). top-1/top-5: the last epoch; best: chosen on the test set, so optimistic.", "",
+              "Commands (each also takes --data-dir DIR --no-download --out-dir DIR):", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in results]
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "results.md"), "w") as f:

@@ -116,7 +116,8 @@ print("RUN_JSON " + json.dumps([{k: row[k] for k in ("train_loss", "test_top1", 
 
 def run_without_folder(name, data_dir, epochs, timeout):
     """train() at the defaults with no run folder: the same loop, no metrics.csv and no checkpoints."""
-    out, code, wall = run([sys.executable, "-c", NO_FOLDER_RUN, data_dir, str(epochs), os.path.dirname(MODULE)], timeout)
+    repo = os.path.dirname(MODULE)
+    out, code, wall = run([sys.executable, "-c", NO_FOLDER_RUN, data_dir, str(epochs), repo], timeout)
     line = next((l for l in out.splitlines() if l.startswith("RUN_JSON ")), None)
     if line is None:
         return {"name": name, "error": f"exit {code}: {out[-1500:]}"}
@@ -182,7 +183,8 @@ def main():
         elif "train_loss" in r or r.get("profile"):
             continue
         elif r["name"] == "notebook pipeline":
-            print(f"| notebook pipeline (batch 128) | {r['train_epoch_seconds']:.2f} | | {r['images_per_s']:,.0f} | 1.0 |")
+            print(f"| notebook pipeline (batch 128) | {r['train_epoch_seconds']:.2f} | | "
+                  f"{r['images_per_s']:,.0f} | 1.0 |")
         else:
             ratio = base / r["epoch_with_eval_seconds"] if base else float("nan")
             print(f"| {r['name']} | {r['train_epoch_seconds']:.3f} | {r['eval_seconds_per_10k']:.3f} | "
