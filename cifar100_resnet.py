@@ -4,6 +4,7 @@
     python cifar100_resnet.py --help                  # every flag
     python cifar100_resnet.py bench --batch-size 512 --lr 0.4   # time the training step on this device
     python cifar100_resnet.py plot runs/a runs/b      # learning curves from metrics.csv (needs matplotlib)
+    python cifar100_resnet.py eval runs/a/best.pt --tta   # test accuracy of saved weights
 
 One self-contained module (torch, torchvision, numpy): its own ResNet-18/34, the official CIFAR files read
 without running pickled code, the whole dataset resident on the training device, crop/flip/MixUp/CutMix as
@@ -311,6 +312,19 @@ class Normalizer:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(memory_format=self.memory_format).float()
         return torch.addcmul(self.shift, x, self.scale)
+
+
+def split_data(data: CifarData, config: TrainConfig) -> dict:
+    """{"train", "val", "test"}: (images, labels) as the run uses them: the first --limit-train training
+    images (all with 0), the last --val-split of those held out as "val", the first --limit-test test images."""
+    n_train = min(config.limit_train, len(data.train_images)) if config.limit_train else len(data.train_images)
+    n_test = min(config.limit_test, len(data.test_images)) if config.limit_test else len(data.test_images)
+    if config.val_split >= n_train:
+        raise UserError(f"--val-split {config.val_split} leaves no training images (have {n_train})")
+    n_fit = n_train - config.val_split
+    return {"train": (data.train_images[:n_fit], data.train_labels[:n_fit]),
+            "val": (data.train_images[n_fit:n_train], data.train_labels[n_fit:n_train]),
+            "test": (data.test_images[:n_test], data.test_labels[:n_test])}
 
 
 def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -761,19 +775,12 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.t0 = resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0)
 
-        n_train = len(data.train_images) if not config.limit_train else min(config.limit_train, len(data.train_images))
-        n_test = len(data.test_images) if not config.limit_test else min(config.limit_test, len(data.test_images))
-        if config.val_split >= n_train:
-            raise UserError(f"--val-split {config.val_split} leaves no training images (have {n_train})")
-        n_fit = n_train - config.val_split
-        def on_device(images, labels, start, end):
-            return images[start:end].to(self.device), labels[start:end].to(self.device)
-
-        self.train_images, self.train_labels = on_device(data.train_images, data.train_labels, 0, n_fit)
-        self.val_images, self.val_labels = on_device(data.train_images, data.train_labels, n_fit, n_train)
-        self.test_images, self.test_labels = on_device(data.test_images, data.test_labels, 0, n_test)
+        splits = {name: (images.to(self.device), labels.to(self.device))
+                  for name, (images, labels) in split_data(data, config).items()}
+        (self.train_images, self.train_labels), (self.val_images, self.val_labels) = splits["train"], splits["val"]
+        self.test_images, self.test_labels = splits["test"]
         self.normalize = Normalizer(data.info.mean, data.info.std, self.device, channels_last=cuda)
-        self.batches = epoch_batches(n_fit, config.batch_size)
+        self.batches = epoch_batches(len(self.train_images), config.batch_size)
 
         torch.manual_seed(config.seed)  # the model's initial weights
         self.model = build_model(config).to(self.device)
@@ -1275,6 +1282,72 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Evaluating a saved checkpoint
+
+
+def config_of(ckpt: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with (keys of other versions left out)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+
+
+def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
+                        device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
+                        batch_size: int = 1000, download: bool = True) -> dict:
+    """Test metrics (and val metrics, if the run held some out) of a checkpoint's weights, measured as the
+    training run measured them: same images (its --limit-test unless limit_test is given), same precision.
+    path: a checkpoint, or a run folder (its last.pt)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    ckpt = load_checkpoint(path)
+    config = config_of(ckpt)
+    config.device = device
+    if limit_test is not None:
+        config.limit_test = limit_test
+    dev = resolve_device(device)
+    if data is None:
+        data = load_dataset(data_dir or config.data_dir, config.dataset, download)
+    model = build_model(config)
+    model.load_state_dict(ckpt["model"])
+    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
+    normalize = Normalizer(data.info.mean, data.info.std, dev, channels_last=dev.type == "cuda")
+    amp_dtype = resolve_amp(config.amp, dev)
+    result = {"checkpoint": path, "epoch": ckpt["epoch"], "partial_epoch": ckpt.get("partial_epoch") is not None}
+    for split, (images, labels) in split_data(data, config).items():
+        if split == "test" or (split == "val" and config.val_split):
+            metrics = evaluate(model, images.to(dev), labels.to(dev), normalize, batch_size, amp_dtype, tta=tta)
+            result[split] = metrics
+    return result
+
+
+def eval_main(argv: list) -> int:
+    """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
+    p = argparse.ArgumentParser(prog="cifar100_resnet.py eval", description=eval_main.__doc__.split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
+    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's --data-dir)")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never download")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--tta", action="store_true", help="also with flip test-time augmentation")
+    p.add_argument("--limit-test", type=int, help="the first N test images (0: all; default: as the run did)")
+    p.add_argument("--batch-size", type=int, default=1000, help="images per batch")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or (args.limit_test is not None and args.limit_test < 0):
+        raise UserError("--batch-size must be at least 1 and --limit-test at least 0")
+    r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, tta=args.tta,
+                            limit_test=args.limit_test, batch_size=args.batch_size, download=args.download)
+    where = f"epoch {r['epoch']}" + (" (stopped inside the next epoch)" if r["partial_epoch"] else "")
+    for split in ("test", "val"):
+        if split in r:
+            m = r[split]
+            print(f"{r['checkpoint']}, {where}, {split} ({m['n']} images): top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} "
+                  f"loss {m['loss']:.4f}" + (f"; with flip TTA: top-1 {m['tta_top1']:.2%} top-5 {m['tta_top5']:.2%} "
+                                            f"loss {m['tta_loss']:.4f}" if args.tta else ""))
+    print("EVAL_JSON " + json.dumps(r))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Benchmark: the real training step and evaluation, timed on this device
 
 
@@ -1562,7 +1635,8 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
                      "(or the real data with --data-dir). Takes every train flag." if bench else
                      "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
                      "'cifar100_resnet.py bench [flags]' times the training step instead; "
-                     "'cifar100_resnet.py plot RUN_DIR...' draws learning curves from metrics.csv."),
+                     "'cifar100_resnet.py plot RUN_DIR...' draws learning curves from metrics.csv; "
+                     "'cifar100_resnet.py eval CHECKPOINT [--tta]' measures saved weights on the test set."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
@@ -1685,12 +1759,14 @@ def main(argv: Optional[list] = None) -> int:
     """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM)
     stopped with last.pt written."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot", "eval") else "train"
     try:
         if command == "bench":
             return bench_main(argv)
         if command == "plot":
             return plot_main(argv)
+        if command == "eval":
+            return eval_main(argv)
         args = build_parser().parse_args(argv)
         given = _given_flags(argv)
         if args.resume is not None:

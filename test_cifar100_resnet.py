@@ -728,6 +728,30 @@ def test_cli_tta_adds_columns_and_changes_nothing_else(tiny_data_dir, tmp_path):
     assert_same_tensors(model_tensors(tmp_path / "plain" / "last.pt"), model_tensors(tmp_path / "tta" / "last.pt"))
 
 
+def test_eval_of_a_checkpoint_equals_what_the_run_measured(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out, "--tta", "--val-split", "32")) == 0
+    last = metric_rows(out)[-1]
+    capsys.readouterr()
+    assert cr.main(["eval", str(out), "--tta", "--device", "cpu"]) == 0  # a run folder: its last.pt
+    printed = capsys.readouterr().out
+    r = json.loads(printed.split("EVAL_JSON ")[1])
+    assert r["epoch"] == 2 and r["checkpoint"] == str(out / "last.pt")
+    for split in ("test", "val"):
+        for key in ("loss", "top1", "top5", "tta_loss", "tta_top1", "tta_top5"):
+            assert float(last[f"{split}_{key}"]) == pytest.approx(r[split][key], rel=1e-7), (split, key)
+    assert r["test"]["n"] == 64 and r["val"]["n"] == 32
+    assert f"test (64 images): top-1 {float(last['test_top1']):.2%}" in printed and "with flip TTA" in printed
+    fewer = cr.evaluate_checkpoint(str(out / "last.pt"), data_dir=str(tiny_data_dir), device="cpu", limit_test=10)
+    assert fewer["test"]["n"] == 10 and "tta_top1" not in fewer["test"]
+
+
+def test_eval_errors_are_one_message(tmp_path, capsys):
+    assert cr.main(["eval", str(tmp_path / "nothing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint at") and err.count("\n") == 1
+
+
 def test_cli_progress_output(tiny_data_dir, tmp_path):
     args = [a for a in tiny_args(tiny_data_dir, tmp_path / "run", "--log-every", "3") if a != "--quiet"]
     r = run_cli(*args)
@@ -1203,6 +1227,9 @@ def test_accuracy_script_report_tables_every_run_with_its_command(tiny_data_dir,
             assert r["epochs_done"] == len(rows) == ar.SMOKE_EPOCHS and r["device"] == "cpu"
             assert r["top1"] == float(rows[-1]["test_top1"]) and r["wall_seconds"] == float(rows[-1]["elapsed_seconds"])
             assert r["best_top1"] == max(float(row["test_top1"]) for row in rows)
+            final = json.loads((tmp_path / "results" / f"{r['name']}_eval_tta.json").read_text())
+            assert final["epoch"] == ar.SMOKE_EPOCHS and r["tta_top1"] == final["test"]["tta_top1"]
+            assert final["test"]["top1"] == pytest.approx(r["top1"], rel=1e-7)  # eval agrees with the run
         else:
             assert r["epochs_done"] == 0 and f"| {r['name']} | 0/" in table
     assert (tmp_path / "results" / "compare_curves.png").stat().st_size > 10_000
