@@ -1219,7 +1219,8 @@ def test_accuracy_script_report_tables_every_run_with_its_command(tiny_data_dir,
                     "--results", str(tmp_path / "results"), "--smoke"]) == 0
     table = (tmp_path / "results" / "results.md").read_text()
     results = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in results] == [name for _, name, _ in ar.RUNS]
+    assert [r["name"] for r in results] == [name for _, name, _ in ar.planned_runs()]
+    assert "notebook100-nomix" in table and "--epochs 100 --no-mixup" in table
     for r in results:
         assert f"`{r['command']}`" in table
         if r["part"] == "compare":
@@ -1234,6 +1235,16 @@ def test_accuracy_script_report_tables_every_run_with_its_command(tiny_data_dir,
             assert r["epochs_done"] == 0 and f"| {r['name']} | 0/" in table
     assert (tmp_path / "results" / "compare_curves.png").stat().st_size > 10_000
     assert not (tmp_path / "results" / "short_curves.png").exists()
+
+
+def test_accuracy_script_compare_epochs_sets_epochs_and_names():
+    ar = accuracy_runs()
+    runs = ar.planned_runs(60)
+    compare = [(name, flags) for part, name, flags in runs if part == "compare"]
+    assert [name for name, _ in compare] == ["notebook60", "notebook60-nomix", "notebook60-t0-50"]
+    assert all(flags[flags.index("--epochs") + 1] == "60" for _, flags in compare)
+    assert [r for r in runs if r[0] != "compare"] == [r for r in ar.planned_runs() if r[0] != "compare"]
+    assert not any("{E}" in name or "{E}" in " ".join(flags) for _, name, flags in runs)
 
 
 def test_accuracy_script_time_to_target_is_the_first_epoch_reaching_it():

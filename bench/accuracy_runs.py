@@ -5,8 +5,8 @@
 
 Parts, each sized for one 10-minute command on an H100 (batch 512, lr 0.4 = the notebook's 0.1 x 512/128):
   short    30-epoch runs at batch 512 (the target: >= 76 % top-1), and the time to 75 % top-1
-  compare  the notebook's choices at 100 epochs each: MixUp/CutMix on vs off, its schedule (--t0 50
-           --t-mult 2) vs the default that fits whole cycles
+  compare  the notebook's choices at 100 epochs each (--compare-epochs): MixUp/CutMix on vs off, its
+           schedule (--t0 50 --t-mult 2) vs the default that fits whole cycles
   full400  the notebook's recipe for 400 epochs, the user's main job
   report   results.md (a table of every run with its command) and the learning curves of each part
 
@@ -51,14 +51,24 @@ RUNS = [  # (part, name, flags): the exact commands, in the order they run
     ("short", "plain30-smooth0.2", PLAIN + ["--epochs", "30", "--label-smoothing", "0.2"]),
     ("short", "plain30-wd1e-3", PLAIN + ["--epochs", "30", "--weight-decay", "1e-3"]),
     ("short", "plain30-zero-init", PLAIN + ["--epochs", "30", "--zero-init-residual"]),
-    # compare: notebook100 is the baseline of both comparisons
-    ("compare", "notebook100", NOTEBOOK + ["--epochs", "100"]),
-    ("compare", "notebook100-nomix", NOTEBOOK + ["--epochs", "100", "--no-mixup", "--no-cutmix"]),
-    ("compare", "notebook100-t0-50", NOTEBOOK + ["--epochs", "100", "--t0", "50", "--t-mult", "2"]),
+    # compare: notebook{E} is the baseline of both comparisons; E is --compare-epochs (100 unless given)
+    ("compare", "notebook{E}", NOTEBOOK + ["--epochs", "{E}"]),
+    ("compare", "notebook{E}-nomix", NOTEBOOK + ["--epochs", "{E}", "--no-mixup", "--no-cutmix"]),
+    ("compare", "notebook{E}-t0-50", NOTEBOOK + ["--epochs", "{E}", "--t0", "50", "--t-mult", "2"]),
     # full400: the main job at batch 512
     ("full400", "notebook400", NOTEBOOK + ["--epochs", "400"]),
 ]
 PARTS = ("short", "compare", "full400")
+COMPARE_EPOCHS = 100
+
+
+def planned_runs(compare_epochs: int = COMPARE_EPOCHS) -> list:
+    """RUNS with the compare part's epoch count filled in (in its run names too, so runs of different
+    lengths never share a folder)."""
+    def fill(text: str) -> str:
+        return text.replace("{E}", str(compare_epochs))
+
+    return [(part, fill(name), [fill(a) for a in flags]) for part, name, flags in RUNS]
 
 # --smoke: the same commands on a toy problem (flags given later win in argparse)
 SMOKE = ["--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256", "--limit-test", "128",
@@ -185,7 +195,8 @@ def pct(value) -> str:
 
 
 def report(args) -> None:
-    results = [summarize(part, name, flags, args) for part, name, flags in RUNS]
+    runs = planned_runs(args.compare_epochs)
+    results = [summarize(part, name, flags, args) for part, name, flags in runs]
     kind = "--smoke: toy size, numbers mean nothing" if args.smoke else "real data"
     lines = [f"Runs of `bench/accuracy_runs.py` ({kind}), "
              f"report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
@@ -216,7 +227,7 @@ def report(args) -> None:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print("\n".join(lines))
     for part in PARTS:  # one figure per part, of the runs it has
-        names = [name for p, name, _ in RUNS if p == part and read_rows(os.path.join(args.runs, name))]
+        names = [name for p, name, _ in runs if p == part and read_rows(os.path.join(args.runs, name))]
         if names:
             out = os.path.join(args.results, f"{part}_curves.png")
             p = subprocess.run([sys.executable, MODULE, "plot", *[os.path.join(args.runs, n) for n in names],
@@ -232,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=None, help="where the small files and the report go (default: --runs)")
     ap.add_argument("--budget", type=float, default=float("inf"),
                     help="seconds; a run still going then is stopped with last.pt written, to resume later")
+    ap.add_argument("--compare-epochs", type=int, default=COMPARE_EPOCHS,
+                    help="epochs of each compare run (fewer, to fit beside the short part in one session)")
     ap.add_argument("--min-start", type=float, default=60, help="start no run with fewer seconds of --budget left")
     ap.add_argument("--smoke", action="store_true", help="toy size on the CPU, to test this script")
     args = ap.parse_args(argv)
@@ -241,7 +254,7 @@ def main(argv=None) -> int:
     for part in args.parts:
         if part == "report":
             continue
-        for run_part, name, flags in RUNS:
+        for run_part, name, flags in planned_runs(args.compare_epochs):
             if run_part == part:
                 status[name] = run_one(name, flags, args, deadline)
                 print(f"{name}: {status[name]}", flush=True)
