@@ -128,7 +128,7 @@ def run_one(name: str, flags: list, args, deadline: float) -> str:
                 proc.wait()
                 break
             time.sleep(0.5)
-    if proc.returncode == 0:  # the final weights once more, with flip TTA too (a second or two)
+    if proc.returncode == 0 and "--tta" not in flags:  # the final weights with flip TTA (a few seconds)
         ev = subprocess.run([sys.executable, MODULE, "eval", run_dir, "--tta", "--no-download", "--data-dir",
                              args.data_dir, *(["--device", "cpu"] if args.smoke else [])],
                             capture_output=True, text=True)
