@@ -820,6 +820,21 @@ def test_cli_ctrl_c_or_sigterm_writes_last_pt_and_resume_finishes_the_run(tiny_d
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > done
 
 
+def test_a_run_of_version_0_1_resumes(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out, "--epochs", "3", "--compile", "off")) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["version"], ckpt["epoch"] = "0.1.0", 2  # as 0.1.0 wrote it: compile a bool, no tta or zero_init_residual
+    ckpt["config"]["compile"] = False
+    del ckpt["config"]["tta"], ckpt["config"]["zero_init_residual"]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(ckpt, old / "last.pt")
+    branch = tmp_path / "branch"
+    assert cr.main(tiny_args(tiny_data_dir, branch, "--epochs", "3", "--resume", str(old / "last.pt"))) == 0
+    assert [int(r["epoch"]) for r in metric_rows(branch)] == [3]
+
+
 def test_seed_determinism(tiny_data_dir, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, tmp_path / name, "--seed", str(seed)))
