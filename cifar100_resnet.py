@@ -159,6 +159,12 @@ class TrainConfig:
         if isinstance(self.compile, bool):  # compile=True/False, as in library code and checkpoints before 0.2
             self.compile = "on" if self.compile else "off"
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The settings among `values` (parsed flags, a checkpoint's config); other keys are left out."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
     def validate(self) -> None:
         """Raise UserError naming the first invalid setting."""
         checks = [
@@ -1285,12 +1291,6 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
 # Evaluating a saved checkpoint
 
 
-def config_of(ckpt: dict) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with (keys of other versions left out)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
-
-
 def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
                         device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
                         batch_size: int = 1000, download: bool = True) -> dict:
@@ -1300,7 +1300,7 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     ckpt = load_checkpoint(path)
-    config = config_of(ckpt)
+    config = TrainConfig.from_dict(ckpt["config"])
     config.device = device
     if limit_test is not None:
         config.limit_test = limit_test
@@ -1313,10 +1313,10 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     normalize = Normalizer(data.info.mean, data.info.std, dev, channels_last=dev.type == "cuda")
     amp_dtype = resolve_amp(config.amp, dev)
     result = {"checkpoint": path, "epoch": ckpt["epoch"], "partial_epoch": ckpt.get("partial_epoch") is not None}
-    for split, (images, labels) in split_data(data, config).items():
-        if split == "test" or (split == "val" and config.val_split):
-            metrics = evaluate(model, images.to(dev), labels.to(dev), normalize, batch_size, amp_dtype, tta=tta)
-            result[split] = metrics
+    splits = split_data(data, config)
+    for split in ("test", "val") if config.val_split else ("test",):
+        images, labels = splits[split]
+        result[split] = evaluate(model, images.to(dev), labels.to(dev), normalize, batch_size, amp_dtype, tta=tta)
     return result
 
 
@@ -1426,12 +1426,13 @@ def profile_epoch(trainer: "Trainer", top: int = 12) -> dict:
             if seconds > 0:
                 times[event.key] = times.get(event.key, 0.0) + seconds
     total = sum(times.values()) or 1.0
+    group_of = {name: profile_group(name) for name in times}
     groups = {}
     for name, seconds in times.items():
-        groups[profile_group(name)] = groups.get(profile_group(name), 0.0) + seconds
+        groups[group_of[name]] = groups.get(group_of[name], 0.0) + seconds
     return {"measured": "GPU kernel time" if cuda else "CPU operator self time", "total_seconds": total,
             "groups": {g: {"seconds": t, "share": t / total} for g, t in sorted(groups.items(), key=lambda x: -x[1])},
-            "top": [{"name": n, "group": profile_group(n), "seconds": t, "share": t / total}
+            "top": [{"name": n, "group": group_of[n], "seconds": t, "share": t / total}
                     for n, t in sorted(times.items(), key=lambda x: -x[1])[:top]]}
 
 
@@ -1718,8 +1719,7 @@ def _given_flags(argv: list, bench: bool = False) -> dict:
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return TrainConfig.from_dict(vars(args))
 
 
 def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, str]:
@@ -1740,7 +1740,7 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
         raise UserError(f"a resumed run keeps its settings; these differ: {flags}")
     saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
     saved["out_dir"] = out_dir
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    config = TrainConfig.from_dict(saved)
 
     folder = RunFolder(out_dir)
     last = os.path.join(out_dir, "last.pt")

@@ -70,6 +70,7 @@ def planned_runs(compare_epochs: int = COMPARE_EPOCHS) -> list:
 
     return [(part, fill(name), [fill(a) for a in flags]) for part, name, flags in RUNS]
 
+
 # --smoke: the same commands on a toy problem (flags given later win in argparse)
 SMOKE = ["--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256", "--limit-test", "128",
          "--batch-size", "32", "--eval-batch-size", "128", "--log-every", "0"]
@@ -80,8 +81,8 @@ KEPT_FILES = ("metrics.csv", "config.json", "train.log", "eval_tta.json")
 def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool) -> list:
     flags = list(flags)
     if smoke:  # fewer epochs (and warm-up to match), no compilation, a toy model and data
-        at = flags.index("--compile") if "--compile" in flags else None
-        if at is not None:
+        if "--compile" in flags:
+            at = flags.index("--compile")
             del flags[at:at + 2]
         for flag, value in (("--epochs", SMOKE_EPOCHS), ("--warmup-epochs", 1)):
             if flag in flags:
@@ -92,7 +93,7 @@ def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool)
 
 
 def planned_epochs(cmd: list) -> int:
-    return int(cmd[len(cmd) - 1 - cmd[::-1].index("--epochs") + 1])
+    return int(cmd[cmd.index("--epochs") + 1])
 
 
 def read_rows(run_dir: str) -> list:
@@ -172,11 +173,17 @@ def summarize(part: str, name: str, flags: list, args) -> dict:
     if not rows:
         return result
     config_path = os.path.join(run_dir, "config.json")
-    config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+    config = {}
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
     last = rows[-1]
     best = max(rows, key=lambda r: float(r["test_top1"]))
     eval_path = os.path.join(run_dir, "eval_tta.json")
-    final = json.load(open(eval_path))["test"] if os.path.exists(eval_path) else {}
+    final = {}
+    if os.path.exists(eval_path):
+        with open(eval_path) as f:
+            final = json.load(f)["test"]
     epoch75, seconds75 = first_reaching(rows, "test_top1", 0.75)
     tta_epoch75, tta_seconds75 = first_reaching(rows, "test_tta_top1", 0.75)
     result.update(

@@ -95,12 +95,16 @@ def training_run(name, data_dir, flags, timeout):
         return {"name": name, "error": f"exit {code}: {out[-1500:]}"}
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    elapsed = [float(r["elapsed_seconds"]) for r in rows]
-    return {"name": name, "flags": flags, "wall_seconds": wall,
-            "train_loss": [float(r["train_loss"]) for r in rows], "test_top1": [float(r["test_top1"]) for r in rows],
-            "epoch_seconds": [float(r["epoch_seconds"]) for r in rows],
-            # steady state: from the end of epoch 1 (warm-up, capture) to the end, checkpoints included
-            "steady_epoch_seconds": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else None}
+    return {"name": name, "flags": flags, "wall_seconds": wall, **per_epoch(rows)}
+
+
+def per_epoch(rows):
+    """The columns a real-data run reports, from its metrics rows (metrics.csv or train()'s history)."""
+    column = {k: [float(r[k]) for r in rows] for k in ("train_loss", "test_top1", "epoch_seconds", "elapsed_seconds")}
+    elapsed = column.pop("elapsed_seconds")
+    # steady state: from the end of epoch 1 (warm-up, capture) to the end, checkpoints included (if written)
+    column["steady_epoch_seconds"] = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else None
+    return column
 
 
 NO_FOLDER_RUN = """
@@ -115,17 +119,14 @@ print("RUN_JSON " + json.dumps([{k: row[k] for k in ("train_loss", "test_top1", 
 
 
 def run_without_folder(name, data_dir, epochs, timeout):
-    """train() at the defaults with no run folder: the same loop, no metrics.csv and no checkpoints."""
+    """train() as --epochs 400 runs at the defaults (compile on), with no run folder: the same loop, no
+    metrics.csv and no checkpoints."""
     repo = os.path.dirname(MODULE)
     out, code, wall = run([sys.executable, "-c", NO_FOLDER_RUN, data_dir, str(epochs), repo], timeout)
     line = next((l for l in out.splitlines() if l.startswith("RUN_JSON ")), None)
     if line is None:
         return {"name": name, "error": f"exit {code}: {out[-1500:]}"}
-    rows = json.loads(line[len("RUN_JSON "):])
-    elapsed = [r["elapsed_seconds"] for r in rows]
-    return {"name": name, "wall_seconds": wall, "train_loss": [r["train_loss"] for r in rows],
-            "test_top1": [r["test_top1"] for r in rows], "epoch_seconds": [r["epoch_seconds"] for r in rows],
-            "steady_epoch_seconds": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else None}
+    return {"name": name, "wall_seconds": wall, **per_epoch(json.loads(line[len("RUN_JSON "):]))}
 
 
 def main():
