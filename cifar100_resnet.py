@@ -956,6 +956,7 @@ class Trainer:
         check_architecture(ckpt, self.config)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])  # new momentum tensors: a captured graph is stale
+        _match_param_layout(self.optimizer)
         self.captured, self.eager_steps = None, 0
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -974,6 +975,16 @@ class Trainer:
             self.data_rng.manual_seed(self.config.seed + 1 + 1000003 * self.epoch)
             partial = None
         self.partial = partial
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded momentum buffer its parameter's memory layout. Checkpoints hold contiguous tensors
+    (snapshots from CUDA are copied contiguous; a CPU run has no channels_last), while on CUDA the weights
+    are channels_last, and fused SGD refuses buffers whose strides differ from their parameter's."""
+    for param, state in optimizer.state.items():
+        buffer = state.get("momentum_buffer")
+        if buffer is not None and buffer.stride() != param.stride():
+            state["momentum_buffer"] = torch.empty_like(param).copy_(buffer)
 
 
 def check_architecture(ckpt: dict, config: TrainConfig) -> None:

@@ -683,6 +683,27 @@ def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
     assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in a] == [[r[k] for k in DETERMINISTIC_COLUMNS] for r in b]
 
 
+def test_resumed_momentum_buffers_take_their_parameters_layout():
+    # Found on an H100: a checkpoint holds contiguous momentum buffers while CUDA weights are channels_last,
+    # and fused CUDA SGD refused the resumed run's first step (CPU SGD accepts both, so check the layout).
+    data = synthetic_data(n_train=64, n_test=32)
+    config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=1, batch_size=32, device="cpu",
+                            quiet=True)
+    trainer = cr.Trainer(config, data)
+    trainer.train_epoch()
+    ckpt = trainer.state_dict()
+    resumed = cr.Trainer(config, data)
+    resumed.model.to(memory_format=torch.channels_last)  # the layout Trainer gives the weights on CUDA
+    resumed.load_state_dict(ckpt)
+    convs = [p for p in resumed.model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    saved = ckpt["optimizer"]["state"]  # keyed by parameter index, in model.parameters() order
+    for i, param in enumerate(resumed.model.parameters()):
+        buffer = resumed.optimizer.state[param]["momentum_buffer"]
+        assert buffer.stride() == param.stride()
+        assert torch.equal(buffer, saved[i]["momentum_buffer"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The command line, end to end on a tiny dataset in the official layout
 
