@@ -801,6 +801,9 @@ class Trainer:
         # dynamic=False: the last, smaller batch gets its own specialised graph instead of turning every
         # batch size into a symbol (slower kernels)
         self.use_compile = resolve_compile(config.compile, self.device, config.epochs)
+        if self.use_compile and self.device.type == "cpu":
+            warn("--compile on the CPU is not what it is for and not trusted: with torch 2.14 on an AMD EPYC it "
+                 "computed a wrong weight gradient for the strided 1x1 shortcut convolutions (eager is right)")
         self.forward_loss = torch.compile(self._forward_loss, dynamic=False) if self.use_compile else self._forward_loss
         # under --compile auto the first compiled step is a trial: if compiling fails, train on without it
         self.compile_on_trial = self.use_compile and config.compile == "auto"

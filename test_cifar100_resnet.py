@@ -641,9 +641,24 @@ def test_compile_auto_trains_on_uncompiled_when_compiling_fails(monkeypatch, cap
         cr.train(dataclasses.replace(cfg, compile="on"), data=data)
 
 
+def inductor_cpu_strided_1x1_conv_grad_is_wrong() -> bool:
+    """torch 2.14.1's inductor on some CPUs (seen on an AMD EPYC) gets the weight gradient of a stride-2 1x1
+    convolution wrong, far beyond rounding, while eager matches a hand computation."""
+    w = torch.randn(8, 4, 1, 1, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (F.conv2d, torch.compile(F.conv2d, dynamic=False)):
+        (g,) = torch.autograd.grad(fn(x, w, stride=2).square().mean(), w)
+        grads.append(g)
+    return not torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_step_matches_eager_step_on_cpu():
     # the compiled forward and loss (inductor; ~30 s of compiling on 2 cores) against eager, from the same
     # weights on the same mixed batch: loss and every gradient agree to float32 rounding
+    if inductor_cpu_strided_1x1_conv_grad_is_wrong():
+        pytest.xfail(f"torch {torch.__version__}'s inductor computes a wrong gradient for a stride-2 1x1 conv on "
+                     f"this CPU (a torch bug; eager is right): compiled and eager cannot agree here")
     cfg = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=1, batch_size=32, device="cpu",
                          quiet=True, log_every=0)
     data = synthetic_data(n_train=80, n_test=16)  # 2 full batches and a partial one (its own compiled graph)
