@@ -27,16 +27,19 @@ __version__ = "0.2.0"
 import argparse
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -100,7 +103,12 @@ class DataError(UserError):
 
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; the last good checkpoint is kept. Exit code 1."""
+    """The loss, the weights or the evaluation became NaN or infinite. Exit code 1; no checkpoint holds them."""
+
+
+class WriteFailed(Exception):
+    """A run file could not be written (a full disk, a vanished folder). Exit code 1; the files committed
+    before it are intact and the run resumes from them."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,7 +175,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise UserError naming the first invalid setting."""
+        self._check_types()
         checks = [
+            (self.out_dir is None or self.out_dir.strip() != "", "--out-dir must name a folder, got ''"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}"),
@@ -199,12 +209,28 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (a saved config.json or checkpoint may hold anything)."""
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default), (str,))
+            if f.name == "t0":
+                expected = (int, float)
+            ok = (value is None and default is None) or (
+                isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected))
+            if not ok:
+                raise UserError(f"setting {f.name} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
         device = resolve_device(self.device)  # raises UserError for an unknown or absent device
         resolve_cuda_graphs(self.cuda_graphs, device, resolve_amp(self.amp, device))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: a reader of the official "python version" files that cannot be made to run code
+
+
+class _RefusedObject(pickle.UnpicklingError):
+    """A pickle names a class or function outside the CIFAR format."""
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -219,7 +245,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR format")
+            raise _RefusedObject(f"{module}.{name}")
         if module.startswith(("numpy.core.", "numpy._core.")):  # numpy 2 renamed numpy.core to numpy._core
             submodule = module.split(".", 2)[2]
             module = ("numpy._core." if hasattr(np, "_core") else "numpy.core.") + submodule
@@ -230,9 +256,14 @@ def _read_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedObject as e:
+        raise DataError(f"{path} is refused: it would load {e}, which is not part of the CIFAR format (a "
+                        f"pickle can run code)") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not a readable CIFAR file ({type(e).__name__}: {e})") from None
+            UnicodeDecodeError, MemoryError):
+        raise DataError(f"{path} is not a CIFAR python file (truncated, or not the official pickle)") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a readable CIFAR file (holds {type(obj).__name__}, not dict)")
     return obj
@@ -292,11 +323,15 @@ def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True
         if download:
             from torchvision.datasets.utils import download_and_extract_archive  # only needed here
 
+            created = not os.path.exists(data_dir)
             try:
                 download_and_extract_archive(info.url, download_root=data_dir, md5=info.archive_md5)
                 reason = ""
             except Exception as e:  # no network, a proxy page, a bad md5, a full disk: all end the same way
-                reason = f"download failed ({type(e).__name__}: {e})"
+                first_line = (str(e).strip().splitlines() or [""])[0][:160]
+                reason = f"download failed ({type(e).__name__}: {first_line})"
+                if created:  # leave no empty or half-filled folder behind
+                    shutil.rmtree(data_dir, ignore_errors=True)
         missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             raise DataError(
@@ -816,6 +851,8 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.partial: Optional[EpochState] = None  # set while an epoch is interrupted
         self.best: dict = {"metric": "val_top1" if config.val_split else "test_top1", "value": -1.0, "epoch": 0}
+        self.history: list = []  # one metrics row per completed epoch: metrics.csv is written from it
+        self.run_id: Optional[str] = None  # names the run a checkpoint belongs to (set by train())
 
     def _forward_loss(self, x, labels_a, labels_b, lam):
         # no autocast weight cache: each weight is cast once per step anyway, and a cache breaks graph replay
@@ -929,9 +966,16 @@ class Trainer:
     def _check_finite(self, state: EpochState) -> None:
         bad = int(state.first_bad_step)
         if bad >= 0:
-            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} "
-                                   f"(lr {learning_rate(self.epoch + bad / self.steps_per_epoch, self.config, self.t0):.4g}); "
-                                   f"stopped, the last good checkpoint is kept")
+            lr = learning_rate(self.epoch + bad / self.steps_per_epoch, self.config, self.t0)
+            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} (lr {lr:.4g})")
+
+    def check_weights_finite(self, where: str) -> None:
+        """Raise TrainingDiverged unless every weight and buffer (BatchNorm statistics too) is finite."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):  # one host sync
+            bad = next(name for name, t in self.model.state_dict().items()
+                       if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+            raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
     def evaluate(self, split: str = "test") -> dict:
         images, labels = (self.test_images, self.test_labels) if split == "test" else (self.val_images, self.val_labels)
@@ -945,9 +989,10 @@ class Trainer:
         if self.partial is not None:
             partial = dataclasses.asdict(self.partial)
         return {
-            "format": "cifar100_resnet", "version": __version__,
+            "format": "cifar100_resnet", "version": __version__, "run_id": self.run_id,
             "config": dataclasses.asdict(self.config),
             "epoch": self.epoch, "partial_epoch": partial, "best": dict(self.best),
+            "history": [dict(row) for row in self.history],
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -955,15 +1000,16 @@ class Trainer:
                     "data_device": self.device.type},
         }
 
-    def load_state_dict(self, ckpt: dict) -> None:
+    def load_state_dict(self, ckpt: dict, path: str = "the checkpoint") -> None:
         check_architecture(ckpt, self.config)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])  # new momentum tensors: a captured graph is stale
         _match_param_layout(self.optimizer)
         self.captured, self.eager_steps = None, 0
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.best = int(ckpt["epoch"]), dict(ckpt["best"])
+        self.history = [dict(row) for row in ckpt.get("history", [])]  # checkpoints before 0.3: see train()
         self.mix_rng.set_state(ckpt["rng"]["mix"])
         partial = ckpt.get("partial_epoch")
         if ckpt["rng"]["data_device"] == self.device.type:
@@ -1003,36 +1049,263 @@ def check_architecture(ckpt: dict, config: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run folder: config.json, metrics.csv (a row per epoch, flushed at once), atomic checkpoints
+# Run folder: last.pt is the commit point; best.pt, ckpt_ep{N}.pt and metrics.csv are derived from it
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "val_loss", "val_top1",
                   "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds",
                   "test_tta_loss", "test_tta_top1", "test_tta_top5", "val_tta_loss", "val_tta_top1", "val_tta_top5"]
-RUN_FILES = ("config.json", "metrics.csv", "last.pt")
+RUN_FILES = ("config.json", "last.pt")  # a folder holding either holds a run
+TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
+FAULT_PAUSE_ENV = "CIFAR100_RESNET_FAULT_PAUSE"  # for the fault tests: see _fault_point
+WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model")  # what best.pt keeps
+STATE_KEYS = WEIGHT_KEYS + ("partial_epoch", "optimizer", "rng")  # and what resuming needs besides
+
+
+def _fault_point(label: str) -> None:
+    """With $CIFAR100_RESNET_FAULT_PAUSE set (seconds), announce each step of a write on stderr and pause
+    there, so that a test can kill the process exactly inside it. Nothing otherwise."""
+    pause = os.environ.get(FAULT_PAUSE_ENV)
+    if pause:
+        print(f"fault point: {label}", file=sys.stderr, flush=True)
+        time.sleep(float(pause))
+
+
+def _serialize(obj, f) -> None:
+    if isinstance(obj, str):
+        f.write(obj.encode())
+    else:
+        torch.save(obj, f)
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.{os.getpid()}.{time.monotonic_ns()}.partial")
+    """Write `obj` (a str, or anything torch.save takes) to a temporary file beside `path`, fsync it, rename it
+    over `path` and fsync the folder: whatever happens, `path` holds its old content or the whole new one.
+    An OSError (a full disk) becomes WriteFailed naming `path`; the temporary file is removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
     try:
-        with open(tmp, "xb") as f:  # honours the umask, unlike mkstemp's 0600
-            if isinstance(obj, (bytes, str)):
-                f.write(obj.encode() if isinstance(obj, str) else obj)
-            else:
-                torch.save(obj, f)
+        with open(tmp, "wb") as f:  # honours the umask, unlike mkstemp's 0600
+            _fault_point(f"opened {name}")
+            _serialize(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _fault_point(f"written {name}")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync_folder(folder)
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise WriteFailed(f"could not write {path}: {e.strerror or e}") from None
         raise
+    _fault_point(f"renamed {name}")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str, full: bool = True) -> dict:
+    """Load a checkpoint written by this module and check its structure: every key a resume needs (full) or
+    the weights' keys (best.pt). torch.load runs with weights_only: a crafted file cannot run code."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: never do that with it
+        raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, which "
+                        f"a checkpoint of this module never does (loading them could run code)") from None
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
+        raise UserError(f"{path} is not a cifar100_resnet checkpoint")
+    needed = {"config": dict, "epoch": int, "best": dict, "model": dict}
+    if full:
+        needed.update(optimizer=dict, rng=dict, partial_epoch=(dict, type(None)))
+    missing = [k for k, kind in needed.items() if not isinstance(ckpt.get(k, ...), kind)]
+    if not missing and not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        missing = ["the tensors of 'model'"]
+    if missing:
+        raise UserError(f"{path} is not a complete cifar100_resnet checkpoint: {', '.join(missing)} missing or "
+                        f"malformed")
+    if full and not {"data", "mix", "data_device"} <= set(ckpt["rng"]):
+        raise UserError(f"{path} is not a complete cifar100_resnet checkpoint: 'rng' lacks its generator states")
+    return ckpt
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
+    """model.load_state_dict(ckpt["model"]), with one line naming the first difference instead of a dump."""
+    ours, theirs = model.state_dict(), ckpt["model"]
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in theirs or name not in ours:
+            where = "missing from" if name not in theirs else "unexpected in"
+            raise UserError(f"the weights in {path} do not fit their own config: {name} {where} the checkpoint")
+        if ours[name].shape != theirs[name].shape:
+            raise UserError(f"the weights in {path} do not fit their own config: {name} has shape "
+                            f"{tuple(theirs[name].shape)}, the model built from it {tuple(ours[name].shape)}")
+    model.load_state_dict(theirs)
+
+
+def metrics_text(history: list) -> str:
+    """metrics.csv: a header and one row per epoch (floats to 8 significant digits)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def derived_files(state: dict) -> list:
+    """[(name, content)] of the files written after last.pt from the same state: best.pt when this epoch is
+    the best so far, ckpt_ep{N}.pt when due, and metrics.csv (from the state's history)."""
+    files = []
+    if state["partial_epoch"] is None and state["epoch"] > 0:
+        if state["best"]["epoch"] == state["epoch"]:
+            files.append(("best.pt", {k: state[k] for k in WEIGHT_KEYS}))
+        every = state["config"]["checkpoint_every"]
+        if every and state["epoch"] % every == 0:
+            files.append((f"ckpt_ep{state['epoch']}.pt", state))
+    files.append(("metrics.csv", metrics_text(state["history"])))
+    return files
+
+
+class RunFolder:
+    """The files of one run, and the order they are written in.
+
+    last.pt is the commit point: every other file derives from it (best.pt and ckpt_ep{N}.pt are parts or
+    copies of it, metrics.csv is its history) and is written after it. Each write is atomic. So after a
+    kill or a full disk at any moment, last.pt is whole, and repair() rebuilds from it whatever was left
+    unwritten. One process at a time: open() takes a lock on the folder (POSIX).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.committed: Optional[tuple] = None  # (epoch, step inside the next epoch) of the last last.pt written
+        self._lock_fd: Optional[int] = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def holds_run(self) -> bool:
+        return any(os.path.exists(self.file(f)) for f in RUN_FILES)
+
+    def saved_config(self) -> Optional[dict]:
+        path = self.file("config.json")
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not readable JSON ({type(e).__name__})") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{path} does not hold a run's settings")
+        return saved
+
+    def run_identity(self):
+        """Which run this folder holds: config.json's run_id (runs before 0.3: the folder itself)."""
+        saved = self.saved_config() or {}
+        return saved.get("run_id") or ("folder", os.path.realpath(self.path))
+
+    def check_writable(self) -> None:
+        """Refuse a folder that cannot be created or written, before anything is created."""
+        path = os.path.abspath(self.path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"--out-dir {self.path} is a file, not a folder")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to --out-dir {self.path}: {parent} is not a writable folder")
+
+    def open(self) -> None:
+        """Create the folder, lock it, and remove temporary files that a killed process left in it."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out-dir {self.path}: {e.strerror or e}") from None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            fcntl = None
+        if fcntl is not None:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UserError(f"another process is writing to --out-dir {self.path}") from None
+            self._lock_fd = fd
+        for name in os.listdir(self.path):
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                os.remove(self.file(name))
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def write_config(self, record: dict) -> None:
+        atomic_save(json.dumps(record, indent=2) + "\n", self.file("config.json"))
+
+    def commit(self, state: dict) -> None:
+        """last.pt, then the files derived from it."""
+        atomic_save(state, self.file("last.pt"))
+        self.committed = (state["epoch"], (state["partial_epoch"] or {}).get("step", 0))
+        for name, content in derived_files(state):
+            atomic_save(content, self.file(name))
+
+    def repair(self, state: dict) -> list:
+        """Write the derived files of `state` (last.pt's content) that are missing or stale; returns their names."""
+        self.committed = (state["epoch"], (state["partial_epoch"] or {}).get("step", 0))
+        written = []
+        for name, content in derived_files(state):
+            path = self.file(name)
+            if os.path.exists(path):
+                if name == "metrics.csv":
+                    with open(path, newline="") as f:
+                        if f.read() == content:
+                            continue
+                elif torch.load(path, map_location="cpu", weights_only=True).get("epoch") == state["epoch"]:
+                    continue
+            atomic_save(content, path)
+            written.append(name)
+        return written
+
+    def on_disk(self) -> str:
+        """What a resume would continue from, in words."""
+        if self.committed is None:
+            return f"no checkpoint was written to {self.path}"
+        epoch, step = self.committed
+        return f"{self.file('last.pt')} holds epoch {epoch}" + (f" and {step} steps of the next" if step else "")
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread, so the next epoch starts while last.pt (170 MB for
-    ResNet-34 with its momentum) goes to disk. wait() re-raises a failed write.
+    """Commits the run's state on a background thread, so the next epoch starts while last.pt (170 MB for
+    ResNet-34 with its momentum) goes to disk. wait() re-raises a failed write; `failed` says so at once.
 
     snapshot() first copies the state to CPU memory. From a CUDA device the copies go into page-locked
     buffers, kept from one checkpoint to the next, and are queued on the current stream without waiting:
@@ -1047,6 +1320,10 @@ class CheckpointWriter:
         self._copies_done: Optional[torch.cuda.Event] = None
         self._cuda_device: Optional[torch.device] = None
 
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def snapshot(self, state):
         """A CPU copy of a (nested) state dict that training cannot change. It shares buffers with the next
         snapshot, so submit it (or drop it) before taking another."""
@@ -1056,6 +1333,13 @@ class CheckpointWriter:
         if self._cuda_device is not None:
             self._copies_done = torch.cuda.Event()
             self._copies_done.record(torch.cuda.current_stream(self._cuda_device))
+        return copy
+
+    def cpu_state(self, state):
+        """A snapshot that has landed: for writes on the calling thread."""
+        copy = self.snapshot(state)
+        if self._copies_done is not None:
+            self._copies_done.synchronize()
         return copy
 
     def _copy(self, obj, key: tuple):
@@ -1076,19 +1360,18 @@ class CheckpointWriter:
             return type(obj)(self._copy(v, key + (i,)) for i, v in enumerate(obj))
         return obj
 
-    def submit(self, files: list) -> None:
-        """files: [(a snapshot() or other CPU object, path), ...], written in order, each atomically."""
+    def submit(self, write: Callable[[], None]) -> None:
+        """Run write() on the writer thread, after the copies of the last snapshot have landed."""
         self.wait()
         copies_done, self._copies_done = self._copies_done, None
-        self._thread = threading.Thread(target=self._write, args=(files, copies_done), name="checkpoint-writer")
+        self._thread = threading.Thread(target=self._write, args=(write, copies_done), name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, files: list, copies_done: Optional[torch.cuda.Event]) -> None:
+    def _write(self, write: Callable[[], None], copies_done: Optional[torch.cuda.Event]) -> None:
         try:
             if copies_done is not None:
                 copies_done.synchronize()
-            for obj, path in files:
-                atomic_save(obj, path)
+            write()
         except BaseException as e:  # handed to the training thread by wait()
             self._error = e
 
@@ -1098,76 +1381,7 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise UserError(f"could not write a checkpoint: {error}")
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by this module (weights_only: a crafted file cannot run code)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
-        raise UserError(f"{path} is not a cifar100_resnet checkpoint")
-    return ckpt
-
-
-def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _format_row(row: dict) -> dict:
-    return {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
-
-
-class RunFolder:
-    """The files of one run. Refuses a folder that holds another run unless resuming."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.metrics_path = os.path.join(path, "metrics.csv")
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def holds_run(self) -> bool:
-        return any(os.path.exists(self.file(f)) for f in RUN_FILES)
-
-    def prepare(self) -> None:
-        """Create the folder and prove it writable before any training time is spent."""
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot write to --out-dir {self.path}: {e.strerror or e}") from None
-
-    def write_config(self, config: TrainConfig, extra: dict) -> None:
-        atomic_save(json.dumps({**dataclasses.asdict(config), **extra}, indent=2) + "\n", self.file("config.json"))
-
-    def keep_metrics_through(self, epoch: int, source: Optional[str] = None) -> None:
-        """Make metrics.csv hold exactly the rows of epochs 1..epoch (from `source`, default its own)."""
-        rows = [r for r in read_metrics(source or self.metrics_path) if int(r["epoch"]) <= epoch]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_save(buf.getvalue(), self.metrics_path)
-
-    def append_metrics(self, row: dict) -> None:
-        new = not os.path.exists(self.metrics_path)
-        with open(self.metrics_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow(_format_row({k: row.get(k, "") for k in METRIC_COLUMNS}))
-            f.flush()
-            os.fsync(f.fileno())
+            raise error
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1193,10 +1407,54 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
+def _position(ckpt: dict) -> tuple:
+    return ckpt["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
+
+
+def _resume_source(resume: str, folder: Optional[RunFolder]):
+    """(checkpoint or None, its path, run identity) of what `resume` names: a checkpoint file, or a run folder
+    (its last.pt; a run stopped before its first checkpoint starts again from its config.json)."""
+    if os.path.isdir(resume):
+        source = RunFolder(resume)
+        last = source.file("last.pt")
+        if os.path.exists(last):
+            resume = last
+        elif source.saved_config() is not None:
+            if folder is None or os.path.realpath(folder.path) != os.path.realpath(resume):
+                raise UserError(f"{resume} holds a run stopped before its first checkpoint: nothing to branch from")
+            return None, None, source.run_identity()
+        else:
+            raise UserError(f"{resume} holds no run to resume (no last.pt or config.json)")
+    ckpt = load_checkpoint(resume)
+    identity = ckpt.get("run_id") or ("folder", os.path.realpath(os.path.dirname(os.path.abspath(resume))))
+    return ckpt, resume, identity
+
+
+def _check_resume_target(folder: RunFolder, ckpt: Optional[dict], path: Optional[str], identity) -> bool:
+    """Refuse to continue a checkpoint in a folder that holds another run, or a later part of the same run.
+    Returns True when the checkpoint branches off into a folder of its own (a new run)."""
+    if not folder.holds_run():
+        return ckpt is not None and os.path.realpath(os.path.dirname(os.path.abspath(path))) != \
+            os.path.realpath(folder.path)
+    if folder.run_identity() != identity:
+        raise UserError(f"--out-dir {folder.path} holds another run; a run folder is only continued by its own "
+                        f"run: pass an empty --out-dir to branch off {path}")
+    last = folder.file("last.pt")
+    if ckpt is not None and os.path.exists(last) and os.path.realpath(last) != os.path.realpath(path):
+        later = load_checkpoint(last)
+        if _position(later) > _position(ckpt):
+            raise UserError(f"{folder.path} already holds epochs up to {later['epoch']}; resuming from epoch "
+                            f"{ckpt['epoch']} there would overwrite them: pass another --out-dir to branch off")
+    return False
+
+
 def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
           resume: Optional[str] = None, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
-    """Train per `config`; with config.out_dir, write the run folder (and resume from `resume`, a checkpoint).
+    """Train per `config`; with config.out_dir, write the run folder.
 
+    resume: a checkpoint to continue (into config.out_dir: the folder it came from, or an empty one to branch
+    off), or a run folder to continue (its last.pt; a run stopped before its first checkpoint starts again).
+    Nothing is created before the settings, the checkpoint and the data have been read and checked.
     should_stop() is polled after every step; when it returns True, last.pt is written at that exact
     position (mid-epoch) and the result says interrupted.
     """
@@ -1204,15 +1462,19 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     if config.quiet:
         log = lambda message: None  # noqa: E731
     folder = RunFolder(config.out_dir) if config.out_dir else None
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt, identity, branched = None, None, False
+    if resume:
+        ckpt, path, identity = _resume_source(resume, folder)
+        if ckpt is not None:
+            check_architecture(ckpt, config)
+        if folder:
+            branched = _check_resume_target(folder, ckpt, path, identity)
+    elif folder and folder.holds_run():
+        raise UserError(f"--out-dir {folder.path} holds another run; pass --resume to continue it (a run stopped "
+                        f"before its first checkpoint starts again with its saved settings), or choose another "
+                        f"--out-dir")
     if folder:
-        if ckpt is None and folder.holds_run():
-            raise UserError(f"--out-dir {folder.path} holds another run; pass --resume to continue it, "
-                            f"or choose another --out-dir")
-        folder.prepare()
-    if ckpt is not None:
-        check_architecture(ckpt, config)
-
+        folder.check_writable()
     if data is None:
         data = load_dataset(config.data_dir, config.dataset, config.download)
     device = resolve_device(config.device)
@@ -1220,48 +1482,77 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     trainer = Trainer(config, data, log)
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
+        trainer.load_state_dict(ckpt, path)
+        if "history" not in ckpt:  # a checkpoint before 0.3: its rows are in metrics.csv beside it
+            rows = read_metrics(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.csv"))
+            trainer.history = [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""}
+                               for r in rows if int(r["epoch"]) <= trainer.epoch]
+    if identity is None or branched:
+        trainer.run_id = uuid.uuid4().hex[:12]  # a new run
+    else:  # the same run; one from before 0.3 has no id and stays known by its folder
+        trainer.run_id = identity if isinstance(identity, str) else None
     warning = schedule_end_warning(config, trainer.t0)
     if warning and trainer.epoch == 0:
         warn(warning)
 
-    if folder:
-        if not os.path.exists(folder.file("config.json")):
-            folder.write_config(config, {"t0_resolved": trainer.t0, "amp_resolved": str(trainer.amp_dtype or "off"),
-                                         "cuda_graphs_resolved": trainer.use_graphs,
-                                         "compile_resolved": trainer.use_compile, **_environment(trainer.device)})
-        if ckpt is not None:
-            source = os.path.join(os.path.dirname(os.path.abspath(resume)), "metrics.csv")
-            folder.keep_metrics_through(trainer.epoch, source if os.path.exists(source) else None)
-    log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
-        f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
-        f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
-        f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
-        f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
-        + (f", run folder {folder.path}" if folder else ""))
-
-    elapsed_before = 0.0
-    if folder:
-        rows = read_metrics(folder.metrics_path)
-        elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
     writer = CheckpointWriter()
     try:
-        return _train_epochs(trainer, folder, writer, elapsed_before, log, should_stop)
+        if folder:
+            folder.open()
+            if not os.path.exists(folder.file("config.json")):
+                record = {**dataclasses.asdict(config), "run_id": trainer.run_id, "t0_resolved": trainer.t0,
+                          "amp_resolved": str(trainer.amp_dtype or "off"), "cuda_graphs_resolved": trainer.use_graphs,
+                          "compile_resolved": trainer.use_compile, **_environment(trainer.device)}
+                if branched:
+                    record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
+                                               "run_id": ckpt.get("run_id")}
+                folder.write_config(record)
+            if ckpt is not None:
+                repaired = folder.repair(writer.cpu_state(trainer.state_dict()))
+                if repaired and not branched:
+                    log(f"repaired {', '.join(repaired)} from last.pt (a previous process stopped while writing)")
+        log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
+            f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
+            f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
+            f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
+            f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
+            + (f", run folder {folder.path}" if folder else ""))
+        try:
+            result = _train_epochs(trainer, folder, writer, log, should_stop)
+            writer.wait()  # every checkpoint is on disk before train() returns
+            return result
+        except TrainingDiverged as e:
+            try:
+                writer.wait()
+            except WriteFailed:
+                pass
+            on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
+            raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
+        except WriteFailed as e:
+            again = (f"resume with --resume --out-dir {folder.path}" if folder.holds_run()
+                     else "run the same command again")
+            raise WriteFailed(f"{e}; {folder.on_disk()}: free some space, then {again}") from None
     finally:
-        writer.wait()  # every checkpoint is on disk before train() returns or raises
+        if writer._thread is not None:
+            writer._thread.join()
+        if folder:
+            folder.close()
 
 
-def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter, elapsed_before: float,
+def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
                   log: Callable[[str], None], should_stop: Callable[[], bool]) -> TrainResult:
     config = trainer.config
     history, run_started = [], time.perf_counter()
+    elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
+    stop = lambda: should_stop() or writer.failed  # noqa: E731  (a failed write stops within one step)
     while trainer.epoch < config.epochs:
         epoch_started = time.perf_counter()
-        stats = trainer.train_epoch(should_stop)
+        stats = trainer.train_epoch(stop)
         if stats is None:
+            writer.wait()  # raises the failed write, if that is why it stopped
+            trainer.check_weights_finite(f"inside epoch {trainer.epoch + 1}")
             if folder:
-                writer.wait()
-                atomic_save(trainer.state_dict(), folder.file("last.pt"))
+                folder.commit(writer.cpu_state(trainer.state_dict()))
             log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
                 + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
             return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
@@ -1271,23 +1562,19 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
             if config.tta:
                 row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
+        trainer.check_weights_finite(f"in epoch {trainer.epoch}")
+        if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
+            raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
         row["epoch_seconds"] = time.perf_counter() - epoch_started
         row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
         history.append(row)
+        trainer.history.append(row)
 
-        improved = row[trainer.best["metric"]] > trainer.best["value"]
-        if improved:
+        if row[trainer.best["metric"]] > trainer.best["value"]:
             trainer.best.update(value=row[trainer.best["metric"]], epoch=trainer.epoch)
-        if folder:  # the row first: a crash between the two writes then costs no row (resume rewrites it)
-            folder.append_metrics(row)
-            state = writer.snapshot(trainer.state_dict())
-            files = [(state, folder.file("last.pt"))]
-            if improved:
-                files.append(({k: state[k] for k in ("format", "version", "config", "epoch", "best", "model")},
-                              folder.file("best.pt")))
-            if config.checkpoint_every and trainer.epoch % config.checkpoint_every == 0:
-                files.append((state, folder.file(f"ckpt_ep{trainer.epoch}.pt")))
-            writer.submit(files)
+        if folder:
+            state = writer.snapshot(trainer.state_dict())  # waits for (and raises) the previous write
+            writer.submit(lambda: folder.commit(state))
         eta = (config.epochs - trainer.epoch) * (row["elapsed_seconds"] - elapsed_before) / len(history)
         log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
             f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
@@ -1313,16 +1600,17 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     path: a checkpoint, or a run folder (its last.pt)."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, full=False)
     config = TrainConfig.from_dict(ckpt["config"])
     config.device = device
     if limit_test is not None:
         config.limit_test = limit_test
+    config.validate()
     dev = resolve_device(device)
     if data is None:
         data = load_dataset(data_dir or config.data_dir, config.dataset, download)
     model = build_model(config)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, path)
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
     normalize = Normalizer(data.info.mean, data.info.std, dev, channels_last=dev.type == "cuda")
     amp_dtype = resolve_amp(config.amp, dev)
@@ -1336,7 +1624,7 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
 
 def eval_main(argv: list) -> int:
     """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
-    p = argparse.ArgumentParser(prog="cifar100_resnet.py eval", description=eval_main.__doc__.split(": ", 1)[1],
+    p = _Parser(prog="cifar100_resnet.py eval", description=eval_main.__doc__.split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's --data-dir)")
@@ -1601,7 +1889,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
 
 def plot_main(argv: list) -> int:
     """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared."""
-    p = argparse.ArgumentParser(prog="cifar100_resnet.py plot", description=plot_main.__doc__.split(": ", 1)[1])
+    p = _Parser(prog="cifar100_resnet.py plot", description=plot_main.__doc__.split(": ", 1)[1])
     p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv")
     p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder)")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
@@ -1632,6 +1920,25 @@ RESUMABLE_OVERRIDES = {"device", "quiet", "data_dir", "download", "checkpoint_ev
                        "compile", "cuda_graphs", "eval_batch_size", "tta"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError, exit 2), with the closest flag for a misspelt one.
+    Abbreviations are off: a flag added later never changes what an old command means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            flags = [option for action in self._actions for option in action.option_strings]
+            words = []
+            for word in message.split(": ", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("-") else []
+                words.append(f"{word} (did you mean {close[0]}?)" if close else word)
+            message = "unrecognized arguments: " + " ".join(words)
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
 def _t0_arg(text: str) -> Optional[float]:
     if text == "auto":
         return None
@@ -1644,7 +1951,7 @@ def _t0_arg(text: str) -> Optional[float]:
 def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     """The train command's flags (every default is TrainConfig's); with bench, also the bench command's."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cifar100_resnet.py" + (" bench" if bench else ""),
         description=("Time the training step and evaluation on this device, on random data of CIFAR's shape "
                      "(or the real data with --data-dir). Takes every train flag." if bench else
@@ -1737,43 +2044,39 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, str]:
-    """The run's saved settings plus the flags a resume may change; refuses flags that would alter the run."""
-    if args.resume:
-        path = args.resume
-        out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
+    """The run's saved settings plus the flags a resume may change (refusing flags that would alter the run),
+    and what to resume: a checkpoint file, or a run folder (--resume alone: --out-dir's)."""
+    if args.resume and not os.path.isdir(args.resume):
+        source, out_dir = args.resume, args.out_dir or os.path.dirname(os.path.abspath(args.resume))
+        saved = load_checkpoint(source)["config"]
     else:
-        if not args.out_dir:
-            raise UserError("--resume without a PATH continues --out-dir's last.pt: pass --out-dir")
-        out_dir, path = args.out_dir, os.path.join(args.out_dir, "last.pt")
-    ckpt = load_checkpoint(path)
-    saved = dict(ckpt["config"])
+        source = args.resume or args.out_dir
+        if not source:
+            raise UserError("--resume without a PATH continues the run in --out-dir: pass --out-dir")
+        out_dir, folder = args.out_dir or source, RunFolder(source)
+        if os.path.exists(folder.file("last.pt")):
+            saved = load_checkpoint(folder.file("last.pt"))["config"]
+        elif folder.saved_config() is not None:  # stopped before its first checkpoint: start it again
+            saved = folder.saved_config()
+        else:
+            raise UserError(f"{source} holds no run to resume (no last.pt or config.json)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES and v != saved.get(k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
         raise UserError(f"a resumed run keeps its settings; these differ: {flags}")
+    saved = {k: v for k, v in saved.items() if k in fields}
     saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
     saved["out_dir"] = out_dir
-    config = TrainConfig.from_dict(saved)
-
-    folder = RunFolder(out_dir)
-    last = os.path.join(out_dir, "last.pt")
-    if os.path.abspath(path) != os.path.abspath(last) and os.path.exists(last):
-        later = load_checkpoint(last)["epoch"]
-        if later > ckpt["epoch"]:
-            raise UserError(f"{out_dir} already holds epochs up to {later}; resuming from epoch {ckpt['epoch']} "
-                            f"there would overwrite them: pass another --out-dir to branch off")
-    elif os.path.abspath(path) != os.path.abspath(last) and folder.holds_run() and \
-            os.path.dirname(os.path.abspath(path)) != os.path.abspath(out_dir):
-        raise UserError(f"--out-dir {out_dir} holds another run; choose an empty folder to branch into")
-    return config, path
+    return TrainConfig.from_dict(saved), source
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The command line. Returns the exit code: 0 done, 1 diverged, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM)
-    stopped with last.pt written."""
+    """The command line. Returns the exit code: 0 done, 1 diverged or a file could not be written, 2 bad input,
+    130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt written."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot", "eval") else "train"
+    stop_requested = []
     try:
         if command == "bench":
             return bench_main(argv)
@@ -1790,7 +2093,6 @@ def main(argv: Optional[list] = None) -> int:
             if config.out_dir is None:
                 config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         config.validate()
-        stop_requested = []
 
         # Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop): finish the step, write
         # last.pt, exit 128 + the signal's number. A second one stops at once.
@@ -1809,11 +2111,17 @@ def main(argv: Optional[list] = None) -> int:
                 signal.signal(sig, handler)
         return 128 + stop_requested[0] if result.interrupted else 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 2)
+    except (TrainingDiverged, WriteFailed) as e:
+        return _fail(e, 1)
+    except KeyboardInterrupt:  # a second Ctrl-C: every file is still whole (each write is atomic)
+        return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
+
+
+def _fail(error, code: int) -> int:
+    """One line on stderr, whatever the message holds."""
+    print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
