@@ -1057,17 +1057,20 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_t
 RUN_FILES = ("config.json", "last.pt")  # a folder holding either holds a run
 TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
 FAULT_PAUSE_ENV = "CIFAR100_RESNET_FAULT_PAUSE"  # for the fault tests: see _fault_point
+_faults_paused: set = set()
 WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model")  # what best.pt keeps
 STATE_KEYS = WEIGHT_KEYS + ("partial_epoch", "optimizer", "rng")  # and what resuming needs besides
 
 
 def _fault_point(label: str) -> None:
-    """With $CIFAR100_RESNET_FAULT_PAUSE set (seconds), announce each step of a write on stderr and pause
-    there, so that a test can kill the process exactly inside it. Nothing otherwise."""
-    pause = os.environ.get(FAULT_PAUSE_ENV)
-    if pause:
+    """For the fault tests: with $CIFAR100_RESNET_FAULT_PAUSE set to a label's start ("written best.pt"), the
+    first step of a write whose label starts so is announced on stderr and paused for 3 s, so that the test
+    can kill the process exactly there. Labels: opened|written|renamed <file name>. Nothing otherwise."""
+    target = os.environ.get(FAULT_PAUSE_ENV)
+    if target and label.startswith(target) and target not in _faults_paused:
+        _faults_paused.add(target)
         print(f"fault point: {label}", file=sys.stderr, flush=True)
-        time.sleep(float(pause))
+        time.sleep(3.0)
 
 
 def _serialize(obj, f) -> None:
@@ -1126,9 +1129,11 @@ def load_checkpoint(path: str, full: bool = True) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
-    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: never do that with it
-        raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, which "
-                        f"a checkpoint of this module never does (loading them could run code)") from None
+    except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: never pass that on
+        if "Unsupported global" in str(e):
+            raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, "
+                            f"which a checkpoint of this module never does (loading them could run code)") from None
+        raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save)") from None
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from None
@@ -1497,46 +1502,56 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
     writer = CheckpointWriter()
     try:
-        if folder:
-            folder.open()
-            if not os.path.exists(folder.file("config.json")):
-                record = {**dataclasses.asdict(config), "run_id": trainer.run_id, "t0_resolved": trainer.t0,
-                          "amp_resolved": str(trainer.amp_dtype or "off"), "cuda_graphs_resolved": trainer.use_graphs,
-                          "compile_resolved": trainer.use_compile, **_environment(trainer.device)}
-                if branched:
-                    record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
-                                               "run_id": ckpt.get("run_id")}
-                folder.write_config(record)
-            if ckpt is not None:
-                repaired = folder.repair(writer.cpu_state(trainer.state_dict()))
-                if repaired and not branched:
-                    log(f"repaired {', '.join(repaired)} from last.pt (a previous process stopped while writing)")
-        log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
-            f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
-            f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
-            f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
-            f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
-            + (f", run folder {folder.path}" if folder else ""))
+        return _run(trainer, folder, writer, config, ckpt, path if ckpt is not None else None, branched, log,
+                    should_stop)
+    except TrainingDiverged as e:
         try:
-            result = _train_epochs(trainer, folder, writer, log, should_stop)
-            writer.wait()  # every checkpoint is on disk before train() returns
-            return result
-        except TrainingDiverged as e:
-            try:
-                writer.wait()
-            except WriteFailed:
-                pass
-            on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
-            raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
-        except WriteFailed as e:
-            again = (f"resume with --resume --out-dir {folder.path}" if folder.holds_run()
-                     else "run the same command again")
-            raise WriteFailed(f"{e}; {folder.on_disk()}: free some space, then {again}") from None
+            writer.wait()
+        except WriteFailed:
+            pass
+        on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
+        raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
+    except WriteFailed as e:
+        again = f"resume with --resume --out-dir {folder.path}" if folder.holds_run() else "run the same command again"
+        raise WriteFailed(f"{e}; {folder.on_disk()}: free some space, then {again}") from None
     finally:
         if writer._thread is not None:
             writer._thread.join()
         if folder:
             folder.close()
+
+
+def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter, config: TrainConfig,
+         ckpt: Optional[dict], path: Optional[str], branched: bool, log: Callable[[str], None],
+         should_stop: Callable[[], bool]) -> TrainResult:
+    """Open the run folder, write or repair its files, and train."""
+    if folder:
+        folder.open()
+        if not os.path.exists(folder.file("config.json")):
+            record = {**dataclasses.asdict(config), "run_id": trainer.run_id, "t0_resolved": trainer.t0,
+                      "amp_resolved": str(trainer.amp_dtype or "off"), "cuda_graphs_resolved": trainer.use_graphs,
+                      "compile_resolved": trainer.use_compile, **_environment(trainer.device)}
+            if branched:
+                record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
+                                           "run_id": ckpt.get("run_id")}
+            folder.write_config(record)
+        if ckpt is not None:
+            repaired = folder.repair(writer.cpu_state(trainer.state_dict()))
+            if repaired and not branched:
+                log(f"repaired {', '.join(repaired)} from last.pt (a previous process stopped while writing)")
+    if trainer.epoch >= config.epochs:
+        log(f"the run in {folder.path if folder else 'the checkpoint'} is complete: {trainer.epoch} of "
+            f"{config.epochs} epochs; nothing to train")
+        return TrainResult(trainer.model, [], config.out_dir)
+    log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
+        f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
+        f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
+        f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
+        f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
+        + (f", run folder {folder.path}" if folder else ""))
+    result = _train_epochs(trainer, folder, writer, log, should_stop)
+    writer.wait()  # every checkpoint is on disk before train() returns
+    return result
 
 
 def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
@@ -2061,6 +2076,10 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
         else:
             raise UserError(f"{source} holds no run to resume (no last.pt or config.json)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        TrainConfig.from_dict(saved)._check_types()
+    except UserError as e:
+        raise UserError(f"{source} holds settings this module cannot use: {e}") from None
     changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES and v != saved.get(k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
@@ -2101,7 +2120,7 @@ def main(argv: Optional[list] = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             print(f"\n{signal.Signals(signum).name}: writing last.pt after this step (Ctrl-C again to abort)",
-                  file=sys.stderr)
+                  flush=True)
 
         previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -836,10 +836,10 @@ def test_cli_ctrl_c_or_sigterm_writes_last_pt_and_resume_finishes_the_run(tiny_d
     while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(stop_signal)
-    _, err = proc.communicate(timeout=120)
+    out_text, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert signal.Signals(stop_signal).name in err
-    assert "Traceback" not in err
+    assert signal.Signals(stop_signal).name in out_text  # a notice, not an error: stdout
+    assert err == ""
     ckpt = torch.load(out / "last.pt", weights_only=True)
     done = ckpt["epoch"]
     assert 1 <= done < 40

@@ -1,0 +1,515 @@
+"""The fault campaign: kills, signals, a full disk, hostile files, corrupt data and bad invocations against a
+tiny run on the CPU (ResNet-18 of width 8, 500/200 images, batches of 50, 4 epochs, a checkpoint every
+epoch). Whatever happens, nothing is lost: the folder ends equal to an uninterrupted run's, and every
+failure is one line on stderr."""
+import errno
+import hashlib
+import json
+import os
+import pickle
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cifar100_resnet as cr
+from test_cifar100_resnet import DETERMINISTIC_COLUMNS, MODULE, metric_rows, write_official_layout
+
+RUN_FLAGS = ["--arch", "resnet18", "--width", "8", "--limit-train", "500", "--limit-test", "200", "--batch-size",
+             "50", "--epochs", "4", "--checkpoint-every", "1", "--device", "cpu", "--no-download", "--log-every", "1"]
+STEPS = 10  # per epoch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults_data")
+    write_official_layout(root, n_train=500, n_test=200)
+    return root
+
+
+def run_args(data_dir, out_dir, *extra) -> list:
+    return [*RUN_FLAGS, "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run: what every faulted run must end as."""
+    out = tmp_path_factory.mktemp("faults_reference") / "run"
+    assert cr.main(run_args(data_dir, out, "--quiet")) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparing run folders
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_equal_values(a, b, where: str):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_values(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def deterministic_state(ckpt: dict) -> dict:
+    """Everything a checkpoint holds but its run's identity and the timing columns of its history."""
+    state = {k: v for k, v in ckpt.items() if k not in ("run_id", "history", "config")}
+    state["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("out_dir", "quiet", "log_every")}
+    state["history"] = [{k: row[k] for k in DETERMINISTIC_COLUMNS} for row in ckpt.get("history", [])]
+    return state
+
+
+def assert_same_run(folder: Path, reference: Path):
+    """The same files as the uninterrupted run, with the same contents, and no temporary file."""
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(p.name for p in reference.iterdir())
+    assert not [n for n in names if n.endswith(cr.TEMP_SUFFIX)]
+    for name in names:
+        if name.endswith(".pt"):
+            ours, theirs = load(folder / name), load(reference / name)
+            assert_equal_values(deterministic_state(ours), deterministic_state(theirs), name)
+    ours, theirs = metric_rows(folder), metric_rows(reference)
+    assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in ours] == \
+        [[r[k] for k in DETERMINISTIC_COLUMNS] for r in theirs]
+    run_id = load(folder / "last.pt")["run_id"]
+    assert run_id and all(load(folder / n)["run_id"] == run_id for n in names if n.endswith(".pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kills and signals, one subprocess after another
+
+
+# Each attempt is a fork of one process that has already imported torch (and torch._dynamo, which the
+# optimiser's constructor imports: 3-4 s per fresh process on 2 cores), so that 30 attempts take seconds.
+FORK_SERVER = r"""
+import json, os, sys
+import cifar100_resnet, torch._dynamo
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout.reconfigure(line_buffering=True)
+        os.environ.update(request["env"])
+        code = 1
+        try:
+            code = cifar100_resnet.main(request["argv"])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+class ForkServer:
+    def __init__(self, logs: Path):
+        self.logs, self.count = logs, 0
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(MODULE))
+
+    def run(self, argv: list, fault_point: str, trigger, sig) -> tuple:
+        """Run main(argv) in a fork; send `sig` when `trigger` (a text of its output, or seconds) comes.
+        Returns (exit code, or -signal; its output; whether the trigger came)."""
+        self.count += 1
+        log = self.logs / f"attempt{self.count}.log"
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": {cr.FAULT_PAUSE_ENV: fault_point},
+                                          "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        done = queue.Queue()
+        threading.Thread(target=lambda: done.put(json.loads(self.proc.stdout.readline())["code"])).start()
+        started, fired = time.monotonic(), False
+        while done.empty():
+            if not fired and trigger is not None:
+                output = log.read_text() if log.exists() else ""
+                if (trigger in output) if isinstance(trigger, str) else time.monotonic() - started > trigger:
+                    os.kill(pid, sig)
+                    fired = True
+            time.sleep(0.005)
+        return done.get(), log.read_text(), fired
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def interrupt(server: ForkServer, data_dir, out, trigger, sig) -> tuple:
+    """Run (resuming if the folder holds a run) until `trigger`: a write step to pause at ("written best.pt"),
+    a progress text ("step 3/10") or seconds after the start; then send `sig`."""
+    resume = (out / "config.json").exists() or (out / "last.pt").exists()
+    argv = [*run_args(data_dir, out), *(["--resume"] if resume else [])]
+    if isinstance(trigger, str) and not trigger.startswith("step"):
+        return server.run(argv, trigger, f"fault point: {trigger}", sig)
+    return server.run(argv, "", f" {trigger} " if isinstance(trigger, str) else trigger, sig)
+
+
+WRITE_STEPS = [f"{step} {name}" for name in ("last.pt", "best.pt", "ckpt_ep", "metrics.csv")
+               for step in ("opened", "written", "renamed")]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill chain forks attempts from one process (POSIX)")
+def test_kills_and_signals_at_any_moment_end_in_the_uninterrupted_runs_files(data_dir, reference, tmp_path):
+    out, server = tmp_path / "run", ForkServer(tmp_path)
+    rng = random.Random(9)
+    step = lambda: f"step {rng.randint(1, STEPS - 1)}/10"  # noqa: E731
+    # kills that cannot let the run advance come first, so that all of them land before it ends
+    plan = [(f"{point} config.json", signal.SIGKILL) for point in ("opened", "written", "renamed")]
+    plan += [("step 4/10", signal.SIGKILL)]  # before the first checkpoint: --resume starts the run again
+    plan += [(f"{point} last.pt", signal.SIGKILL) for point in ("opened", "written", "renamed")]  # epoch 1
+    plan += [(f"{point} {name}", signal.SIGKILL) for name in ("best.pt", "ckpt_ep", "metrics.csv")
+             for point in ("opened", "written", "renamed")]  # each step of each derived file, while repairing
+    plan += [(rng.uniform(0.02, 0.3), signal.SIGKILL) for _ in range(4)]  # anywhere early: reading, training
+    plan += [(step(), signal.SIGINT),  # inside epoch 2
+             ("written ckpt_ep", signal.SIGKILL),  # epoch 2's files, on the background writer
+             ("opened metrics.csv", signal.SIGINT),  # while repairing them: stops after the next step
+             ("written last.pt", signal.SIGTERM),  # epoch 3's commit; stops in epoch 4
+             (rng.uniform(0.02, 0.2), signal.SIGKILL), (step(), signal.SIGTERM), ("step 10/10", signal.SIGKILL)]
+    kills = 0
+    for trigger, sig in plan:
+        code, output, fired = interrupt(server, data_dir, out, trigger, sig)
+        assert fired, f"the run ended before {trigger!r} came: {output}"
+        expected = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+        assert code == expected, (trigger, output)
+        if sig != signal.SIGKILL:  # a stop is orderly: last.pt written, nothing half-done left behind
+            assert (out / "last.pt").exists() and not list(out.glob(f"*{cr.TEMP_SUFFIX}"))
+        kills += sig == signal.SIGKILL
+    assert kills == 23 and len(plan) == 27
+    while not (out / "last.pt").exists() or load(out / "last.pt")["epoch"] < 4 or \
+            load(out / "last.pt")["partial_epoch"] is not None:
+        code, output, _ = interrupt(server, data_dir, out, None, signal.SIGKILL)
+        assert code == 0, output
+    assert_same_run(out, reference)
+
+    # resuming the finished run changes nothing
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, output, _ = interrupt(server, data_dir, out, None, signal.SIGKILL)
+    assert code == 0 and "is complete: 4 of 4 epochs" in output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    server.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A full disk at each kind of write
+
+
+def fill_disk_at(monkeypatch, name: str, occurrence: int = 1):
+    """From the `occurrence`-th write of a file whose name starts with `name` on, every write fails with
+    ENOSPC (the disk stays full)."""
+    real = cr._serialize
+    seen = []
+
+    def serialize(obj, f):
+        if os.path.basename(f.name).lstrip(".").startswith(name):
+            seen.append(1)
+        if len(seen) >= occurrence:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, f)
+
+    monkeypatch.setattr(cr, "_serialize", serialize)
+
+
+def interrupt_at_step(monkeypatch, step: int):
+    """SIGINT to this process during the `step`-th training step (as a user's Ctrl-C)."""
+    real = cr.Trainer._step
+    calls = []
+
+    def step_then_signal(self, *args):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, *args)
+
+    monkeypatch.setattr(cr.Trainer, "_step", step_then_signal)
+
+
+@pytest.mark.parametrize("name, occurrence, ctrl_c_at", [
+    ("config.json", 1, None), ("last.pt", 3, None), ("best.pt", 2, None), ("ckpt_ep", 2, None),
+    ("metrics.csv", 2, None), ("last.pt", 3, 25),  # the last: Ctrl-C in epoch 3 while the disk is full
+])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_once_there_is_space(
+        data_dir, reference, tmp_path, monkeypatch, capsys, name, occurrence, ctrl_c_at):
+    out = tmp_path / "run"
+    fill_disk_at(monkeypatch, name, occurrence)
+    if ctrl_c_at:
+        interrupt_at_step(monkeypatch, ctrl_c_at)
+    assert cr.main(run_args(data_dir, out, "--quiet")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not write {out}{os.sep}{name}"), err
+    assert "No space left on device" in err[0] and "free some space" in err[0]
+    assert not list(out.glob(f"*{cr.TEMP_SUFFIX}")) if out.exists() else True
+    if (out / "last.pt").exists():  # the files committed before the failure are whole and agree
+        last = load(out / "last.pt")
+        assert f"last.pt holds epoch {last['epoch']}" in err[0]
+        assert [int(r["epoch"]) for r in metric_rows(out)] in ([*range(1, last["epoch"] + 1)],
+                                                               [*range(1, last["epoch"])])
+    else:
+        assert "no checkpoint was written" in err[0]
+    monkeypatch.undo()
+    resume = ["--resume"] if (out / "config.json").exists() else []
+    assert cr.main(run_args(data_dir, out, "--quiet", *resume)) == 0
+    assert_same_run(out, reference)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Divergence: no checkpoint ever holds non-finite values, and the message says what is on disk
+
+
+def test_lr_far_too_high_says_no_checkpoint_was_written(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cr.main(run_args(data_dir, out, "--quiet", "--lr", "1e6")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and f"no checkpoint was written to {out}" in err[0], err
+    assert not (out / "last.pt").exists()
+
+
+def test_non_finite_batchnorm_statistics_are_never_checkpointed(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = cr.Trainer.evaluate
+
+    def evaluate(self, split="test"):  # in epoch 3 a running variance overflows, the loss stays finite
+        if self.epoch == 3:
+            self.model.layer2[0].bn1.running_var[0] = float("inf")
+        return real(self, split)
+
+    monkeypatch.setattr(cr.Trainer, "evaluate", evaluate)
+    assert cr.main(run_args(data_dir, out, "--quiet")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights became non-finite in epoch 3 (layer2.0.bn1.running_var)" in err[0], err
+    assert f"last.pt holds epoch 2" in err[0]
+    last = load(out / "last.pt")
+    assert last["epoch"] == 2 and all(torch.isfinite(t).all() for t in last["model"].values()
+                                      if t.is_floating_point())
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "ckpt_ep1.pt", "ckpt_ep2.pt", "config.json",
+                                                     "last.pt", "metrics.csv"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile and malformed files
+
+
+class Payload:
+    """Unpickling this creates the marker file: what a malicious file would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def one_error_line(capsys, code: int, expected: int = 2) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == expected and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, reference) -> Path:
+    return reference
+
+
+def hostile_checkpoint(path: Path, marker: Path):
+    torch.save({"format": "cifar100_resnet", "epoch": 1, "model": {}, "payload": Payload(marker)}, path)
+
+
+@pytest.mark.parametrize("how", ["--resume --out-dir", "--resume PATH", "eval", "eval RUN_DIR", "eval best.pt"])
+def test_a_hostile_checkpoint_runs_nothing_and_is_one_line(data_dir, tmp_path, capsys, how):
+    marker, run = tmp_path / "marker", tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"run_id": "x"}\n')
+    hostile_checkpoint(run / "last.pt", marker)
+    hostile_checkpoint(run / "best.pt", marker)
+    argv = {"--resume --out-dir": run_args(data_dir, run, "--resume"),
+            "--resume PATH": run_args(data_dir, tmp_path / "branch", "--resume", str(run / "last.pt")),
+            "eval": ["eval", str(run / "last.pt"), "--device", "cpu"],
+            "eval RUN_DIR": ["eval", str(run), "--device", "cpu"],
+            "eval best.pt": ["eval", str(run / "best.pt"), "--device", "cpu"]}[how]
+    message = one_error_line(capsys, cr.main(argv))
+    assert "refused" in message and "weights_only" not in message
+    assert not marker.exists() and not (tmp_path / "branch").exists()
+
+
+def malformed_checkpoints(good: dict) -> dict:
+    missing_model = {k: v for k, v in good.items() if k != "model"}
+    bad_config = {**good, "config": {**good["config"], "epochs": "many"}}
+    bad_rng = {**good, "rng": {"mix": good["rng"]["mix"]}}
+    not_tensors = {**good, "model": {k: 1 for k in good["model"]}}
+    wrong_shape = {**good, "model": {**good["model"], "fc.weight": torch.zeros(3, 3)}}
+    return {"keys missing": {"format": "cifar100_resnet", "epoch": 2}, "no model": missing_model,
+            "config of wrong types": bad_config, "rng incomplete": bad_rng, "model not tensors": not_tensors,
+            "weights not fitting their config": wrong_shape, "another format": {"format": "other", "epoch": 1},
+            "a list": [1, 2, 3]}
+
+
+@pytest.mark.parametrize("case", ["keys missing", "no model", "config of wrong types", "rng incomplete",
+                                  "model not tensors", "weights not fitting their config", "another format",
+                                  "a list", "truncated", "empty", "random bytes"])
+@pytest.mark.parametrize("how", ["--resume PATH", "eval"])
+def test_a_malformed_checkpoint_is_one_line(data_dir, finished_run, tmp_path, capsys, case, how):
+    if how == "eval" and case == "rng incomplete":
+        pytest.skip("eval needs only the weights")
+    path = tmp_path / "ckpt.pt"
+    good = load(finished_run / "last.pt")
+    if case == "truncated":
+        path.write_bytes((finished_run / "last.pt").read_bytes()[:5000])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    else:
+        torch.save(malformed_checkpoints(good)[case], path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = (run_args(data_dir, tmp_path / "branch", "--resume", str(path)) if how == "--resume PATH"
+            else ["eval", str(path), "--device", "cpu", "--data-dir", str(data_dir)])
+    message = one_error_line(capsys, cr.main(argv))
+    assert str(path) in message or "setting epochs" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def corrupt(folder: Path, case: str, marker: Path):
+    train = folder / "train"
+    batch = pickle.loads(train.read_bytes())
+    if case == "truncated":
+        train.write_bytes(train.read_bytes()[:len(train.read_bytes()) // 2])
+    elif case == "empty":
+        train.write_bytes(b"")
+    elif case == "garbage text":
+        train.write_text("garbage\n")
+    elif case == "wrong shape":
+        batch["data"] = batch["data"][:, :1000]
+    elif case == "float pixels":
+        batch["data"] = batch["data"].astype("float32")
+    elif case == "labels out of range":
+        batch["fine_labels"][0] = 100
+    elif case == "label count":
+        batch["fine_labels"] = batch["fine_labels"][:-1]
+    elif case == "wrong class count":
+        (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": ["a"] * 10}))
+    elif case in ("hostile train", "hostile test", "hostile meta"):
+        (folder / case.split()[1]).write_bytes(pickle.dumps(Payload(marker)))
+    if case in ("wrong shape", "float pixels", "labels out of range", "label count"):
+        train.write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize("case", ["truncated", "empty", "garbage text", "wrong shape", "float pixels",
+                                  "labels out of range", "label count", "wrong class count", "hostile train",
+                                  "hostile test", "hostile meta"])
+def test_corrupt_or_hostile_data_is_one_line_and_creates_nothing(tmp_path, capsys, case):
+    data, marker = tmp_path / "data", tmp_path / "marker"
+    folder = write_official_layout(data, n_train=100, n_test=50)
+    corrupt(folder, case, marker)
+    out = tmp_path / "run"
+    message = one_error_line(capsys, cr.main(run_args(data, out)))
+    assert str(folder) in message and "Error" not in message.split(": ", 1)[1][:40]
+    assert not out.exists() and not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad invocations: exit 2, exactly one line starting "error:", and nothing created or changed anywhere
+
+
+@pytest.fixture(scope="module")
+def sandbox(data_dir, reference, tmp_path_factory) -> Path:
+    box = tmp_path_factory.mktemp("sandbox")
+    (box / "done").symlink_to(reference, target_is_directory=True)
+    (box / "a_file.txt").write_text("not a folder\n")
+    (box / "stopped").mkdir()
+    (box / "stopped" / "config.json").write_text((reference / "config.json").read_text().replace(
+        load(reference / "last.pt")["run_id"], "another-run"))
+    return box
+
+
+def tree(*roots: Path) -> dict:
+    """Every file under the roots with a hash of its bytes, and every folder."""
+    found = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            found[dirpath] = "folder"
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    found[path] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+BAD = [  # (argv, a text the error must contain); D = the data folder, R = the finished run, S = the sandbox
+    (["--epochs", "0"], "--epochs must be at least 1"), (["--epochs", "-3"], "--epochs must be at least 1"),
+    (["--epochs", "2.5"], "invalid int value: '2.5'"), (["--epochs", "many"], "invalid int value"),
+    (["--batch-size", "0"], "--batch-size"), (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--momentum", "1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--label-smoothing", "1"], "--label-smoothing"), (["--mixup-alpha", "-1"], "--mixup-alpha"),
+    (["--cutmix-alpha", "-0.5"], "--cutmix-alpha"), (["--cutmix-prob", "1.5"], "--cutmix-prob"),
+    (["--t0", "0"], "--t0"), (["--t0", "soon"], "--t0"), (["--t-mult", "0.5"], "--t-mult"),
+    (["--warmup-epochs", "5", "--epochs", "4"], "--warmup-epochs"), (["--min-lr", "1"], "--min-lr"),
+    (["--arch", "resnet50"], "invalid choice: 'resnet50'"), (["--stem", "tiny"], "invalid choice"),
+    (["--width", "0"], "--width"), (["--dataset", "mnist"], "invalid choice"),
+    (["--limit-train", "-1"], "--limit-train"), (["--limit-test", "-1"], "--limit-test"),
+    (["--val-split", "-5"], "--val-split"), (["--val-split", "500"], "--val-split 500 leaves no training images"),
+    (["--amp", "fp32"], "invalid choice"), (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    (["--device", "tpu"], "--device"), (["--device", "cuda:7"], "--device cuda:7"),
+    (["--compile", "maybe"], "invalid choice"), (["--cuda-graphs", "on"], "--cuda-graphs on needs"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--log-every", "-1"], "--log-every"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"), (["--out-dir", ""], "--out-dir must name a folder"),
+    (["--epoch", "3"], "did you mean --epochs?"), (["--learning-rate", "0.1"], "unrecognized arguments"),
+    (["--bogus"], "unrecognized arguments: --bogus"), (["stray"], "unrecognized arguments: stray"),
+    (["--out-dir", "{R}"], "holds another run"), (["--out-dir", "{S}/stopped"], "pass --resume to continue it"),
+    (["--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
+    (["--out-dir", "{S}/a_file.txt/sub"], "not a writable folder"),
+    (["--data-dir", "{S}/nowhere"], "cifar100 not found"), (["--data-dir", "{S}/a_file.txt"], "not found"),
+    (["--resume"], "pass --out-dir"), (["--resume", "{S}/nowhere.pt"], "no checkpoint at"),
+    (["--resume", "--out-dir", "{S}/nowhere"], "holds no run to resume"),
+    (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{S}/stopped"], "holds another run"),
+    (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{R}"], "would overwrite them"),
+    (["--resume", "--out-dir", "{R}", "--lr", "0.5"], "a resumed run keeps its settings"),
+    (["--resume", "--out-dir", "{R}", "--arch", "resnet34"], "a resumed run keeps its settings"),
+    (["eval"], "required: checkpoint"), (["eval", "{S}/nowhere.pt"], "no checkpoint at"),
+    (["eval", "{R}", "--batch-size", "0"], "--batch-size"), (["eval", "{R}", "--device", "tpu"], "--device"),
+    (["eval", "{R}", "--limit-test", "-1"], "--limit-test"), (["eval", "{S}/a_file.txt"], "not a readable"),
+    (["eval", "{R}", "--tta", "yes"], "unrecognized arguments"), (["plot"], "required: run_dirs"),
+    (["plot", "{S}/nowhere"], "no metrics.csv"), (["plot", "{R}", "--labels", "a", "b"], "--labels"),
+    (["bench", "--epochs", "0"], "--epochs"), (["bench", "--bench-epochz", "1"], "did you mean --bench-epochs?"),
+]
+
+
+def test_the_table_of_bad_invocations_has_at_least_40_rows():
+    assert len(BAD) >= 40
+
+
+@pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a) or "(none)" for a, _ in BAD])
+def test_a_bad_invocation_is_one_line_exit_2_and_changes_no_file(sandbox, data_dir, reference, capsys,
+                                                                  monkeypatch, argv, expected):
+    monkeypatch.chdir(sandbox)  # the default --out-dir (runs/...) would land here
+    fill = lambda a: a.replace("{S}", str(sandbox)).replace("{R}", str(reference))  # noqa: E731
+    argv = [fill(a) for a in argv]
+    if argv[0] not in ("eval", "plot", "bench"):
+        argv = [*RUN_FLAGS, "--data-dir", str(data_dir), *argv]
+    else:
+        argv = [*argv, "--data-dir", str(data_dir)] if argv[0] == "eval" and len(argv) > 1 else argv
+    before = tree(sandbox, reference, data_dir)
+    message = one_error_line(capsys, cr.main(argv))
+    assert expected in message and ("see " in message or not message.startswith("error: argument"))
+    assert tree(sandbox, reference, data_dir) == before
