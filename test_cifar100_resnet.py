@@ -501,6 +501,11 @@ def test_missing_data_without_network_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(cr.DATASETS, "cifar100", cr.dataclasses.replace(info, url="http://127.0.0.1:9/c.tar.gz"))
     with pytest.raises(cr.DataError, match="download failed"):
         cr.load_dataset(str(tmp_path), download=True)
+    # and leaves no folder behind when it created it; a folder that was there stays
+    fresh = tmp_path / "data"
+    with pytest.raises(cr.DataError, match="download failed") as e:
+        cr.load_dataset(str(fresh), download=True)
+    assert not fresh.exists() and tmp_path.exists() and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------------

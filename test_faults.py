@@ -513,3 +513,21 @@ def test_a_bad_invocation_is_one_line_exit_2_and_changes_no_file(sandbox, data_d
     message = one_error_line(capsys, cr.main(argv))
     assert expected in message and ("see " in message or not message.startswith("error: argument"))
     assert tree(sandbox, reference, data_dir) == before
+
+
+def test_a_checkpoint_of_one_run_never_continues_in_another_runs_folder(data_dir, reference, tmp_path, capsys):
+    # the campaign's case: A (the reference, 4 epochs) and B (seed 5, 2 epochs), then A's ckpt_ep2.pt into B
+    other = tmp_path / "b"
+    assert cr.main(run_args(data_dir, other, "--quiet", "--seed", "5", "--epochs", "2")) == 0
+    before = tree(other)
+    message = one_error_line(capsys, cr.main(run_args(data_dir, other, "--quiet", "--resume",
+                                                      str(reference / "ckpt_ep2.pt"))))
+    assert f"--out-dir {other} holds another run" in message and tree(other) == before
+    # into an empty folder it branches off as a new run that records where it came from
+    branch = tmp_path / "branch"
+    assert cr.main(run_args(data_dir, branch, "--quiet", "--resume", str(reference / "ckpt_ep2.pt"))) == 0
+    config = json.loads((branch / "config.json").read_text())
+    assert config["branched_from"]["run_id"] == load(reference / "last.pt")["run_id"] != config["run_id"]
+    assert config["branched_from"]["epoch"] == 2 and load(branch / "last.pt")["run_id"] == config["run_id"]
+    assert_equal_values(deterministic_state(load(branch / "last.pt")),
+                        deterministic_state(load(reference / "last.pt")), "branch")
