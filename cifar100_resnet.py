@@ -1467,7 +1467,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     if config.quiet:
         log = lambda message: None  # noqa: E731
     folder = RunFolder(config.out_dir) if config.out_dir else None
-    ckpt, identity, branched = None, None, False
+    ckpt, path, identity, branched = None, None, None, False
     if resume:
         ckpt, path, identity = _resume_source(resume, folder)
         if ckpt is not None:
@@ -1502,8 +1502,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
     writer = CheckpointWriter()
     try:
-        return _run(trainer, folder, writer, config, ckpt, path if ckpt is not None else None, branched, log,
-                    should_stop)
+        return _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop)
     except TrainingDiverged as e:
         try:
             writer.wait()
@@ -1512,6 +1511,8 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
         raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
     except WriteFailed as e:
+        if folder is None:
+            raise
         again = f"resume with --resume --out-dir {folder.path}" if folder.holds_run() else "run the same command again"
         raise WriteFailed(f"{e}; {folder.on_disk()}: free some space, then {again}") from None
     finally:
@@ -1639,7 +1640,7 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
 
 def eval_main(argv: list) -> int:
     """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
-    p = _Parser(prog="cifar100_resnet.py eval", description=eval_main.__doc__.split(": ", 1)[1],
+    p = _Parser(prog="cifar100_resnet.py eval", description="test top-1/top-5 and loss of saved weights",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's --data-dir)")
@@ -1904,7 +1905,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
 
 def plot_main(argv: list) -> int:
     """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared."""
-    p = _Parser(prog="cifar100_resnet.py plot", description=plot_main.__doc__.split(": ", 1)[1])
+    p = _Parser(prog="cifar100_resnet.py plot", description="learning curves of one run, or several compared")
     p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv")
     p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder)")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
