@@ -1330,9 +1330,9 @@ def test_real_cifar100_subset_learns_well_above_chance(tmp_path):
     r = subprocess.run([sys.executable, str(tool), str(tmp_path / "data"), "--limit-train", "5000",
                         "--limit-test", "1000"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    cfg = cr.TrainConfig(data_dir=str(tmp_path / "data"), arch="resnet18", width=16, epochs=4, batch_size=32,
+    cfg = cr.TrainConfig(data_dir=str(tmp_path / "data"), arch="resnet18", width=8, epochs=4, batch_size=32,
                          lr=0.05, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False, mixup=False,
                          cutmix=False, device="cpu", download=False, quiet=True, out_dir=str(tmp_path / "run"))
     result = cr.train(cfg)
     top1 = result.history[-1]["test_top1"]
-    assert top1 > 0.05, top1  # chance is 0.01; this reached 0.098 in 30 s on a 2-core CPU
+    assert top1 > 0.05, top1  # chance is 0.01; this reached 0.074 in 25 s on a 2-core AMD EPYC (width 16: 61 s)
