@@ -318,6 +318,10 @@ def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True
     folder = os.path.join(data_dir, info.folder)
     expected = info.train_files + info.test_files + (info.meta_file,)
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    if missing and all(os.path.isfile(os.path.join(data_dir, f)) for f in expected):
+        parent = os.path.dirname(os.path.abspath(data_dir))
+        raise DataError(f"--data-dir {data_dir} is the {info.folder} folder itself: pass the folder that holds "
+                        f"it, {parent}")
     if missing:
         reason = "download switched off (--no-download)"
         if download:
@@ -821,6 +825,9 @@ class Trainer:
         (self.train_images, self.train_labels), (self.val_images, self.val_labels) = splits["train"], splits["val"]
         self.test_images, self.test_labels = splits["test"]
         self.normalize = Normalizer(data.info.mean, data.info.std, self.device, channels_last=cuda)
+        if config.batch_size > len(self.train_images):
+            raise UserError(f"--batch-size {config.batch_size} is larger than the training set "
+                            f"({len(self.train_images)} images)")
         self.batches = epoch_batches(len(self.train_images), config.batch_size)
 
         torch.manual_seed(config.seed)  # the model's initial weights

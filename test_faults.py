@@ -479,6 +479,8 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--out-dir", "{R}"], "holds another run"), (["--out-dir", "{S}/stopped"], "pass --resume to continue it"),
     (["--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
     (["--out-dir", "{S}/a_file.txt/sub"], "not a writable folder"),
+    (["--batch-size", "501"], "--batch-size 501 is larger than the training set (500 images)"),
+    (["--data-dir", "{D}/cifar-100-python"], "is the cifar-100-python folder itself: pass the folder that holds it"),
     (["--data-dir", "{S}/nowhere"], "cifar100 not found"), (["--data-dir", "{S}/a_file.txt"], "not found"),
     (["--resume"], "pass --out-dir"), (["--resume", "{S}/nowhere.pt"], "no checkpoint at"),
     (["--resume", "--out-dir", "{S}/nowhere"], "holds no run to resume"),
@@ -503,8 +505,9 @@ def test_the_table_of_bad_invocations_has_at_least_40_rows():
 def test_a_bad_invocation_is_one_line_exit_2_and_changes_no_file(sandbox, data_dir, reference, capsys,
                                                                   monkeypatch, argv, expected):
     monkeypatch.chdir(sandbox)  # the default --out-dir (runs/...) would land here
-    fill = lambda a: a.replace("{S}", str(sandbox)).replace("{R}", str(reference))  # noqa: E731
-    argv = [fill(a) for a in argv]
+    places = {"{S}": str(sandbox), "{R}": str(reference), "{D}": str(data_dir)}
+    for key, place in places.items():
+        argv = [a.replace(key, place) for a in argv]
     if argv[0] not in ("eval", "plot", "bench"):
         argv = [*RUN_FLAGS, "--data-dir", str(data_dir), *argv]
     else:
