@@ -875,6 +875,10 @@ def test_a_run_of_version_0_1_resumes(tiny_data_dir, tmp_path):
     branch = tmp_path / "branch"
     assert cr.main(tiny_args(tiny_data_dir, branch, "--epochs", "3", "--resume", str(old / "last.pt"))) == 0
     assert [int(r["epoch"]) for r in metric_rows(branch)] == [3]
+    # and in its own folder, which has no run id: known by its path, resumed and resumable again
+    assert cr.main(tiny_args(tiny_data_dir, old, "--epochs", "3", "--resume")) == 0
+    assert torch.load(old / "last.pt", weights_only=True)["epoch"] == 3
+    assert cr.main(tiny_args(tiny_data_dir, old, "--epochs", "3", "--resume")) == 0  # complete: nothing to do
 
 
 def test_seed_determinism(tiny_data_dir, tmp_path):
