@@ -1489,9 +1489,6 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         folder.check_writable()
     if data is None:
         data = load_dataset(config.data_dir, config.dataset, config.download)
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     trainer = Trainer(config, data, log)
     if ckpt is not None:
         trainer.load_state_dict(ckpt, path)
@@ -1676,91 +1673,6 @@ def eval_main(argv: list) -> int:
 # Benchmark: the real training step and evaluation, timed on this device
 
 
-def count_forward_flops(model: nn.Module, image_size: int = IMAGE_SIZE) -> int:
-    """FLOPs (2 x multiply-adds) of every Conv2d and Linear for one image's forward pass. BatchNorm, ReLU,
-    additions and pooling are left out: a few operations per output element, against 2 x 9 x in_channels
-    (over a thousand) for a 3x3 convolution, and memory-bound anyway."""
-    flops = 0
-
-    def conv(m, inputs, out):
-        nonlocal flops
-        flops += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def linear(m, inputs, out):
-        nonlocal flops
-        flops += 2 * out.numel() * m.in_features
-
-    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    device, was_training = next(model.parameters()).device, model.training
-    model.eval()  # one image: batch statistics would be undefined
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return flops
-
-
-def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matrix product on random data, the median of `repeats` after a warm-up."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    times = []
-    for i in range(repeats + 2):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / sorted(times)[len(times) // 2]
-
-
-# Kernel (GPU) or operator (CPU) names -> what they do; the first group with a matching substring wins.
-# BatchNorm comes first: cuDNN names both its convolution and its BatchNorm kernels "cudnn...".
-PROFILE_GROUPS = [
-    ("batchnorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
-    ("convolution and matmul", ("conv", "xmma", "implicit", "wgrad", "dgrad", "gemm", "cutlass", "mm")),
-    ("optimizer", ("multi_tensor", "sgd", "foreach")),
-    ("fused by compile (triton)", ("triton",)),
-    ("copy, index, fill", ("copy", "memcpy", "memset", "index", "gather", "cat", "fill")),
-]
-
-
-def profile_group(name: str) -> str:
-    lowered = name.lower()
-    return next((group for group, keys in PROFILE_GROUPS if any(k in lowered for k in keys)), "other")
-
-
-def profile_epoch(trainer: "Trainer", top: int = 12) -> dict:
-    """Run one training epoch under torch.profiler; returns where the time went: the self time of each GPU
-    kernel (on CUDA) or CPU operator (elsewhere), summed into PROFILE_GROUPS, and the `top` largest."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = trainer.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        trainer.train_epoch()
-    times = {}  # name -> self seconds
-    for event in prof.key_averages():
-        on_device = event.device_type != torch.autograd.DeviceType.CPU
-        if on_device == cuda:
-            seconds = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total) / 1e6
-            if seconds > 0:
-                times[event.key] = times.get(event.key, 0.0) + seconds
-    total = sum(times.values()) or 1.0
-    group_of = {name: profile_group(name) for name in times}
-    groups = {}
-    for name, seconds in times.items():
-        groups[group_of[name]] = groups.get(group_of[name], 0.0) + seconds
-    return {"measured": "GPU kernel time" if cuda else "CPU operator self time", "total_seconds": total,
-            "groups": {g: {"seconds": t, "share": t / total} for g, t in sorted(groups.items(), key=lambda x: -x[1])},
-            "top": [{"name": n, "group": group_of[n], "seconds": t, "share": t / total}
-                    for n, t in sorted(times.items(), key=lambda x: -x[1])[:top]]}
-
-
 def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> CifarData:
     """Random uint8 images and labels of CIFAR's shape: the cost of a step does not depend on pixel values."""
     info = DATASETS[dataset]
@@ -1772,19 +1684,17 @@ def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> Cifa
     return CifarData(*tensors, [str(i) for i in range(info.num_classes)], info)
 
 
-def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3,
-              profile: bool = False) -> dict:
+def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3) -> dict:
     """Time whole training epochs (augmentation, mixing, forward, backward, optimiser) and evaluation.
 
     One full epoch first is the warm-up, timed and reported apart: it holds cuDNN's autotuning, compilation
-    (both batch shapes) and graph capture. Returns seconds per 50,000-image epoch, images/s, evaluation
-    seconds per 10,000 images, peak memory and the share of the measured matmul rate reached (MFU). With
-    profile, one more epoch runs under torch.profiler (see profile_epoch), after the timed ones.
+    (both batch shapes) and graph capture. Returns the measured seconds per epoch and per evaluation, and the
+    same scaled to CIFAR's 50,000 training and 10,000 test images; images/s and peak memory. (FLOPs, MFU and
+    a kernel profile: bench/profile_epoch.py.)
     """
     trainer = Trainer(config, data, log=lambda message: None)
     device = trainer.device
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     trainer.train_epoch()
@@ -1798,30 +1708,21 @@ def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeat
         trainer.evaluate("test")  # ends in a host sync
         eval_seconds.append(time.perf_counter() - start)
 
-    where_time_went = profile_epoch(trainer) if profile else None
-
     n_train, n_test = len(trainer.train_images), len(trainer.test_images)
-    train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2] * 50_000 / n_train
-    eval_10k = sorted(eval_seconds)[len(eval_seconds) // 2] * 10_000 / max(n_test, 1)
-    forward_flops = count_forward_flops(build_model(config))
-    images_per_s = 50_000 / train_epoch
-    matmul_dtype = trainer.amp_dtype or torch.float32
-    peak_rate = measure_matmul_rate(device, matmul_dtype, 8192 if device.type == "cuda" else 1024)
+    train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2]
+    evaluation = sorted(eval_seconds)[len(eval_seconds) // 2]
+    train_50k, eval_10k = train_epoch * 50_000 / n_train, evaluation * 10_000 / max(n_test, 1)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__, "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch,
         "stem": config.stem, "width": config.width, "amp": str(trainer.amp_dtype or "off"),
         "cuda_graphs": trainer.use_graphs, "compile": trainer.use_compile,
-        "warmup_seconds": warmup_seconds, "train_epoch_seconds": train_epoch,
-        "train_epoch_seconds_each": [s * 50_000 / n_train for s in epoch_seconds],
-        "images_per_s": images_per_s, "eval_seconds_per_10k": eval_10k,
-        # an epoch's share of evaluation: the 10,000 test images once per epoch
-        "epoch_with_eval_seconds": train_epoch + eval_10k,
+        "train_images": n_train, "test_images": n_test, "warmup_seconds": warmup_seconds,
+        "measured_train_epoch_seconds": train_epoch, "measured_eval_seconds": evaluation,
+        "train_epoch_seconds": train_50k, "train_epoch_seconds_each": [s * 50_000 / n_train for s in epoch_seconds],
+        "images_per_s": n_train / train_epoch, "eval_seconds_per_10k": eval_10k,
+        "epoch_with_eval_seconds": train_50k + eval_10k,  # a 50,000-image epoch and its 10,000-image evaluation
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-        "forward_gflop_per_image": forward_flops / 1e9, "train_gflop_per_image": 3 * forward_flops / 1e9,
-        "matmul_tflops": peak_rate / 1e12, "matmul_dtype": str(matmul_dtype),
-        "mfu": 3 * forward_flops * images_per_s / peak_rate,
-        "profile": where_time_went,
     }
 
 
@@ -1832,35 +1733,32 @@ def bench_main(argv: list) -> int:
     config = _config_from_args(args)
     config.out_dir = None
     config.validate()
+    if args.bench_epochs < 1:
+        raise UserError(f"--bench-epochs must be at least 1, got {args.bench_epochs}")
+    _set_backend_flags(config)
     if "data_dir" in _given_flags(argv, bench=True):
         data, source = load_dataset(config.data_dir, config.dataset, config.download), "real data"
     else:
         data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
         source = "random data"
-    r = benchmark(config, data, epochs=args.bench_epochs, profile=args.profile)
+    r = benchmark(config, data, epochs=args.bench_epochs)
     print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
-          f"amp {r['amp']}, batch {r['batch_size']}, lr {r['lr']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
+          f"amp {r['amp']}, batch {r['batch_size']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"compile {'on' if r['compile'] else 'off'}, {source}")
-    print(f"warm-up (one epoch + one evaluation: autotuning, compilation, capture): {r['warmup_seconds']:.2f} s")
-    print(f"train: {r['train_epoch_seconds']:.3f} s per 50,000-image epoch ({r['images_per_s']:,.0f} images/s; "
-          f"epochs: {', '.join(f'{s:.3f}' for s in r['train_epoch_seconds_each'])})")
-    print(f"eval: {r['eval_seconds_per_10k']:.3f} s per 10,000 images")
-    print(f"epoch with its evaluation: {r['epoch_with_eval_seconds']:.3f} s; "
-          f"{config.epochs} epochs: {_duration(config.epochs * r['epoch_with_eval_seconds'])}")
+    print(f"warm-up (one epoch and one evaluation"
+          + (": autotuning, compilation, capture" if r["compile"] or r["cuda_graphs"] else "")
+          + f"): {r['warmup_seconds']:.2f} s")
+    scaled = r["train_images"] != 50_000 or r["test_images"] != 10_000
+    print(f"train: {r['measured_train_epoch_seconds']:.3f} s per epoch of {r['train_images']:,} images "
+          f"({r['images_per_s']:,.0f} images/s, the median of {len(r['train_epoch_seconds_each'])} epochs)"
+          + (f"; scaled to 50,000 images: {r['train_epoch_seconds']:.3f} s" if scaled else ""))
+    print(f"eval: {r['measured_eval_seconds']:.3f} s for {r['test_images']:,} images"
+          + (f"; scaled to 10,000: {r['eval_seconds_per_10k']:.3f} s" if scaled else ""))
+    print(f"a 50,000-image epoch with its evaluation: {r['epoch_with_eval_seconds']:.3f} s"
+          + (" (scaled)" if scaled else "") + f"; {config.epochs} epochs: "
+          f"{_duration(config.epochs * r['epoch_with_eval_seconds'])}")
     if r["peak_memory_gib"] is not None:
         print(f"peak GPU memory: {r['peak_memory_gib']:.2f} GiB")
-    print(f"MFU: {r['train_gflop_per_image']:.2f} GFLOP per training image (3 x {r['forward_gflop_per_image']:.2f} "
-          f"forward, convolutions and classifier) x {r['images_per_s']:,.0f} images/s = "
-          f"{r['train_gflop_per_image'] * r['images_per_s'] / 1e3:.1f} TFLOP/s, {r['mfu']:.1%} of the measured "
-          f"{r['matmul_tflops']:.1f} TFLOP/s {r['matmul_dtype'].replace('torch.', '')} matmul rate")
-    if r["profile"]:
-        prof = r["profile"]
-        print(f"profile of one more epoch, {prof['measured']}: {prof['total_seconds']:.3f} s")
-        for group, g in prof["groups"].items():
-            print(f"  {g['share']:6.1%} {g['seconds']:8.3f} s  {group}")
-        print("  largest:")
-        for k in prof["top"]:
-            print(f"  {k['share']:6.1%} {k['seconds']:8.3f} s  [{k['group']}] {k['name'][:110]}")
     print("BENCH_JSON " + json.dumps(r))
     return 0
 
@@ -2049,8 +1947,6 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     if bench:
         g = p.add_argument_group("bench")
         g.add_argument("--bench-epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
-        g.add_argument("--profile", action="store_true",
-                       help="then profile one more epoch: GPU kernel time (CPU operator time without CUDA) by kind")
     return p
 
 
@@ -2120,6 +2016,7 @@ def main(argv: Optional[list] = None) -> int:
             if config.out_dir is None:
                 config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         config.validate()
+        _set_backend_flags(config)
 
         # Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop): finish the step, write
         # last.pt, exit 128 + the signal's number. A second one stops at once.
@@ -2143,6 +2040,12 @@ def main(argv: Optional[list] = None) -> int:
         return _fail(e, 1)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is still whole (each write is atomic)
         return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
+
+
+def _set_backend_flags(config: TrainConfig) -> None:
+    """Process-wide settings, made only by the commands (library callers choose their own)."""
+    if resolve_device(config.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
 
 def _fail(error, code: int) -> int:

@@ -11,7 +11,7 @@ Each measurement runs in its own process, most important first, so that a time b
      the loss curves agree?), and the training command at its defaults (wall time with checkpoints), beside
      the same run through train() without a run folder (so without checkpoints): their difference is what
      checkpointing costs per epoch
-  4. a profile of one epoch at batch 512 (compile + graphs) and at the defaults: GPU time by kind of kernel
+  4. bench/profile_epoch.py at batch 512 (compile + graphs) and at the defaults: MFU, and GPU time by kind of kernel
 Prints a markdown table at the end; each result is also appended to --out as one JSON line as soon as it exists.
 bench/notebook_pipeline.py is an unchanged copy of the team's shared/bench/notebook_pipeline.py.
 """
@@ -39,11 +39,11 @@ BENCH_VARIANTS = [
 # one epoch under torch.profiler each: where the GPU time of the fastest batch-512 setting and of the defaults goes
 # (--epochs 400 at the defaults resolves to batch 128, CUDA graphs and compile: --compile auto)
 PROFILE_VARIANTS = [
-    ("profile b512 compile+graphs", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "on", "--compile",
-                                     "--bench-epochs", "1", "--profile"]),
+    ("profile b512 compile+graphs", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "on", "--compile"]),
     ("profile b128 compile+graphs (the 400-epoch defaults)", ["--batch-size", "128", "--cuda-graphs", "on",
-                                                              "--compile", "--bench-epochs", "1", "--profile"]),
+                                                              "--compile"]),
 ]
+PROFILE = os.path.join(HERE, "profile_epoch.py")
 COMPILE_VARIANTS = [
     ("b512 compile", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "off", "--compile"]),
     ("b512 compile+graphs", ["--batch-size", "512", "--lr", "0.4", "--cuda-graphs", "on", "--compile"]),
@@ -83,6 +83,14 @@ def bench(name, flags, timeout):
     if line is None:
         return {"name": name, "error": f"exit {code}: {out[-1500:]}"}
     return {"name": name, "wall_seconds": wall, **json.loads(line[len("BENCH_JSON "):])}
+
+
+def profile(name, flags, timeout):
+    out, code, wall = run([sys.executable, PROFILE, *flags], timeout)
+    line = next((l for l in out.splitlines() if l.startswith("PROFILE_JSON ")), None)
+    if line is None:
+        return {"name": name, "error": f"exit {code}: {out[-1500:]}"}
+    return {"name": name, "wall_seconds": wall, **json.loads(line[len("PROFILE_JSON "):])}
 
 
 def training_run(name, data_dir, flags, timeout):
@@ -172,12 +180,12 @@ def main():
     for name, flags in PROFILE_VARIANTS:
         compiles = "--compile" in flags and flags[flags.index("--compile") + 1:][:1] != ["off"]
         if left() > 20 and not (args.no_compile and compiles):
-            add(bench(name, flags + args.extra.split(), min(420, left() + 30)))
+            add(profile(name, flags + args.extra.split(), min(420, left() + 30)))
 
     base = next((r["train_epoch_seconds"] for r in results if r["name"] == "notebook pipeline" and "error" not in r),
                 None)
-    print("\n| variant | train s/epoch | + eval s | images/s | x notebook | warm-up s | peak GiB | MFU | 400 epochs |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | train s/epoch | + eval s | images/s | x notebook | warm-up s | peak GiB | 400 epochs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
             print(f"| {r['name']} | failed: {r['error'][-200:]!r} |")
@@ -190,7 +198,7 @@ def main():
             ratio = base / r["epoch_with_eval_seconds"] if base else float("nan")
             print(f"| {r['name']} | {r['train_epoch_seconds']:.3f} | {r['eval_seconds_per_10k']:.3f} | "
                   f"{r['images_per_s']:,.0f} | {ratio:.1f} | {r['warmup_seconds']:.1f} | "
-                  f"{r['peak_memory_gib'] or 0:.2f} | {r['mfu']:.1%} | {400 * r['epoch_with_eval_seconds'] / 60:.1f} min |")
+                  f"{r['peak_memory_gib'] or 0:.2f} | {400 * r['epoch_with_eval_seconds'] / 60:.1f} min |")
     runs = [r for r in results if "train_loss" in r]
     if runs:
         print("\n| real-data run | train_loss per epoch | test_top1 per epoch | steady s/epoch (with eval, checkpoints) |")
@@ -201,8 +209,9 @@ def main():
     for r in results:
         if r.get("profile"):
             prof = r["profile"]
-            print(f"\n{r['name']}: {prof['measured']} {prof['total_seconds']:.3f} s in one epoch (wall "
-                  f"{r['train_epoch_seconds']:.3f} s per epoch when not profiled)")
+            print(f"\n{r['name']}: MFU {r['mfu']:.1%} ({r['images_per_s']:,.0f} images/s, "
+                  f"{r['matmul_tflops']:.0f} TFLOP/s matmul rate); {prof['measured']} {prof['total_seconds']:.3f} s "
+                  f"in one epoch under the profiler")
             for group, g in prof["groups"].items():
                 print(f"  {g['share']:6.1%} {g['seconds']:7.3f} s  {group}")
             for k in prof["top"]:

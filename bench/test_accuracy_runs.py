@@ -1,0 +1,84 @@
+"""Tests of bench/accuracy_runs.py at toy size on the CPU (--smoke): the script itself, not its numbers."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import cifar100_resnet as cr
+from test_cifar100_resnet import metric_rows, stop_on_call, tiny_data_dir  # noqa: F401 (a fixture)
+
+HERE = Path(__file__).resolve().parent
+
+
+def accuracy_runs():
+    sys.path.insert(0, str(HERE))
+    try:
+        import accuracy_runs
+    finally:
+        sys.path.pop(0)
+    return accuracy_runs
+
+
+def test_accuracy_script_resumes_a_stopped_run_and_never_reruns_a_finished_one(tiny_data_dir, tmp_path):
+    ar = accuracy_runs()
+    (name, flags), = [(n, f) for part, n, f in ar.RUNS if part == "full400"]
+    run_dir = tmp_path / "runs" / name
+    cmd = ar.command(flags, str(run_dir), str(tiny_data_dir), smoke=True, resume=False)
+    assert cmd[1] == ar.MODULE and "--compile" not in cmd and ar.planned_epochs(cmd) == ar.SMOKE_EPOCHS
+    config = cr._config_from_args(cr.build_parser().parse_args(cmd[2:]))
+    assert config.batch_size == 32 and config.lr == 0.4 and config.epochs == ar.SMOKE_EPOCHS and config.mixup
+    assert cr.train(config, should_stop=stop_on_call(9)).interrupted  # as if stopped by --budget mid-epoch 2
+    argv = ["full400", "--data-dir", str(tiny_data_dir), "--runs", str(tmp_path / "runs"), "--smoke"]
+    assert ar.main(argv) == 0
+    assert [int(r["epoch"]) for r in metric_rows(run_dir)] == [1, 2, 3]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("$ ") == 1 and " --resume" in log
+    assert ar.main(argv) == 0  # finished: not run again
+    assert (run_dir / "train.log").read_text() == log
+    assert (tmp_path / "runs" / f"{name}_metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
+
+
+def test_accuracy_script_report_tables_every_run_with_its_command(tiny_data_dir, tmp_path):
+    ar = accuracy_runs()
+    assert ar.main(["compare", "report", "--data-dir", str(tiny_data_dir), "--runs", str(tmp_path / "runs"),
+                    "--results", str(tmp_path / "results"), "--smoke"]) == 0
+    table = (tmp_path / "results" / "results.md").read_text()
+    results = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in results] == [name for _, name, _ in ar.planned_runs()]
+    assert "notebook100-nomix" in table and "--epochs 100 --no-mixup" in table
+    for r in results:
+        assert f"`{r['command']}`" in table
+        if r["part"] == "compare":
+            rows = metric_rows(tmp_path / "runs" / r["name"])
+            assert r["epochs_done"] == len(rows) == ar.SMOKE_EPOCHS and r["device"] == "cpu"
+            assert r["top1"] == float(rows[-1]["test_top1"]) and r["wall_seconds"] == float(rows[-1]["elapsed_seconds"])
+            assert r["best_top1"] == max(float(row["test_top1"]) for row in rows)
+            final = json.loads((tmp_path / "results" / f"{r['name']}_eval_tta.json").read_text())
+            assert final["epoch"] == ar.SMOKE_EPOCHS and r["tta_top1"] == final["test"]["tta_top1"]
+            assert final["test"]["top1"] == pytest.approx(r["top1"], rel=1e-7)  # eval agrees with the run
+        else:
+            assert r["epochs_done"] == 0 and f"| {r['name']} | 0/" in table
+    assert (tmp_path / "results" / "compare_curves.png").stat().st_size > 10_000
+    assert not (tmp_path / "results" / "short_curves.png").exists()
+
+
+def test_accuracy_script_compare_epochs_sets_epochs_and_names():
+    ar = accuracy_runs()
+    runs = ar.planned_runs(60)
+    compare = [(name, flags) for part, name, flags in runs if part == "compare"]
+    assert [name for name, _ in compare] == ["notebook60", "notebook60-nomix", "notebook60-t0-50"]
+    assert all(flags[flags.index("--epochs") + 1] == "60" for _, flags in compare)
+    assert [r for r in runs if r[0] != "compare"] == [r for r in ar.planned_runs() if r[0] != "compare"]
+    assert not any("{E}" in name or "{E}" in " ".join(flags) for _, name, flags in runs)
+
+
+def test_accuracy_script_time_to_target_is_the_first_epoch_reaching_it():
+    ar = accuracy_runs()
+    rows = [{"epoch": "1", "test_top1": "0.5", "elapsed_seconds": "10"},
+            {"epoch": "2", "test_top1": "0.76", "elapsed_seconds": "20"},
+            {"epoch": "3", "test_top1": "0.74", "elapsed_seconds": "30"},
+            {"epoch": "4", "test_top1": "0.80", "elapsed_seconds": "40"}]
+    assert ar.first_reaching(rows, "test_top1", 0.75) == (2, 20.0)
+    assert ar.first_reaching(rows, "test_top1", 0.9) == (None, None)
+    assert ar.first_reaching(rows, "test_tta_top1", 0.75) == (None, None)
