@@ -115,53 +115,104 @@ class WriteFailed(Exception):
 # Configuration
 
 
+ARCHITECTURES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}  # BasicBlocks in each of the 4 stages
+COMPILE_AUTO_EPOCHS = 200  # compile + graphs saved 0.35 s per epoch against 30-75 s of compiling (H100)
+
+
+def _setting(default, help: str, group: str, *, check=None, choices=None, flag: Optional[str] = None,
+             shown: Optional[str] = None, display: bool = False, resumable: bool = False, **argparse_kwargs):
+    """One setting, declared once: its default, its --help text and group, its flag (default --field-name;
+    a bool that defaults to True is switched off by --no-...), its choices or a check (predicate,
+    requirement), and how its default reads in --help. display: it changes only what is printed, and is not
+    saved with the run. resumable: a resumed run may change it, since it changes where or how the run is
+    computed or shown, not what."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, group=group, check=check, choices=choices, flag=flag, shown=shown, display=display,
+        resumable=resumable or display, argparse=argparse_kwargs))
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NOT_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_AUTO_ON_OFF = ("auto", "on", "off")
+
+
 @dataclass
 class TrainConfig:
+    """Every setting of a run. The command line's flags, their --help and validate() are made from these
+    declarations (see build_parser)."""
     # --- the notebook's hyperparameters (defaults are its values)
-    epochs: int = 400  # full passes over the training images
-    batch_size: int = 128  # images per optimiser step
-    lr: float = 0.1  # peak learning rate; scale it with the batch size (0.4 at 512 is 0.1 * 512/128)
-    momentum: float = 0.9
-    weight_decay: float = 1e-3  # L2 penalty, applied by SGD
-    decay_norm_and_bias: bool = True  # the notebook decays every parameter, BatchNorm and biases included
-    nesterov: bool = False
-    label_smoothing: float = 0.1  # in [0, 1)
-    mixup: bool = True
-    cutmix: bool = True
-    mixup_alpha: float = 1.0  # Beta(alpha, alpha) for the MixUp weight; 0 switches MixUp off
-    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for the CutMix area; 0 switches CutMix off
-    cutmix_prob: float = 0.5  # with both on, the chance that a batch gets CutMix rather than MixUp
+    epochs: int = _setting(400, "passes over the training set", "recipe", check=_AT_LEAST_1)
+    batch_size: int = _setting(128, "images per optimiser step", "recipe", check=_AT_LEAST_1)
+    lr: float = _setting(0.1, "peak learning rate; scale it with the batch size (0.4 at 512 is 0.1 x 512/128)",
+                         "recipe", check=(lambda v: math.isfinite(v) and v > 0, "positive"))
+    momentum: float = _setting(0.9, "SGD momentum", "recipe", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = _setting(1e-3, "L2 penalty, applied by SGD", "recipe", check=_NOT_NEGATIVE)
+    decay_norm_and_bias: bool = _setting(True, "exempt BatchNorm weights and biases from weight decay (the "
+                                         "notebook decays every parameter)", "recipe", flag="--no-decay-norm-bias",
+                                         shown="every parameter decayed")
+    nesterov: bool = _setting(False, "Nesterov momentum", "recipe")
+    label_smoothing: float = _setting(0.1, "label smoothing of the (mixed) target", "recipe",
+                                      check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    mixup: bool = _setting(True, "switch MixUp off", "recipe", flag="--no-mixup", shown="MixUp on")
+    cutmix: bool = _setting(True, "switch CutMix off", "recipe", flag="--no-cutmix", shown="CutMix on")
+    mixup_alpha: float = _setting(1.0, "Beta(alpha, alpha) for the MixUp weight; 0 switches MixUp off", "recipe",
+                                  check=_NOT_NEGATIVE)
+    cutmix_alpha: float = _setting(1.0, "Beta(alpha, alpha) for the CutMix area; 0 switches CutMix off", "recipe",
+                                   check=_NOT_NEGATIVE)
+    cutmix_prob: float = _setting(0.5, "with both on, the chance that a batch gets CutMix rather than MixUp",
+                                  "recipe", check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
     # --- schedule: cosine annealing with warm restarts, set every step
-    t0: Optional[float] = None  # first cycle in epochs; None ("auto") fits whole cycles into the run
-    t_mult: float = 2.0  # each cycle is t_mult times longer than the one before
-    warmup_epochs: float = 0.0  # linear warm-up from 0 before the first cycle
-    min_lr: float = 0.0  # the rate at the bottom of each cycle (torch's eta_min)
+    t0: Optional[float] = _setting(None, "first cycle in epochs; auto fits whole cycles into --epochs; 50 is the "
+                                   "notebook's", "schedule", shown="auto", metavar="EPOCHS|auto",
+                                   check=(lambda v: v is None or v > 0, "positive or 'auto'"))
+    t_mult: float = _setting(2.0, "each cycle is this many times longer than the one before", "schedule",
+                             check=(lambda v: v >= 1, ">= 1"))
+    warmup_epochs: float = _setting(0.0, "linear warm-up from 0 before the first cycle, in epochs", "schedule")
+    min_lr: float = _setting(0.0, "the rate at the bottom of each cycle (torch's eta_min)", "schedule")
     # --- model
-    arch: str = "resnet34"  # resnet18 | resnet34
-    stem: str = "cifar"  # cifar: 3x3 stride-1 conv, no max-pool | imagenet: torchvision's 7x7/2 + max-pool
-    width: int = 64  # channels of the first stage; stages have width, 2, 4, 8 x width
-    zero_init_residual: bool = False  # start each block's last BatchNorm weight at 0 (the block = its shortcut)
+    arch: str = _setting("resnet34", "network depth", "model", choices=tuple(ARCHITECTURES))
+    stem: str = _setting("cifar", "cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7/2 conv + "
+                         "max-pool (the notebook's)", "model", choices=("cifar", "imagenet"))
+    width: int = _setting(64, "channels of the first stage; the stages have width x 1, 2, 4, 8", "model",
+                          check=_AT_LEAST_1)
+    zero_init_residual: bool = _setting(False, "start each residual block's last BatchNorm weight at 0, so each "
+                                        "block starts as its shortcut (torchvision's option)", "model")
     # --- data
-    dataset: str = "cifar100"  # cifar100 | cifar10
-    data_dir: str = "./data"  # the folder that holds cifar-100-python/ (torchvision's root)
-    download: bool = True  # fetch the official archive when the folder has no data
-    limit_train: int = 0  # keep the first N training images (0: all)
-    limit_test: int = 0  # keep the first N test images (0: all)
-    val_split: int = 0  # hold out the last N training images to choose best.pt without the test set
+    dataset: str = _setting("cifar100", "which CIFAR", "data", choices=tuple(DATASETS))
+    data_dir: str = _setting("./data", "the folder that holds cifar-100-python/ (downloaded there if absent)", "data",
+                             resumable=True)
+    download: bool = _setting(True, "never download; fail if the data is not in --data-dir", "data",
+                              flag="--no-download", shown="download when missing", resumable=True)
+    limit_train: int = _setting(0, "use the first N training images (0: all)", "data", check=_NOT_NEGATIVE)
+    limit_test: int = _setting(0, "use the first N test images (0: all)", "data", check=_NOT_NEGATIVE)
+    val_split: int = _setting(0, "hold out the last N training images; best.pt is then chosen on them, not on the "
+                              "test set", "data", check=_NOT_NEGATIVE)
     # --- running
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    compile: str = "auto"  # auto | on | off: torch.compile the forward pass and loss. auto: on with CUDA for
-    # runs of COMPILE_AUTO_EPOCHS or more, where its 30-75 s are repaid, and off again if compiling fails
-    cuda_graphs: str = "auto"  # auto | on | off: replay each full-batch step as one CUDA graph (auto: on CUDA
-    # unless fp16, whose gradient scaler decides on the host whether to skip a step)
-    seed: int = 0
-    eval_batch_size: int = 1000
-    tta: bool = False  # also report flip test-time augmentation metrics (extra columns, the plain ones stay)
-    out_dir: Optional[str] = None  # run folder; None in library use writes nothing
-    checkpoint_every: int = 20  # also keep ckpt_ep{N}.pt every N epochs (0: never)
-    log_every: int = 100  # a progress line every N batches (0: only per epoch)
-    quiet: bool = False
+    amp: str = _setting("auto", "mixed precision: auto = bf16 where the GPU has it, else fp16 with a gradient "
+                        "scaler; off on CPU", "running", choices=("auto", "bf16", "fp16", "off"))
+    device: str = _setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "running",
+                           resumable=True)
+    compile: str = _setting("auto", f"torch.compile the forward pass and loss (--compile alone: on); auto: on with "
+                            f"CUDA for runs of {COMPILE_AUTO_EPOCHS}+ epochs, where its 30-75 s are repaid, and off "
+                            f"again if compiling fails", "running", choices=_AUTO_ON_OFF, nargs="?", const="on",
+                            resumable=True)
+    cuda_graphs: str = _setting("auto", "replay each full-batch training step as one CUDA graph; auto: on with CUDA "
+                                "unless fp16, whose gradient scaler decides on the host", "running",
+                                choices=_AUTO_ON_OFF, resumable=True)
+    seed: int = _setting(0, "seeds the weights, the data order, the augmentation and the mixing", "running")
+    eval_batch_size: int = _setting(1000, "images per evaluation batch", "running", check=_AT_LEAST_1,
+                                    resumable=True)
+    tta: bool = _setting(False, "also report flip test-time augmentation metrics (extra *_tta_* columns; the plain "
+                         "ones stay, and best.pt is still chosen on them)", "running", resumable=True)
+    # --- output
+    out_dir: Optional[str] = _setting(None, "the run folder; library use without one writes nothing", "output",
+                                      shown="runs/<timestamp> on the command line",
+                                      check=(lambda v: v is None or v.strip() != "", "a folder"), resumable=True)
+    checkpoint_every: int = _setting(20, "also keep ckpt_ep{N}.pt every N epochs (0: never)", "output",
+                                     check=_NOT_NEGATIVE, resumable=True)
+    log_every: int = _setting(100, "a progress line every N batches (0: only the line per epoch)", "output",
+                              check=_NOT_NEGATIVE, display=True)
+    quiet: bool = _setting(False, "print only warnings and errors", "output", display=True)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # compile=True/False, as in library code and checkpoints before 0.2
@@ -173,42 +224,28 @@ class TrainConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in fields})
 
+    def saved(self) -> dict:
+        """The settings a run records (config.json, checkpoints): all but the display ones."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["display"]}
+
     def validate(self) -> None:
         """Raise UserError naming the first invalid setting."""
         self._check_types()
-        checks = [
-            (self.out_dir is None or self.out_dir.strip() != "", "--out-dir must name a folder, got ''"),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.mixup_alpha >= 0, f"--mixup-alpha must be >= 0, got {self.mixup_alpha}"),
-            (self.cutmix_alpha >= 0, f"--cutmix-alpha must be >= 0, got {self.cutmix_alpha}"),
-            (0 <= self.cutmix_prob <= 1, f"--cutmix-prob must be in [0, 1], got {self.cutmix_prob}"),
-            (self.t0 is None or self.t0 > 0, f"--t0 must be positive or 'auto', got {self.t0}"),
-            (self.t_mult >= 1, f"--t-mult must be >= 1, got {self.t_mult}"),
-            (0 <= self.warmup_epochs < self.epochs,
-             f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} epochs"),
-            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}"),
-            (self.arch in ARCHITECTURES, f"--arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}"),
-            (self.stem in ("cifar", "imagenet"), f"--stem must be cifar or imagenet, got {self.stem!r}"),
-            (self.width >= 1, f"--width must be at least 1, got {self.width}"),
-            (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}"),
-            (self.limit_train >= 0, f"--limit-train must be >= 0, got {self.limit_train}"),
-            (self.limit_test >= 0, f"--limit-test must be >= 0, got {self.limit_test}"),
-            (self.val_split >= 0, f"--val-split must be >= 0, got {self.val_split}"),
-            (self.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}"),
-            (self.cuda_graphs in ("auto", "on", "off"), f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}"),
-            (self.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got {self.compile!r}"),
-            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
-            (self.log_every >= 0, f"--log-every must be >= 0, got {self.log_every}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), _flag_of(f)
+            shown = repr(value) if isinstance(value, str) else value
+            choices, check = f.metadata["choices"], f.metadata["check"]
+            if choices and value not in choices:
+                raise UserError(f"{flag} must be one of {', '.join(choices)}, got {shown}")
+            if check and not check[0](value):
+                raise UserError(f"{flag} must be {check[1]}, got {shown}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} "
+                            f"epochs")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
+        device = resolve_device(self.device)  # raises UserError for an unknown or absent device
+        resolve_cuda_graphs(self.cuda_graphs, device, resolve_amp(self.amp, device))
 
     def _check_types(self) -> None:
         """Each value has its field's type (a saved config.json or checkpoint may hold anything)."""
@@ -221,8 +258,13 @@ class TrainConfig:
                 isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected))
             if not ok:
                 raise UserError(f"setting {f.name} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
-        device = resolve_device(self.device)  # raises UserError for an unknown or absent device
-        resolve_cuda_graphs(self.cuda_graphs, device, resolve_amp(self.amp, device))
+
+
+def _flag_of(field: dataclasses.Field) -> str:
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+RESUMABLE_OVERRIDES = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -581,9 +623,6 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
 
 
-ARCHITECTURES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-
-
 def resnet18(num_classes: int = 100, width: int = 64, stem: str = "cifar", zero_init_residual: bool = False) -> ResNet:
     return ResNet(ARCHITECTURES["resnet18"], num_classes, width, stem, zero_init_residual)
 
@@ -702,9 +741,6 @@ def resolve_cuda_graphs(setting: str, device: torch.device, amp_dtype: Optional[
         raise UserError(f"--cuda-graphs on needs a CUDA device and --amp other than fp16 (device {device}, "
                         f"amp {amp_dtype or 'off'})")
     return possible and setting != "off"
-
-
-COMPILE_AUTO_EPOCHS = 200  # compile + graphs saved 0.35 s per epoch against 30-75 s of compiling (H100)
 
 
 def resolve_compile(setting: str, device: torch.device, epochs: int) -> bool:
@@ -974,7 +1010,8 @@ class Trainer:
         bad = int(state.first_bad_step)
         if bad >= 0:
             lr = learning_rate(self.epoch + bad / self.steps_per_epoch, self.config, self.t0)
-            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} (lr {lr:.4g})")
+            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} "
+                                   f"(lr {lr:.4g})")
 
     def check_weights_finite(self, where: str) -> None:
         """Raise TrainingDiverged unless every weight and buffer (BatchNorm statistics too) is finite."""
@@ -997,7 +1034,7 @@ class Trainer:
             partial = dataclasses.asdict(self.partial)
         return {
             "format": "cifar100_resnet", "version": __version__, "run_id": self.run_id,
-            "config": dataclasses.asdict(self.config),
+            "config": self.config.saved(),
             "epoch": self.epoch, "partial_epoch": partial, "best": dict(self.best),
             "history": [dict(row) for row in self.history],
             "model": self.model.state_dict(),
@@ -1533,7 +1570,7 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
     if folder:
         folder.open()
         if not os.path.exists(folder.file("config.json")):
-            record = {**dataclasses.asdict(config), "run_id": trainer.run_id, "t0_resolved": trainer.t0,
+            record = {**config.saved(), "run_id": trainer.run_id, "t0_resolved": trainer.t0,
                       "amp_resolved": str(trainer.amp_dtype or "off"), "cuda_graphs_resolved": trainer.use_graphs,
                       "compile_resolved": trainer.use_compile, **_environment(trainer.device)}
             if branched:
@@ -1836,9 +1873,6 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-# Settings a resumed run may change: they do not alter what is computed, only where and how it is shown.
-RESUMABLE_OVERRIDES = {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every", "out_dir",
-                       "compile", "cuda_graphs", "eval_batch_size", "tta"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1869,9 +1903,12 @@ def _t0_arg(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(f"expected a number of epochs or 'auto', got {text!r}") from None
 
 
+PARSER_GROUPS = {"recipe": "recipe", "schedule": "schedule (cosine annealing with warm restarts, set every step)",
+                 "model": "model", "data": "data", "running": "running", "output": "output"}
+
+
 def build_parser(bench: bool = False) -> argparse.ArgumentParser:
-    """The train command's flags (every default is TrainConfig's); with bench, also the bench command's."""
-    d = TrainConfig()
+    """The train command's flags, made from TrainConfig's declarations; with bench, also the bench command's."""
     p = _Parser(
         prog="cifar100_resnet.py" + (" bench" if bench else ""),
         description=("Time the training step and evaluation on this device, on random data of CIFAR's shape "
@@ -1879,74 +1916,25 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
                      "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
                      "'cifar100_resnet.py bench [flags]' times the training step instead; "
                      "'cifar100_resnet.py plot RUN_DIR...' draws learning curves from metrics.csv; "
-                     "'cifar100_resnet.py eval CHECKPOINT [--tta]' measures saved weights on the test set."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimiser step")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (scale it with the batch size)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--nesterov", action="store_true", default=d.nesterov, help="Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (L2)")
-    g.add_argument("--no-decay-norm-bias", dest="decay_norm_and_bias", action="store_false",
-                   default=d.decay_norm_and_bias, help="exempt BatchNorm weights and biases from weight decay "
-                                                       "(the notebook decays them)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="in [0, 1)")
-    g.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, help="MixUp Beta(alpha, alpha)")
-    g.add_argument("--cutmix-alpha", type=float, default=d.cutmix_alpha, help="CutMix Beta(alpha, alpha)")
-    g.add_argument("--no-mixup", dest="mixup", action="store_false", default=d.mixup, help="switch MixUp off")
-    g.add_argument("--no-cutmix", dest="cutmix", action="store_false", default=d.cutmix, help="switch CutMix off")
-    g.add_argument("--cutmix-prob", type=float, default=d.cutmix_prob,
-                   help="with both on, the chance a batch gets CutMix instead of MixUp")
-    g = p.add_argument_group("schedule (cosine annealing with warm restarts, set every step)")
-    g.add_argument("--t0", type=_t0_arg, default="auto", metavar="EPOCHS|auto",
-                   help="first cycle length; auto fits whole cycles into --epochs; 50 is the notebook's")
-    g.add_argument("--t-mult", type=float, default=d.t_mult, help="cycle length multiplier")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cycle 1")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="rate at the bottom of each cycle")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list(ARCHITECTURES), default=d.arch, help="network depth")
-    g.add_argument("--stem", choices=["cifar", "imagenet"], default=d.stem,
-                   help="cifar: 3x3 stride-1 conv; imagenet: torchvision's 7x7/2 conv + max-pool (the notebook)")
-    g.add_argument("--width", type=int, default=d.width, help="channels of the first stage")
-    g.add_argument("--zero-init-residual", action="store_true", default=d.zero_init_residual,
-                   help="start each residual block's last BatchNorm weight at 0, so each block starts as its "
-                        "shortcut (torchvision's option; often helps large batches)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=list(DATASETS), default=d.dataset, help="which CIFAR")
-    g.add_argument("--data-dir", default=d.data_dir, help="folder holding cifar-100-python/ (downloaded if absent)")
-    g.add_argument("--no-download", dest="download", action="store_false", default=d.download,
-                   help="never download; fail if the data is not in --data-dir")
-    g.add_argument("--limit-train", type=int, default=d.limit_train, help="use the first N training images (0: all)")
-    g.add_argument("--limit-test", type=int, default=d.limit_test, help="use the first N test images (0: all)")
-    g.add_argument("--val-split", type=int, default=d.val_split,
-                   help="hold out the last N training images; best.pt is then chosen on them, not on the test set")
-    g = p.add_argument_group("running")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
-                   help="mixed precision: auto = bf16 where supported, else fp16 with a gradient scaler; off on CPU")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=d.compile,
-                   help=f"torch.compile the forward pass and loss (--compile alone: on). auto: on with CUDA for "
-                        f"runs of {COMPILE_AUTO_EPOCHS}+ epochs, where its 30-75 s are repaid, and off if compiling "
-                        f"fails")
-    g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default=d.cuda_graphs,
-                   help="replay each full-batch training step as one CUDA graph; auto: on with CUDA unless fp16")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds weights, data order, augmentation, mixing")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="images per evaluation batch")
-    g.add_argument("--tta", action="store_true", default=d.tta,
-                   help="also evaluate with flip test-time augmentation (mean logits of each image and its mirror), "
-                        "in extra test_tta_* columns; best.pt is still chosen on the plain metric")
-    g = p.add_argument_group("output")
-    g.add_argument("--out-dir", default=d.out_dir, help="run folder (default: runs/<timestamp>)")
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue a run: from --out-dir's last.pt, or from the checkpoint PATH")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="keep ckpt_ep{N}.pt every N epochs (0: never)")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="a progress line every N batches (0: none)")
-    g.add_argument("--quiet", action="store_true", default=d.quiet, help="print nothing but warnings and errors")
+                     "'cifar100_resnet.py eval CHECKPOINT [--tta]' measures saved weights on the test set."))
+    groups = {key: p.add_argument_group(title) for key, title in PARSER_GROUPS.items()}
+    for f in dataclasses.fields(TrainConfig):
+        m, flag = f.metadata, _flag_of(f)
+        if isinstance(f.default, bool):  # a switch: --name turns an off setting on, --no-name an on one off
+            groups[m["group"]].add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                                            default=f.default, help=f"{m['help']} (default: {m['shown'] or 'off'})")
+            continue
+        shown = m["shown"] or f.default
+        kwargs = {"type": _t0_arg if f.name == "t0" else type(f.default) if f.default is not None else str,
+                  "default": f.default, "help": f"{m['help']} (default: {shown})", **m["argparse"]}
+        if m["choices"]:
+            kwargs["choices"] = list(m["choices"])
+        groups[m["group"]].add_argument(flag, dest=f.name, **kwargs)
+    groups["output"].add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                                  help="continue a run: --out-dir's, or the run folder or checkpoint PATH")
     if bench:
         g = p.add_argument_group("bench")
-        g.add_argument("--bench-epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
+        g.add_argument("--bench-epochs", type=int, default=2, help="timed epochs, after one warm-up epoch (default: 2)")
     return p
 
 

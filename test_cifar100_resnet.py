@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -906,16 +907,54 @@ def test_notebook_schedule_warns_that_the_run_ends_mid_cycle(tiny_data_dir, tmp_
     assert "warning: the schedule ends 1 epochs into a 4-epoch cycle" in r.stderr
 
 
-def test_help_documents_every_flag():
+def flag_actions() -> dict:
+    """dest -> the argparse action of each train flag."""
+    return {a.dest: a for a in cr.build_parser()._actions if a.option_strings}
+
+
+def test_every_setting_has_one_flag_whose_help_names_its_true_default():
+    actions, defaults = flag_actions(), cr.TrainConfig()
+    parsed = vars(cr.build_parser().parse_args([]))
+    for field in cr.dataclasses.fields(cr.TrainConfig):  # every field is a flag: none is library-only
+        action, value = actions[field.name], getattr(defaults, field.name)
+        assert parsed[field.name] == value, field.name  # the flag's default is the dataclass's
+        assert action.help.count("(default: ") == 1, action.help  # stated once
+        shown = action.help.split("(default: ")[1].rstrip(")")
+        if isinstance(value, bool):  # a switch names the state it leaves alone, and flips it
+            assert shown == (field.metadata["shown"] or "off") and (field.metadata["shown"] is not None) == value
+            assert vars(cr.build_parser().parse_args([action.option_strings[0]]))[field.name] is (not value)
+            assert action.option_strings[0].startswith("--no-") == value
+        elif field.metadata["shown"]:
+            assert shown.startswith(field.metadata["shown"].split()[0])
+        else:
+            assert shown == str(value), (field.name, shown)
+        if field.metadata["choices"]:
+            assert list(action.choices) == list(field.metadata["choices"]) and value in action.choices
+    assert set(actions) - {f.name for f in cr.dataclasses.fields(cr.TrainConfig)} == {"help", "resume"}
     text = cr.build_parser().format_help()
-    for field in cr.dataclasses.fields(cr.TrainConfig):
-        flag = {"decay_norm_and_bias": "--no-decay-norm-bias", "mixup": "--no-mixup", "cutmix": "--no-cutmix",
-                "download": "--no-download"}.get(field.name, "--" + field.name.replace("_", "-"))
-        assert flag in text, flag
-    for flag in ("--resume", "--t0 EPOCHS|auto", "(default: auto)"):
-        assert flag in text
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert "(0: only the line per epoch)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
     r = run_cli("--help")
     assert r.returncode == 0 and "--mixup-alpha" in r.stdout
+
+
+def test_validation_comes_from_the_same_declarations():
+    for field in cr.dataclasses.fields(cr.TrainConfig):
+        check, flag = field.metadata["check"], cr._flag_of(field)
+        if check and isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
+            bad = -1 if field.default is not None else None
+            if check[0](bad):
+                continue
+            with pytest.raises(cr.UserError, match=f"^{flag} must be {re.escape(check[1])}, got -1$"):
+                cr.TrainConfig(**{field.name: bad}).validate()
+        if field.metadata["choices"]:
+            with pytest.raises(cr.UserError, match=f"^{flag} must be one of "):
+                cr.TrainConfig(**{field.name: "nonsense"}).validate()
+    # display settings are not saved with a run; resumable ones are those a resume may change
+    saved = cr.TrainConfig().saved()
+    assert "quiet" not in saved and "log_every" not in saved and "epochs" in saved
+    assert cr.RESUMABLE_OVERRIDES == {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every",
+                                      "out_dir", "compile", "cuda_graphs", "eval_batch_size", "tta"}
 
 
 # ----------------------------------------------------------------------------------------------------------
