@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -207,7 +208,8 @@ class TrainConfig:
     # --- output
     out_dir: Optional[str] = _setting(None, "the run folder; library use without one writes nothing", "output",
                                       shown="runs/<timestamp> on the command line",
-                                      check=(lambda v: v is None or v.strip() != "", "a folder"), resumable=True)
+                                      check=(lambda v: v is None or v.strip() != "", "a folder name"),
+                                      resumable=True)
     checkpoint_every: int = _setting(20, "also keep ckpt_ep{N}.pt every N epochs (0: never)", "output",
                                      check=_NOT_NEGATIVE, resumable=True)
     log_every: int = _setting(100, "a progress line every N batches (0: only the line per epoch)", "output",
@@ -533,7 +535,7 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
 
 
 def mixed_cross_entropy(logits: torch.Tensor, labels_a: torch.Tensor, labels_b: Optional[torch.Tensor] = None,
-                        lam=1.0, smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+                        lam=1.0, smoothing: float = 0.0) -> torch.Tensor:
     """Label-smoothed cross-entropy against the mixed target lam * a + (1 - lam) * b.
 
     Smoothing is applied once, to the mixed target: each sample's loss is
@@ -547,7 +549,7 @@ def mixed_cross_entropy(logits: torch.Tensor, labels_a: torch.Tensor, labels_b: 
         nll_b = -logp.gather(1, labels_b[:, None]).squeeze(1)
         nll = nll_b + lam * (nll - nll_b)
     loss = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=1) if smoothing else nll
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+    return loss.mean()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -774,37 +776,46 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,
-             batch_size: int = 1000, amp_dtype: Optional[torch.dtype] = None, tta: bool = False) -> dict:
-    """Exact metrics over every image: loss = mean cross-entropy (no smoothing), top1/top5 = correct / N.
-
-    With tta, also tta_loss/tta_top1/tta_top5: the same metrics of the mean of the logits of each image and
-    its mirror image (flip test-time augmentation), reported beside the plain ones, never instead of them.
-    """
+def predict(model: nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = 1000,
+            amp_dtype: Optional[torch.dtype] = None, tta: bool = False) -> dict:
+    """{"": the float32 logits of every image} and, with tta, {"tta_": the mean of the logits of each image and
+    of its mirror image} (flip test-time augmentation)."""
     was_training = model.training
     model.eval()
-    device = images.device
-    views = ("plain", "tta") if tta else ("plain",)
-    loss_sum = {v: torch.zeros((), device=device) for v in views}
-    correct = {v: torch.zeros(2, dtype=torch.int64, device=device) for v in views}  # top-1, top-5 hits
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    plain, mirrored = [], []
     for start, end in epoch_batches(len(images), batch_size):
-        x, y = normalize(images[start:end]), labels[start:end]
+        x = normalize(images[start:end])
         with autocast:
-            logits = {"plain": model(x).float()}
+            plain.append(model(x).float())
             if tta:
-                logits["tta"] = (logits["plain"] + model(x.flip(3)).float()) / 2
-        for v in views:
-            loss_sum[v] += F.cross_entropy(logits[v], y, reduction="sum")
-            hits = logits[v].topk(min(5, logits[v].shape[1]), dim=1).indices == y[:, None]
-            correct[v][0] += hits[:, 0].sum()
-            correct[v][1] += hits.any(dim=1).sum()
+                mirrored.append(model(x.flip(3)).float())
     model.train(was_training)
-    n = max(len(images), 1)
+    logits = {"": torch.cat(plain)}
+    if tta:
+        logits["tta_"] = (logits[""] + torch.cat(mirrored)) / 2
+    return logits
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> dict:
+    """loss = mean cross-entropy (no smoothing), top1/top5 = correct / N, over every image exactly. The loss is
+    summed batch by batch, in the order the images were evaluated."""
+    loss_sum = torch.zeros((), device=logits.device)
+    for start, end in epoch_batches(len(labels), batch_size):
+        loss_sum += F.cross_entropy(logits[start:end], labels[start:end], reduction="sum")
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    loss, top1, top5 = torch.stack([loss_sum, hits[:, 0].sum(), hits.any(dim=1).sum()]).tolist()  # one host sync
+    n = max(len(labels), 1)
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,
+             batch_size: int = 1000, amp_dtype: Optional[torch.dtype] = None, tta: bool = False) -> dict:
+    """The metrics of every image (classification_metrics); with tta, also tta_loss/tta_top1/tta_top5 of flip
+    test-time augmentation, reported beside the plain ones, never instead of them."""
     result = {"n": len(images)}
-    for v in views:
-        (c1, c5), prefix = correct[v].tolist(), "" if v == "plain" else "tta_"  # the host syncs of an evaluation
-        result.update({f"{prefix}loss": loss_sum[v].item() / n, f"{prefix}top1": c1 / n, f"{prefix}top5": c5 / n})
+    for prefix, logits in predict(model, images, normalize, batch_size, amp_dtype, tta).items():
+        result.update({prefix + k: v for k, v in classification_metrics(logits, labels, batch_size).items()})
     return result
 
 
@@ -812,10 +823,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norma
 class EpochState:
     """What a checkpoint written inside an epoch needs to finish that epoch exactly."""
     data_rng_at_start: torch.Tensor  # the data generator's state when the epoch began (replays its order)
+    loss_sum: torch.Tensor  # sum over done batches of loss * batch size (0-d, on the device)
+    first_bad_step: torch.Tensor  # -1, or the first step whose loss was not finite (0-d, on the device)
     step: int = 0  # batches done
-    loss_sum: Optional[torch.Tensor] = None  # sum over done batches of loss * batch size (on the device)
     seen: int = 0  # images done
-    first_bad_step: Optional[torch.Tensor] = None  # -1, or the first step whose loss was not finite
     seconds: float = 0.0  # training time spent in this epoch so far
 
 
@@ -856,15 +867,14 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.t0 = resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0)
 
-        splits = {name: (images.to(self.device), labels.to(self.device))
-                  for name, (images, labels) in split_data(data, config).items()}
-        (self.train_images, self.train_labels), (self.val_images, self.val_labels) = splits["train"], splits["val"]
-        self.test_images, self.test_labels = splits["test"]
+        # "train", "val", "test": (uint8 images, labels) on the device
+        self.splits = {name: (images.to(self.device), labels.to(self.device))
+                       for name, (images, labels) in split_data(data, config).items()}
+        self.n_train = len(self.splits["train"][0])
         self.normalize = Normalizer(data.info.mean, data.info.std, self.device, channels_last=cuda)
-        if config.batch_size > len(self.train_images):
-            raise UserError(f"--batch-size {config.batch_size} is larger than the training set "
-                            f"({len(self.train_images)} images)")
-        self.batches = epoch_batches(len(self.train_images), config.batch_size)
+        if config.batch_size > self.n_train:
+            raise UserError(f"--batch-size {config.batch_size} is larger than the training set ({self.n_train} images)")
+        self.batches = epoch_batches(self.n_train, config.batch_size)
 
         torch.manual_seed(config.seed)  # the model's initial weights
         self.model = build_model(config).to(self.device)
@@ -961,17 +971,16 @@ class Trainer:
         cfg, dev = self.config, self.device
         state = self.partial
         if state is None:
-            state = EpochState(self.data_rng.get_state())
+            state = EpochState(self.data_rng.get_state(), loss_sum=torch.zeros((), device=dev),
+                               first_bad_step=torch.full((), -1, dtype=torch.int64, device=dev))
         else:
             self.data_rng.set_state(state.data_rng_at_start)  # replays this epoch's order and augmentation
-        if state.loss_sum is None:
-            state.loss_sum = torch.zeros((), device=dev)
-            state.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
         self.partial = None
 
-        order = torch.randperm(len(self.train_images), generator=self.data_rng, device=dev)
-        images = random_flip(random_crop(self.train_images[order], generator=self.data_rng), generator=self.data_rng)
-        labels = self.train_labels[order]
+        train_images, train_labels = self.splits["train"]
+        order = torch.randperm(self.n_train, generator=self.data_rng, device=dev)
+        images = random_flip(random_crop(train_images[order], generator=self.data_rng), generator=self.data_rng)
+        labels = train_labels[order]
 
         self.model.train()
         started = time.perf_counter() - state.seconds
@@ -1004,7 +1013,7 @@ class Trainer:
         self._check_finite(state)
         self.epoch += 1
         return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": state.loss_sum.item() / state.seen,
-                "train_seconds": seconds, "images_per_s": len(self.train_images) / seconds}
+                "train_seconds": seconds, "images_per_s": self.n_train / seconds}
 
     def _check_finite(self, state: EpochState) -> None:
         bad = int(state.first_bad_step)
@@ -1022,7 +1031,7 @@ class Trainer:
             raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
     def evaluate(self, split: str = "test") -> dict:
-        images, labels = (self.test_images, self.test_labels) if split == "test" else (self.val_images, self.val_labels)
+        images, labels = self.splits[split]
         return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
                         tta=self.config.tta)
 
@@ -1586,7 +1595,7 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
             f"{config.epochs} epochs; nothing to train")
         return TrainResult(trainer.model, [], config.out_dir)
     log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
-        f"{config.stem} stem) on {len(trainer.train_images)} {config.dataset} images, device {trainer.device}, "
+        f"{config.stem} stem) on {trainer.n_train} {config.dataset} images, device {trainer.device}, "
         f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
         f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
         f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
@@ -1745,7 +1754,7 @@ def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeat
         trainer.evaluate("test")  # ends in a host sync
         eval_seconds.append(time.perf_counter() - start)
 
-    n_train, n_test = len(trainer.train_images), len(trainer.test_images)
+    n_train, n_test = trainer.n_train, len(trainer.splits["test"][0])
     train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2]
     evaluation = sorted(eval_seconds)[len(eval_seconds) // 2]
     train_50k, eval_10k = train_epoch * 50_000 / n_train, evaluation * 10_000 / max(n_test, 1)
@@ -1859,9 +1868,20 @@ def plot_main(argv: list) -> int:
     return 0
 
 
+class RunWarning(UserWarning):
+    """Something about a run worth knowing (a schedule that ends mid-cycle, a compile fallback). The commands
+    show each as one 'warning:' line, even with --quiet; library callers filter them like any warning."""
+
+
 def warn(message: str) -> None:
-    """Warnings go to stderr and are shown even with --quiet."""
-    print(f"warning: {message}", file=sys.stderr)
+    warnings.warn(message, RunWarning, stacklevel=2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, RunWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 def _duration(seconds: float) -> str:
@@ -1985,7 +2005,12 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
 def main(argv: Optional[list] = None) -> int:
     """The command line. Returns the exit code: 0 done, 1 diverged or a file could not be written, 2 bad input,
     130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt written."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():  # restores the process's warning display afterwards
+        warnings.showwarning = _show_warning
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list) -> int:
     command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot", "eval") else "train"
     stop_requested = []
     try:

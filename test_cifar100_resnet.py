@@ -639,9 +639,9 @@ def test_compile_auto_trains_on_uncompiled_when_compiling_fails(monkeypatch, cap
 
     monkeypatch.setattr(cr, "resolve_compile", lambda setting, device, epochs: setting != "off")
     monkeypatch.setattr(cr.torch, "compile", failing_compile)
-    fallback = cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
-    err = capsys.readouterr().err
-    assert "warning: torch.compile failed (RuntimeError: backend compiler failed); training on" in err
+    with pytest.warns(cr.RunWarning, match=r"torch.compile failed \(RuntimeError: backend compiler failed\); "
+                                           r"training on"):
+        fallback = cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
     assert [r["train_loss"] for r in fallback.history] == [r["train_loss"] for r in plain.history]
     assert_same_tensors(fallback.model.state_dict(), plain.model.state_dict())
     with pytest.raises(RuntimeError, match="backend compiler failed"):  # on: no silent fallback
@@ -671,7 +671,8 @@ def test_compiled_step_matches_eager_step_on_cpu():
     data = synthetic_data(n_train=80, n_test=16)  # 2 full batches and a partial one (its own compiled graph)
     eager, compiled = (cr.Trainer(dataclasses.replace(cfg, compile=c), data) for c in ("off", "on"))
     assert compiled.use_compile and not eager.use_compile
-    x, y = eager.normalize(eager.train_images[:32]), eager.train_labels[:32]
+    images, labels = eager.splits["train"]
+    x, y = eager.normalize(images[:32]), labels[:32]
     losses = []
     for trainer in (eager, compiled):
         loss = trainer.forward_loss(x, y, y.flip(0), torch.tensor(0.7))

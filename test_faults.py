@@ -473,7 +473,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--device", "tpu"], "--device"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--compile", "maybe"], "invalid choice"), (["--cuda-graphs", "on"], "--cuda-graphs on needs"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--log-every", "-1"], "--log-every"),
-    (["--eval-batch-size", "0"], "--eval-batch-size"), (["--out-dir", ""], "--out-dir must name a folder"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"), (["--out-dir", ""], "--out-dir must be a folder name"),
     (["--epoch", "3"], "did you mean --epochs?"), (["--learning-rate", "0.1"], "unrecognized arguments"),
     (["--bogus"], "unrecognized arguments: --bogus"), (["stray"], "unrecognized arguments: stray"),
     (["--out-dir", "{R}"], "holds another run"), (["--out-dir", "{S}/stopped"], "pass --resume to continue it"),

@@ -94,7 +94,7 @@ def measure(config: cr.TrainConfig, data: cr.CifarData, epochs_timed: int = 1, p
     trainer = cr.Trainer(config, data, log=lambda message: None)
     trainer.train_epoch()  # warm-up: autotuning, compilation, capture
     seconds = [trainer.train_epoch()["train_seconds"] for _ in range(epochs_timed)]
-    n_train = len(trainer.train_images)
+    n_train = trainer.n_train
     images_per_s = n_train / sorted(seconds)[len(seconds) // 2]
     dtype = trainer.amp_dtype or torch.float32
     rate = measure_matmul_rate(trainer.device, dtype, 8192 if trainer.device.type == "cuda" else 1024)
