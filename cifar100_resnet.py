@@ -231,7 +231,7 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["display"]}
 
     def validate(self) -> None:
-        """Raise UserError naming the first invalid setting."""
+        """Raise UserError naming the first invalid value (what this machine offers: resolve())."""
         self._check_types()
         for f in dataclasses.fields(self):
             value, flag = getattr(self, f.name), _flag_of(f)
@@ -246,8 +246,6 @@ class TrainConfig:
                             f"epochs")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
-        device = resolve_device(self.device)  # raises UserError for an unknown or absent device
-        resolve_cuda_graphs(self.cuda_graphs, device, resolve_amp(self.amp, device))
 
     def _check_types(self) -> None:
         """Each value has its field's type (a saved config.json or checkpoint may hold anything)."""
@@ -765,6 +763,32 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+@dataclass(frozen=True)
+class Environment:
+    """What a run's settings became on this machine: decided once by resolve(), read by the run, recorded in
+    config.json."""
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # None: float32
+    compile: bool
+    cuda_graphs: bool
+    t0: float  # the first cycle, in epochs
+
+    def record(self) -> dict:
+        return {"device_resolved": str(self.device), "amp_resolved": str(self.amp_dtype or "off"),
+                "compile_resolved": self.compile, "cuda_graphs_resolved": self.cuda_graphs, "t0_resolved": self.t0}
+
+
+def resolve(config: TrainConfig) -> Environment:
+    """Check config's values, then decide its auto settings here. Raises UserError for an invalid value or
+    what this machine cannot do (an absent device, CUDA graphs with fp16)."""
+    config.validate()
+    device = resolve_device(config.device)
+    amp_dtype = resolve_amp(config.amp, device)
+    return Environment(device, amp_dtype, resolve_compile(config.compile, device, config.epochs),
+                       resolve_cuda_graphs(config.cuda_graphs, device, amp_dtype),
+                       resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0))
+
+
 def _sync(device: torch.device) -> None:
     """Wait for the device's queued work (before reading a host clock)."""
     if device.type == "cuda":
@@ -859,13 +883,12 @@ class CapturedStep:
 class Trainer:
     """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time."""
 
-    def __init__(self, config: TrainConfig, data: CifarData, log: Callable[[str], None] = print):
-        config.validate()
+    def __init__(self, config: TrainConfig, data: CifarData, log: Callable[[str], None] = print,
+                 env: Optional[Environment] = None):
+        self.env = env or resolve(config)  # train() resolves once and passes it on
         self.config, self.log = config, log
-        self.device = resolve_device(config.device)
-        self.amp_dtype = resolve_amp(config.amp, self.device)
+        self.device, self.amp_dtype, self.t0 = self.env.device, self.env.amp_dtype, self.env.t0
         cuda = self.device.type == "cuda"
-        self.t0 = resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0)
 
         # "train", "val", "test": (uint8 images, labels) on the device
         self.splits = {name: (images.to(self.device), labels.to(self.device))
@@ -888,14 +911,14 @@ class Trainer:
         self.mix_rng = torch.Generator().manual_seed(config.seed + 2)
         # dynamic=False: the last, smaller batch gets its own specialised graph instead of turning every
         # batch size into a symbol (slower kernels)
-        self.use_compile = resolve_compile(config.compile, self.device, config.epochs)
+        self.use_compile = self.env.compile  # may turn off if compiling fails under --compile auto
         if self.use_compile and self.device.type == "cpu":
             warn("--compile on the CPU is not what it is for and not trusted: with torch 2.14 on an AMD EPYC it "
                  "computed a wrong weight gradient for the strided 1x1 shortcut convolutions (eager is right)")
         self.forward_loss = torch.compile(self._forward_loss, dynamic=False) if self.use_compile else self._forward_loss
         # under --compile auto the first compiled step is a trial: if compiling fails, train on without it
         self.compile_on_trial = self.use_compile and config.compile == "auto"
-        self.use_graphs = resolve_cuda_graphs(config.cuda_graphs, self.device, self.amp_dtype)
+        self.use_graphs = self.env.cuda_graphs
         self.captured: Optional[CapturedStep] = None
         self.eager_steps = 0
         # with graphs the rate must live on the device, where the recorded SGD kernel reads it each replay
@@ -1054,7 +1077,6 @@ class Trainer:
         }
 
     def load_state_dict(self, ckpt: dict, path: str = "the checkpoint") -> None:
-        check_architecture(ckpt, self.config)
         load_weights(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])  # new momentum tensors: a captured graph is stale
         _match_param_layout(self.optimizer)
@@ -1212,9 +1234,10 @@ def load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
     for name in sorted(set(ours) | set(theirs)):
         if name not in theirs or name not in ours:
             where = "missing from" if name not in theirs else "unexpected in"
-            raise UserError(f"the weights in {path} do not fit their own config: {name} {where} the checkpoint")
+            raise UserError(f"the weights in {path} do not fit the model of its settings: {name} {where} the "
+                            f"checkpoint")
         if ours[name].shape != theirs[name].shape:
-            raise UserError(f"the weights in {path} do not fit their own config: {name} has shape "
+            raise UserError(f"the weights in {path} do not fit the model of its settings: {name} has shape "
                             f"{tuple(theirs[name].shape)}, the model built from it {tuple(ours[name].shape)}")
     model.load_state_dict(theirs)
 
@@ -1469,23 +1492,39 @@ def _position(ckpt: dict) -> tuple:
     return ckpt["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
 
 
-def _resume_source(resume: str, folder: Optional[RunFolder]):
-    """(checkpoint or None, its path, run identity) of what `resume` names: a checkpoint file, or a run folder
-    (its last.pt; a run stopped before its first checkpoint starts again from its config.json)."""
-    if os.path.isdir(resume):
-        source = RunFolder(resume)
-        last = source.file("last.pt")
-        if os.path.exists(last):
-            resume = last
-        elif source.saved_config() is not None:
-            if folder is None or os.path.realpath(folder.path) != os.path.realpath(resume):
-                raise UserError(f"{resume} holds a run stopped before its first checkpoint: nothing to branch from")
-            return None, None, source.run_identity()
-        else:
-            raise UserError(f"{resume} holds no run to resume (no last.pt or config.json)")
-    ckpt = load_checkpoint(resume)
-    identity = ckpt.get("run_id") or ("folder", os.path.realpath(os.path.dirname(os.path.abspath(resume))))
-    return ckpt, resume, identity
+@dataclass
+class ResumePoint:
+    """Where a run continues from, read once: a checkpoint and its path (both None for a run stopped before
+    its first checkpoint, which starts again from its config.json), the run it belongs to, its settings, and
+    the folder it continues in by default."""
+    ckpt: Optional[dict]
+    path: Optional[str]
+    identity: object  # the run's id; before 0.3 ("folder", its path)
+    settings: dict
+    folder: str
+
+
+def find_resume(resume: str, out_dir: Optional[str] = None) -> ResumePoint:
+    """What `resume` names: a checkpoint file; a run folder (its last.pt, or its config.json when it stopped
+    before its first checkpoint); or, when empty, the run in out_dir."""
+    if resume and not os.path.isdir(resume):
+        ckpt = load_checkpoint(resume)
+        folder = os.path.dirname(os.path.abspath(resume))
+        return ResumePoint(ckpt, resume, ckpt.get("run_id") or ("folder", os.path.realpath(folder)),
+                           ckpt["config"], folder)
+    source = resume or out_dir
+    if not source:
+        raise UserError("--resume without a PATH continues the run in --out-dir: pass --out-dir")
+    run = RunFolder(source)
+    if os.path.exists(run.file("last.pt")):
+        point = find_resume(run.file("last.pt"))
+        point.folder = source
+        return point
+    if run.saved_config() is None:
+        raise UserError(f"{source} holds no run to resume (no last.pt or config.json)")
+    if out_dir and os.path.realpath(out_dir) != os.path.realpath(source):
+        raise UserError(f"{source} holds a run stopped before its first checkpoint: nothing to branch from")
+    return ResumePoint(None, None, run.run_identity(), run.saved_config(), source)
 
 
 def _check_resume_target(folder: RunFolder, ckpt: Optional[dict], path: Optional[str], identity) -> bool:
@@ -1507,22 +1546,24 @@ def _check_resume_target(folder: RunFolder, ckpt: Optional[dict], path: Optional
 
 
 def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
-          resume: Optional[str] = None, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+          resume=None, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
     """Train per `config`; with config.out_dir, write the run folder.
 
     resume: a checkpoint to continue (into config.out_dir: the folder it came from, or an empty one to branch
-    off), or a run folder to continue (its last.pt; a run stopped before its first checkpoint starts again).
+    off), a run folder to continue (its last.pt; a run stopped before its first checkpoint starts again), or
+    a ResumePoint that find_resume() made of either.
     Nothing is created before the settings, the checkpoint and the data have been read and checked.
     should_stop() is polled after every step; when it returns True, last.pt is written at that exact
     position (mid-epoch) and the result says interrupted.
     """
-    config.validate()
+    env = resolve(config)
     if config.quiet:
         log = lambda message: None  # noqa: E731
     folder = RunFolder(config.out_dir) if config.out_dir else None
     ckpt, path, identity, branched = None, None, None, False
     if resume:
-        ckpt, path, identity = _resume_source(resume, folder)
+        point = resume if isinstance(resume, ResumePoint) else find_resume(resume, config.out_dir)
+        ckpt, path, identity = point.ckpt, point.path, point.identity
         if ckpt is not None:
             check_architecture(ckpt, config)
         if folder:
@@ -1535,7 +1576,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         folder.check_writable()
     if data is None:
         data = load_dataset(config.data_dir, config.dataset, config.download)
-    trainer = Trainer(config, data, log)
+    trainer = Trainer(config, data, log, env)
     if ckpt is not None:
         trainer.load_state_dict(ckpt, path)
         if "history" not in ckpt:  # a checkpoint before 0.3: its rows are in metrics.csv beside it
@@ -1579,9 +1620,8 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
     if folder:
         folder.open()
         if not os.path.exists(folder.file("config.json")):
-            record = {**config.saved(), "run_id": trainer.run_id, "t0_resolved": trainer.t0,
-                      "amp_resolved": str(trainer.amp_dtype or "off"), "cuda_graphs_resolved": trainer.use_graphs,
-                      "compile_resolved": trainer.use_compile, **_environment(trainer.device)}
+            record = {**config.saved(), "run_id": trainer.run_id, **trainer.env.record(),
+                      **_environment(trainer.device)}
             if branched:
                 record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
                                            "run_id": ckpt.get("run_id")}
@@ -1671,15 +1711,15 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     config.device = device
     if limit_test is not None:
         config.limit_test = limit_test
-    config.validate()
-    dev = resolve_device(device)
+    env = resolve(config)
+    dev = env.device
     if data is None:
         data = load_dataset(data_dir or config.data_dir, config.dataset, download)
     model = build_model(config)
     load_weights(model, ckpt, path)
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
     normalize = Normalizer(data.info.mean, data.info.std, dev, channels_last=dev.type == "cuda")
-    amp_dtype = resolve_amp(config.amp, dev)
+    amp_dtype = env.amp_dtype
     result = {"checkpoint": path, "epoch": ckpt["epoch"], "partial_epoch": ckpt.get("partial_epoch") is not None}
     splits = split_data(data, config)
     for split in ("test", "val") if config.val_split else ("test",):
@@ -1730,7 +1770,8 @@ def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> Cifa
     return CifarData(*tensors, [str(i) for i in range(info.num_classes)], info)
 
 
-def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3) -> dict:
+def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3,
+              env: Optional[Environment] = None) -> dict:
     """Time whole training epochs (augmentation, mixing, forward, backward, optimiser) and evaluation.
 
     One full epoch first is the warm-up, timed and reported apart: it holds cuDNN's autotuning, compilation
@@ -1738,7 +1779,7 @@ def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeat
     same scaled to CIFAR's 50,000 training and 10,000 test images; images/s and peak memory. (FLOPs, MFU and
     a kernel profile: bench/profile_epoch.py.)
     """
-    trainer = Trainer(config, data, log=lambda message: None)
+    trainer = Trainer(config, data, log=lambda message: None, env=env)
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1778,16 +1819,16 @@ def bench_main(argv: list) -> int:
     args = parser.parse_args(argv)
     config = _config_from_args(args)
     config.out_dir = None
-    config.validate()
+    env = resolve(config)
     if args.bench_epochs < 1:
         raise UserError(f"--bench-epochs must be at least 1, got {args.bench_epochs}")
-    _set_backend_flags(config)
+    _set_backend_flags()
     if "data_dir" in _given_flags(argv, bench=True):
         data, source = load_dataset(config.data_dir, config.dataset, config.download), "real data"
     else:
         data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
         source = "random data"
-    r = benchmark(config, data, epochs=args.bench_epochs)
+    r = benchmark(config, data, epochs=args.bench_epochs, env=env)
     print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
           f"amp {r['amp']}, batch {r['batch_size']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"compile {'on' if r['compile'] else 'off'}, {source}")
@@ -1970,36 +2011,23 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(vars(args))
 
 
-def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, str]:
+def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, ResumePoint]:
     """The run's saved settings plus the flags a resume may change (refusing flags that would alter the run),
-    and what to resume: a checkpoint file, or a run folder (--resume alone: --out-dir's)."""
-    if args.resume and not os.path.isdir(args.resume):
-        source, out_dir = args.resume, args.out_dir or os.path.dirname(os.path.abspath(args.resume))
-        saved = load_checkpoint(source)["config"]
-    else:
-        source = args.resume or args.out_dir
-        if not source:
-            raise UserError("--resume without a PATH continues the run in --out-dir: pass --out-dir")
-        out_dir, folder = args.out_dir or source, RunFolder(source)
-        if os.path.exists(folder.file("last.pt")):
-            saved = load_checkpoint(folder.file("last.pt"))["config"]
-        elif folder.saved_config() is not None:  # stopped before its first checkpoint: start it again
-            saved = folder.saved_config()
-        else:
-            raise UserError(f"{source} holds no run to resume (no last.pt or config.json)")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    and the point it resumes from."""
+    point = find_resume(args.resume, args.out_dir)
+    saved, fields = point.settings, {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         TrainConfig.from_dict(saved)._check_types()
     except UserError as e:
-        raise UserError(f"{source} holds settings this module cannot use: {e}") from None
+        raise UserError(f"{point.path or point.folder} holds settings this module cannot use: {e}") from None
     changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES and v != saved.get(k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
         raise UserError(f"a resumed run keeps its settings; these differ: {flags}")
-    saved = {k: v for k, v in saved.items() if k in fields}
-    saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
-    saved["out_dir"] = out_dir
-    return TrainConfig.from_dict(saved), source
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+    values["out_dir"] = args.out_dir or point.folder
+    return TrainConfig.from_dict(values), point
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -2028,8 +2056,7 @@ def _main(argv: list) -> int:
             config, resume = _config_from_args(args), None
             if config.out_dir is None:
                 config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        config.validate()
-        _set_backend_flags(config)
+        _set_backend_flags()
 
         # Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop): finish the step, write
         # last.pt, exit 128 + the signal's number. A second one stops at once.
@@ -2055,10 +2082,9 @@ def _main(argv: list) -> int:
         return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
 
 
-def _set_backend_flags(config: TrainConfig) -> None:
+def _set_backend_flags() -> None:
     """Process-wide settings, made only by the commands (library callers choose their own)."""
-    if resolve_device(config.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels (CUDA only)
 
 
 def _fail(error, code: int) -> int:

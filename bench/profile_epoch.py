@@ -90,8 +90,9 @@ def profile_epoch(trainer: cr.Trainer, top: int = 12) -> dict:
                     for n, t in sorted(times.items(), key=lambda x: -x[1])[:top]]}
 
 
-def measure(config: cr.TrainConfig, data: cr.CifarData, epochs_timed: int = 1, profile: bool = True) -> dict:
-    trainer = cr.Trainer(config, data, log=lambda message: None)
+def measure(config: cr.TrainConfig, data: cr.CifarData, env: cr.Environment, epochs_timed: int = 1,
+            profile: bool = True) -> dict:
+    trainer = cr.Trainer(config, data, log=lambda message: None, env=env)
     trainer.train_epoch()  # warm-up: autotuning, compilation, capture
     seconds = [trainer.train_epoch()["train_seconds"] for _ in range(epochs_timed)]
     n_train = trainer.n_train
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         args = cr.build_parser().parse_args(argv)
         config = cr.TrainConfig.from_dict(vars(args))
         config.out_dir = None
-        config.validate()
+        env = cr.resolve(config)
         if "--data-dir" in argv:
             data = cr.load_dataset(config.data_dir, config.dataset, config.download)
         else:
@@ -128,9 +129,8 @@ def main(argv=None) -> int:
     except cr.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cr.resolve_device(config.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the training command sets it
-    r = measure(config, data, epochs_timed, profile)
+    torch.backends.cudnn.benchmark = True  # as the training command sets it
+    r = measure(config, data, env, epochs_timed, profile)
     print(f"{r['arch']} width {r['width']} on {r['device']}, torch {r['torch']}, {r['amp']}, batch {r['batch_size']}, "
           f"cuda graphs {'on' if r['cuda_graphs'] else 'off'}, compile {'on' if r['compile'] else 'off'}")
     print(f"{r['train_gflop_per_image']:.2f} GFLOP per training image (3 x {r['forward_gflop_per_image']:.2f} forward) "
