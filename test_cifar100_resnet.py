@@ -79,6 +79,15 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data_dir, tmp_path_factory) -> Path:
+    """The default tiny run (tiny_args: 2 epochs), trained once for the tests that only read it or compare
+    with it."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out)) == 0
+    return out
+
+
 def tiny_args(data_dir, out_dir, *extra):
     """CLI flags for a run of seconds: resnet18 of width 4, batches of 32, 2 epochs."""
     return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--arch", "resnet18", "--width", "4",
@@ -761,15 +770,14 @@ def test_cli_writes_every_output(tiny_data_dir, tmp_path):
     model.load_state_dict(best["model"])
 
 
-def test_cli_tta_adds_columns_and_changes_nothing_else(tiny_data_dir, tmp_path):
-    assert cr.main(tiny_args(tiny_data_dir, tmp_path / "plain")) == 0
+def test_cli_tta_adds_columns_and_changes_nothing_else(tiny_data_dir, tiny_run, tmp_path):
     assert cr.main(tiny_args(tiny_data_dir, tmp_path / "tta", "--tta")) == 0
-    plain, tta = metric_rows(tmp_path / "plain"), metric_rows(tmp_path / "tta")
+    plain, tta = metric_rows(tiny_run), metric_rows(tmp_path / "tta")
     for a, b in zip(plain, tta):
         assert [a[k] for k in DETERMINISTIC_COLUMNS] == [b[k] for k in DETERMINISTIC_COLUMNS]
         assert a["test_tta_top1"] == "" and 0 <= float(b["test_tta_top1"]) <= float(b["test_tta_top5"]) <= 1
         assert float(b["test_tta_loss"]) > 0 and b["val_tta_top1"] == ""
-    assert_same_tensors(model_tensors(tmp_path / "plain" / "last.pt"), model_tensors(tmp_path / "tta" / "last.pt"))
+    assert_same_tensors(model_tensors(tiny_run / "last.pt"), model_tensors(tmp_path / "tta" / "last.pt"))
 
 
 def test_eval_of_a_checkpoint_equals_what_the_run_measured(tiny_data_dir, tmp_path, capsys):
@@ -809,9 +817,8 @@ def test_cli_progress_output(tiny_data_dir, tmp_path):
         assert field in epoch_lines[0]
 
 
-def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tmp_path, capsys):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cr.main(tiny_args(tiny_data_dir, straight)) == 0
+def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tiny_run, tmp_path, capsys):
+    straight, split = tiny_run, tmp_path / "split"
     assert cr.main(tiny_args(tiny_data_dir, split, "--epochs", "1")) == 0
     # a one-epoch run has a different schedule: resume refuses to change it ...
     assert cr.main(tiny_args(tiny_data_dir, split, "--resume")) == 2
@@ -961,9 +968,8 @@ def test_validation_comes_from_the_same_declarations():
 # Bad input: one message, exit code 2, nothing overwritten
 
 
-def test_out_dir_holding_another_run_is_refused_and_untouched(tiny_data_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cr.main(tiny_args(tiny_data_dir, out)) == 0
+def test_out_dir_holding_another_run_is_refused_and_untouched(tiny_data_dir, tiny_run, capsys):
+    out = tiny_run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code = cr.main(tiny_args(tiny_data_dir, out, "--lr", "0.05"))
     err = capsys.readouterr().err
