@@ -9,9 +9,9 @@
 One self-contained module (torch, torchvision, numpy): its own ResNet-18/34, the official CIFAR files read
 without running pickled code, the whole dataset resident on the training device, crop/flip/MixUp/CutMix as
 batch tensor functions, label-smoothed cross-entropy on mixed targets, SGD with per-step cosine annealing
-with warm restarts, mixed precision, exact top-1/top-5 evaluation, a run folder with config.json,
-metrics.csv and atomic checkpoints, and bit-exact resume. Measured results are in README.md, each with the
-command and machine that produced it.
+with warm restarts, mixed precision, exact top-1/top-5 evaluation, a run folder (config.json, metrics.csv,
+checkpoints) that a kill at any moment leaves whole, and bit-exact resume. Measured results are in
+README.md, each with the command and machine that produced it.
 
 Library use:
 
