@@ -121,15 +121,16 @@ COMPILE_AUTO_EPOCHS = 200  # compile + graphs saved 0.35 s per epoch against 30-
 
 
 def _setting(default, help: str, group: str, *, check=None, choices=None, flag: Optional[str] = None,
-             shown: Optional[str] = None, display: bool = False, resumable: bool = False, **argparse_kwargs):
+             shown: Optional[str] = None, display: bool = False, resumable: bool = False,
+             library_only: bool = False, **argparse_kwargs):
     """One setting, declared once: its default, its --help text and group, its flag (default --field-name;
     a bool that defaults to True is switched off by --no-...), its choices or a check (predicate,
     requirement), and how its default reads in --help. display: it changes only what is printed, and is not
     saved with the run. resumable: a resumed run may change it, since it changes where or how the run is
-    computed or shown, not what."""
+    computed or shown, not what. library_only: no flag (the command line sets it another way)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, group=group, check=check, choices=choices, flag=flag, shown=shown, display=display,
-        resumable=resumable or display, argparse=argparse_kwargs))
+        resumable=resumable or display, library_only=library_only, argparse=argparse_kwargs))
 
 
 _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
@@ -215,6 +216,9 @@ class TrainConfig:
     log_every: int = _setting(100, "a progress line every N batches (0: only the line per epoch)", "output",
                               check=_NOT_NEGATIVE, display=True)
     quiet: bool = _setting(False, "print only warnings and errors", "output", display=True)
+    # --- set by `--resume --epochs N`, not a flag of its own
+    extended_from: tuple = _setting((), "the --epochs of the run before each extension; the epochs added by each "
+                                    "get one cosine cycle of their own", "schedule", library_only=True)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # compile=True/False, as in library code and checkpoints before 0.2
@@ -246,16 +250,27 @@ class TrainConfig:
                             f"epochs")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
+        ends = [*self.extended_from, self.epochs]
+        if any(a >= b for a, b in zip(ends, ends[1:])):
+            raise UserError(f"the run's extensions must add epochs, got --epochs {' then '.join(map(str, ends))}")
+
+    @property
+    def planned_epochs(self) -> int:
+        """The run's --epochs before any extension: what its restarts schedule was fitted to."""
+        return self.extended_from[0] if self.extended_from else self.epochs
 
     def _check_types(self) -> None:
         """Each value has its field's type (a saved config.json or checkpoint may hold anything)."""
         for f in dataclasses.fields(self):
             value, default = getattr(self, f.name), f.default
-            expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default), (str,))
+            expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple, list)}.get(
+                type(default), (str,))
             if f.name == "t0":
                 expected = (int, float)
             ok = (value is None and default is None) or (
                 isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected))
+            if ok and isinstance(value, (tuple, list)):
+                ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             if not ok:
                 raise UserError(f"setting {f.name} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
@@ -688,16 +703,21 @@ def learning_rate(epoch: float, config: TrainConfig, t0: float) -> float:
     """
     if epoch < config.warmup_epochs:
         return config.lr * epoch / config.warmup_epochs
-    t_cur, length = cycle_position(epoch - config.warmup_epochs, t0, config.t_mult)
+    if config.extended_from and epoch >= config.extended_from[0]:  # the epochs added by `--resume --epochs N`
+        ends = [*config.extended_from, config.epochs]
+        start = max(e for e in ends[:-1] if e <= epoch)
+        t_cur, length = epoch - start, ends[ends.index(start) + 1] - start
+    else:
+        t_cur, length = cycle_position(epoch - config.warmup_epochs, t0, config.t_mult)
     return config.min_lr + (config.lr - config.min_lr) * (1 + math.cos(math.pi * t_cur / length)) / 2
 
 
 def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
     """A warning when the run ends inside a cycle, i.e. its last weights are trained at a high rate."""
-    t_cur, length = cycle_position(config.epochs - config.warmup_epochs, t0, config.t_mult)
+    t_cur, length = cycle_position(config.planned_epochs - config.warmup_epochs, t0, config.t_mult)
     if t_cur < 1e-6:
         return None
-    end_lr = learning_rate(config.epochs, config, t0)
+    end_lr = learning_rate(config.planned_epochs, dataclasses.replace(config, extended_from=()), t0)
     return (f"the schedule ends {t_cur:g} epochs into a {length:g}-epoch cycle at {end_lr / config.lr:.0%} of the "
             f"peak learning rate, so the last weights are not annealed; --t0 auto fits whole cycles into "
             f"--epochs")
@@ -786,7 +806,7 @@ def resolve(config: TrainConfig) -> Environment:
     amp_dtype = resolve_amp(config.amp, device)
     return Environment(device, amp_dtype, resolve_compile(config.compile, device, config.epochs),
                        resolve_cuda_graphs(config.cuda_graphs, device, amp_dtype),
-                       resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0))
+                       resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0))
 
 
 def _sync(device: torch.device) -> None:
@@ -1619,13 +1639,18 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
     """Open the run folder, write or repair its files, and train."""
     if folder:
         folder.open()
-        if not os.path.exists(folder.file("config.json")):
+        saved = folder.saved_config()
+        if saved is None:
             record = {**config.saved(), "run_id": trainer.run_id, **trainer.env.record(),
                       **_environment(trainer.device)}
             if branched:
                 record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
                                            "run_id": ckpt.get("run_id")}
             folder.write_config(record)
+        elif saved.get("epochs") != config.epochs:  # extended by --resume --epochs N: record the new plan
+            folder.write_config({**saved, **config.saved()})
+            log(f"extending the run from {saved.get('epochs')} to {config.epochs} epochs: the added epochs get a "
+                f"cosine cycle of their own, from lr {config.lr} down to {config.min_lr}")
         if ckpt is not None:
             repaired = folder.repair(writer.cpu_state(trainer.state_dict()))
             if repaired and not branched:
@@ -1981,6 +2006,8 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     groups = {key: p.add_argument_group(title) for key, title in PARSER_GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         m, flag = f.metadata, _flag_of(f)
+        if m["library_only"]:
+            continue
         if isinstance(f.default, bool):  # a switch: --name turns an off setting on, --no-name an on one off
             groups[m["group"]].add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
                                             default=f.default, help=f"{m['help']} (default: {m['shown'] or 'off'})")
@@ -2020,12 +2047,19 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
         TrainConfig.from_dict(saved)._check_types()
     except UserError as e:
         raise UserError(f"{point.path or point.folder} holds settings this module cannot use: {e}") from None
-    changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES and v != saved.get(k)]
+    extend = "epochs" in given and given["epochs"] != saved.get("epochs")
+    if extend and given["epochs"] < saved.get("epochs", 0):
+        raise UserError(f"--epochs {given['epochs']}: a resumed run can only be extended, and this one has --epochs "
+                        f"{saved['epochs']}")
+    changed = [k for k, v in given.items()
+               if k in fields - RESUMABLE_OVERRIDES - {"epochs"} and v != saved.get(k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
-        raise UserError(f"a resumed run keeps its settings; these differ: {flags}")
+        raise UserError(f"a resumed run keeps its settings (only --epochs may grow); these differ: {flags}")
     values = {k: v for k, v in saved.items() if k in fields}
     values.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+    if extend:  # the added epochs get a cosine cycle of their own (see learning_rate)
+        values.update(epochs=given["epochs"], extended_from=[*saved.get("extended_from", []), saved["epochs"]])
     values["out_dir"] = args.out_dir or point.folder
     return TrainConfig.from_dict(values), point
 

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -820,9 +821,9 @@ def test_cli_progress_output(tiny_data_dir, tmp_path):
 def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tiny_run, tmp_path, capsys):
     straight, split = tiny_run, tmp_path / "split"
     assert cr.main(tiny_args(tiny_data_dir, split, "--epochs", "1")) == 0
-    # a one-epoch run has a different schedule: resume refuses to change it ...
-    assert cr.main(tiny_args(tiny_data_dir, split, "--resume")) == 2
-    assert "--epochs 2 (the run has 1)" in capsys.readouterr().err
+    # a one-epoch run resumed with --epochs 2 is extended with a cycle of its own: not the 2-epoch schedule ...
+    assert cr.main(tiny_args(tiny_data_dir, split, "--resume")) == 0
+    assert [float(r["lr"]) for r in metric_rows(split)] == [0.1, 0.1]  # epoch 2 restarts at the peak
     # ... so stop a 2-epoch run after epoch 1 (6 steps: the 6th call comes after the epoch), then resume it
     split2 = tmp_path / "split2"
     args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, split2))
@@ -868,6 +869,33 @@ def test_cli_ctrl_c_or_sigterm_writes_last_pt_and_resume_finishes_the_run(tiny_d
     proc.communicate(timeout=120)
     rows = metric_rows(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > done
+
+
+def test_resume_with_more_epochs_extends_a_run_with_a_cycle_of_its_own(tiny_data_dir, tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = metric_rows(run)
+    assert cr.main(tiny_args(tiny_data_dir, run, "--resume", "--epochs", "4")) == 0
+    rows = metric_rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4] and rows[:2] == before  # the past rows untouched
+    config = cr.TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert config.epochs == 4 and list(config.extended_from) == [2] and config.planned_epochs == 2
+    # the schedule of the added epochs: one cosine cycle from the peak (0.1) to --min-lr (0) over epochs 2..4
+    assert [float(r["lr"]) for r in rows[2:]] == [0.1, pytest.approx(0.05)]
+    assert all(cr.learning_rate(e, config, 2.0) == pytest.approx(0.05 * (1 + math.cos(math.pi * (e - 2) / 2)))
+               for e in (2, 2.5, 3, 3.75))
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 4 and last["config"]["extended_from"] == [2]
+    # without a new --epochs a finished run is complete and nothing changes; fewer epochs are refused
+    argv = [a for a in tiny_args(tiny_data_dir, run, "--resume") if a not in ("--epochs", "2")]
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert cr.main([a for a in argv if a != "--quiet"]) == 0
+    assert "is complete: 4 of 4 epochs" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    assert cr.main([*argv, "--epochs", "3"]) == 2
+    assert "can only be extended" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
 
 
 def test_a_run_of_version_0_1_resumes(tiny_data_dir, tmp_path):
@@ -922,7 +950,10 @@ def flag_actions() -> dict:
 def test_every_setting_has_one_flag_whose_help_names_its_true_default():
     actions, defaults = flag_actions(), cr.TrainConfig()
     parsed = vars(cr.build_parser().parse_args([]))
-    for field in cr.dataclasses.fields(cr.TrainConfig):  # every field is a flag: none is library-only
+    for field in cr.dataclasses.fields(cr.TrainConfig):  # every field is a flag, but the library-only ones
+        if field.metadata["library_only"]:
+            assert field.name not in actions and field.metadata["help"] and field.name == "extended_from"
+            continue
         action, value = actions[field.name], getattr(defaults, field.name)
         assert parsed[field.name] == value, field.name  # the flag's default is the dataclass's
         assert action.help.count("(default: ") == 1, action.help  # stated once
@@ -938,6 +969,7 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
         if field.metadata["choices"]:
             assert list(action.choices) == list(field.metadata["choices"]) and value in action.choices
     assert set(actions) - {f.name for f in cr.dataclasses.fields(cr.TrainConfig)} == {"help", "resume"}
+    assert "extended_from" in cr.TrainConfig().saved()  # a library-only setting is still saved with the run
     text = cr.build_parser().format_help()
     assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
     assert "(0: only the line per epoch)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
