@@ -1755,7 +1755,7 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
 
 def eval_main(argv: list) -> int:
     """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
-    p = _Parser(prog="cifar100_resnet.py eval", description="test top-1/top-5 and loss of saved weights",
+    p = _Parser(prog=f"{_program()} eval", description="test top-1/top-5 and loss of saved weights",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's --data-dir)")
@@ -1922,7 +1922,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
 
 def plot_main(argv: list) -> int:
     """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared."""
-    p = _Parser(prog="cifar100_resnet.py plot", description="learning curves of one run, or several compared")
+    p = _Parser(prog=f"{_program()} plot", description="learning curves of one run, or several compared")
     p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv")
     p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder)")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
@@ -1961,6 +1961,16 @@ def _duration(seconds: float) -> str:
 
 
 
+def _program() -> str:
+    """How this program was started, for its usage lines: the console command that `pip install` makes,
+    `python -m cifar100_resnet`, or the file itself (also the name used when called from Python)."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "cifar100-resnet":
+        return "cifar100-resnet"
+    if "-m" in getattr(sys, "orig_argv", [])[1:3]:
+        return "python -m cifar100_resnet"
+    return "cifar100_resnet.py"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (a UserError, exit 2), with the closest flag for a misspelt one.
     Abbreviations are off: a flag added later never changes what an old command means."""
@@ -1996,13 +2006,13 @@ PARSER_GROUPS = {"recipe": "recipe", "schedule": "schedule (cosine annealing wit
 def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     """The train command's flags, made from TrainConfig's declarations; with bench, also the bench command's."""
     p = _Parser(
-        prog="cifar100_resnet.py" + (" bench" if bench else ""),
+        prog=_program() + (" bench" if bench else ""),
         description=("Time the training step and evaluation on this device, on random data of CIFAR's shape "
                      "(or the real data with --data-dir). Takes every train flag." if bench else
                      "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
-                     "'cifar100_resnet.py bench [flags]' times the training step instead; "
-                     "'cifar100_resnet.py plot RUN_DIR...' draws learning curves from metrics.csv; "
-                     "'cifar100_resnet.py eval CHECKPOINT [--tta]' measures saved weights on the test set."))
+                     f"'{_program()} bench [flags]' times the training step instead; "
+                     f"'{_program()} plot RUN_DIR...' draws learning curves from metrics.csv; "
+                     f"'{_program()} eval CHECKPOINT [--tta]' measures saved weights on the test set."))
     groups = {key: p.add_argument_group(title) for key, title in PARSER_GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         m, flag = f.metadata, _flag_of(f)

@@ -1270,3 +1270,21 @@ def test_real_cifar100_subset_learns_well_above_chance(tmp_path):
     result = cr.train(cfg)
     top1 = result.history[-1]["test_top1"]
     assert top1 > 0.05, top1  # chance is 0.01; this reached 0.074 in 25 s on a 2-core AMD EPYC (width 16: 61 s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outside the clone: the console command and python -m, after pip install
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "cifar100-resnet").exists(),
+                    reason="the package is not installed in this environment (pip install -e .)")
+def test_installed_commands_work_from_any_folder_and_name_themselves(tmp_path):
+    command = Path(sys.executable).parent / "cifar100-resnet"
+    for argv, usage in (([str(command)], "cifar100-resnet"), ([sys.executable, "-m", "cifar100_resnet"],
+                                                                  "python -m cifar100_resnet")):
+        r = subprocess.run([*argv, "eval"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"error: the following arguments are required: checkpoint; see {usage} eval --help")
+    r = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: cifar100-resnet ")
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
