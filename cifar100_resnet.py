@@ -874,6 +874,8 @@ class EpochState:
     seconds: float = 0.0  # training time spent in this epoch so far
 
 
+PROGRESS_FIRST_SECONDS = 5.0  # the first step line comes this long after training starts,
+PROGRESS_EVERY_SECONDS = 30.0  # then at least this often (and every --log-every steps)
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: cuDNN autotuning, momentum buffers, compilation
 
 
@@ -904,9 +906,12 @@ class Trainer:
     """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time."""
 
     def __init__(self, config: TrainConfig, data: CifarData, log: Callable[[str], None] = print,
-                 env: Optional[Environment] = None):
+                 env: Optional[Environment] = None, progress: Optional[Callable[[str], None]] = None):
         self.env = env or resolve(config)  # train() resolves once and passes it on
         self.config, self.log = config, log
+        self.progress = progress or log  # step lines; a terminal may rewrite them in place
+        self.next_progress = time.perf_counter() + PROGRESS_FIRST_SECONDS  # the first timed step line
+        self.told_cpu_cost = False
         self.device, self.amp_dtype, self.t0 = self.env.device, self.env.amp_dtype, self.env.t0
         cuda = self.device.type == "cuda"
 
@@ -1039,12 +1044,11 @@ class Trainer:
             state.first_bad_step = torch.where(bad_now, step, state.first_bad_step)
             state.seen += end - start
             state.step = step + 1
-            if cfg.log_every and state.step % cfg.log_every == 0:
-                self._check_finite(state)  # note: a host sync, once every log_every batches
-                seconds = time.perf_counter() - started
-                self.log(f"epoch {self.epoch + 1}/{cfg.epochs} step {state.step}/{self.steps_per_epoch} "
-                         f"lr {lr:.4f} loss {state.loss_sum.item() / state.seen:.4f} "
-                         f"{state.seen / seconds:.0f} img/s")
+            now = time.perf_counter()
+            if (cfg.log_every and state.step % cfg.log_every == 0) or now >= self.next_progress:
+                self._check_finite(state)  # a host sync, once per progress line
+                self._report_progress(state, lr, time.perf_counter() - started)
+                self.next_progress = now + PROGRESS_EVERY_SECONDS
             if state.step < self.steps_per_epoch and should_stop():
                 _sync(dev)
                 state.seconds = time.perf_counter() - started
@@ -1057,6 +1061,21 @@ class Trainer:
         self.epoch += 1
         return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": state.loss_sum.item() / state.seen,
                 "train_seconds": seconds, "images_per_s": self.n_train / seconds}
+
+    def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
+        """A step line: loss so far, images/s in this epoch, and the time left in the epoch and in the run."""
+        cfg, rate = self.config, state.seen / max(seconds, 1e-9)
+        epoch_left = (self.n_train - state.seen) / rate
+        run_left = epoch_left + (cfg.epochs - self.epoch - 1) * self.n_train / rate
+        self.progress(f"epoch {self.epoch + 1}/{cfg.epochs} step {state.step}/{self.steps_per_epoch} "
+                      f"({state.step / self.steps_per_epoch:.0%}) lr {lr:.4f} loss "
+                      f"{state.loss_sum.item() / state.seen:.4f} {rate:.0f} img/s, epoch ETA {_duration(epoch_left)}, "
+                      f"run ETA {_duration(run_left)}")
+        if self.device.type == "cpu" and not self.told_cpu_cost and self.n_train / rate * cfg.epochs > 3600:
+            self.told_cpu_cost = True
+            self.log(f"note: on this CPU one epoch of {self.n_train:,} images takes about "
+                     f"{_duration(self.n_train / rate)} ({cfg.epochs} epochs: {_duration(run_left)}); this recipe "
+                     f"is meant for a GPU. For a first try: --arch resnet18 --width 16 --limit-train 5000")
 
     def _check_finite(self, state: EpochState) -> None:
         bad = int(state.first_bad_step)
@@ -1566,7 +1585,8 @@ def _check_resume_target(folder: RunFolder, ckpt: Optional[dict], path: Optional
 
 
 def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
-          resume=None, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+          resume=None, should_stop: Callable[[], bool] = lambda: False,
+          progress: Optional[Callable[[str], None]] = None) -> TrainResult:
     """Train per `config`; with config.out_dir, write the run folder.
 
     resume: a checkpoint to continue (into config.out_dir: the folder it came from, or an empty one to branch
@@ -1574,11 +1594,11 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     a ResumePoint that find_resume() made of either.
     Nothing is created before the settings, the checkpoint and the data have been read and checked.
     should_stop() is polled after every step; when it returns True, last.pt is written at that exact
-    position (mid-epoch) and the result says interrupted.
+    position (mid-epoch) and the result says interrupted. progress receives the step lines (default: log).
     """
     env = resolve(config)
     if config.quiet:
-        log = lambda message: None  # noqa: E731
+        log = progress = lambda message: None  # noqa: E731
     folder = RunFolder(config.out_dir) if config.out_dir else None
     ckpt, path, identity, branched = None, None, None, False
     if resume:
@@ -1596,7 +1616,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         folder.check_writable()
     if data is None:
         data = load_dataset(config.data_dir, config.dataset, config.download)
-    trainer = Trainer(config, data, log, env)
+    trainer = Trainer(config, data, log, env, progress)
     if ckpt is not None:
         trainer.load_state_dict(ckpt, path)
         if "history" not in ckpt:  # a checkpoint before 0.3: its rows are in metrics.csv beside it
@@ -1677,7 +1697,6 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
     elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
     stop = lambda: should_stop() or writer.failed  # noqa: E731  (a failed write stops within one step)
     while trainer.epoch < config.epochs:
-        epoch_started = time.perf_counter()
         stats = trainer.train_epoch(stop)
         if stats is None:
             writer.wait()  # raises the failed write, if that is why it stopped
@@ -1687,7 +1706,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
                 + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
             return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
-        row = {"epoch": trainer.epoch, **stats}
+        row, evaluation_started = {"epoch": trainer.epoch, **stats}, time.perf_counter()
         for split in ("test", "val") if config.val_split else ("test",):
             metrics = trainer.evaluate(split)
             row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
@@ -1696,7 +1715,8 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
         trainer.check_weights_finite(f"in epoch {trainer.epoch}")
         if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
             raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
-        row["epoch_seconds"] = time.perf_counter() - epoch_started
+        # train_seconds covers the whole epoch's training, also the part before a resume
+        row["epoch_seconds"] = stats["train_seconds"] + time.perf_counter() - evaluation_started
         row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
         history.append(row)
         trainer.history.append(row)
@@ -1711,7 +1731,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
             + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
             + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
-            + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s ETA {_duration(eta)}")
+            + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA {_duration(eta)}")
         if trainer.epoch < config.epochs and should_stop():
             log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
                                                           if folder else ""))
@@ -1796,7 +1816,7 @@ def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> Cifa
 
 
 def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeats: int = 3,
-              env: Optional[Environment] = None) -> dict:
+              env: Optional[Environment] = None, log: Callable[[str], None] = lambda message: None) -> dict:
     """Time whole training epochs (augmentation, mixing, forward, backward, optimiser) and evaluation.
 
     One full epoch first is the warm-up, timed and reported apart: it holds cuDNN's autotuning, compilation
@@ -1804,7 +1824,7 @@ def benchmark(config: TrainConfig, data: CifarData, epochs: int = 2, eval_repeat
     same scaled to CIFAR's 50,000 training and 10,000 test images; images/s and peak memory. (FLOPs, MFU and
     a kernel profile: bench/profile_epoch.py.)
     """
-    trainer = Trainer(config, data, log=lambda message: None, env=env)
+    trainer = Trainer(config, data, log=log, env=env)  # log: its timed progress lines
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1853,7 +1873,8 @@ def bench_main(argv: list) -> int:
     else:
         data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
         source = "random data"
-    r = benchmark(config, data, epochs=args.bench_epochs, env=env)
+    print(f"bench: one warm-up epoch, then {args.bench_epochs} timed, then {3} evaluations", flush=True)
+    r = benchmark(config, data, epochs=args.bench_epochs, env=env, log=lambda m: print(m, flush=True))
     print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
           f"amp {r['amp']}, batch {r['batch_size']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"compile {'on' if r['compile'] else 'off'}, {source}")
@@ -1952,8 +1973,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    return f"{d}d{h:02d}h" if d else f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2112,8 +2134,10 @@ def _main(argv: list) -> int:
                   flush=True)
 
         previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        console = _Console(sys.stdout)
         try:
-            result = train(config, resume=resume, should_stop=lambda: bool(stop_requested))
+            result = train(config, resume=resume, should_stop=lambda: bool(stop_requested), log=console.log,
+                           progress=console.progress)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -2124,6 +2148,27 @@ def _main(argv: list) -> int:
         return _fail(e, 1)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is still whole (each write is atomic)
         return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
+
+
+class _Console:
+    """Step lines on a terminal rewrite one line in place; every other line, or any output to a file, is a
+    plain line."""
+
+    def __init__(self, stream):
+        self.stream, self.tty, self.pending = stream, stream.isatty(), False
+
+    def log(self, message: str) -> None:
+        if self.pending:
+            self.stream.write("\r\033[K")
+            self.pending = False
+        print(message, file=self.stream, flush=True)
+
+    def progress(self, message: str) -> None:
+        if not self.tty:
+            return self.log(message)
+        self.stream.write("\r\033[K" + message[:shutil.get_terminal_size().columns - 1])
+        self.stream.flush()
+        self.pending = True
 
 
 def _set_backend_flags() -> None:

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import errno
 import importlib.util
+import io
 import json
 import math
 import os
@@ -811,11 +812,47 @@ def test_cli_progress_output(tiny_data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("training resnet18")
-    assert any(line.startswith("epoch 1/2 step 3/6 lr") and "img/s" in line for line in lines)
+    assert any(line.startswith("epoch 1/2 step 3/6 (50%) lr") and "img/s, epoch ETA" in line for line in lines)
     epoch_lines = [line for line in lines if line.startswith("epoch ") and "top1" in line]
     assert len(epoch_lines) == 2
     for field in ("lr", "train_loss", "test_loss", "top1", "top5", "img/s", "ETA"):
         assert field in epoch_lines[0]
+
+
+def test_a_slow_step_still_gives_timed_progress_lines_with_rate_and_eta(monkeypatch):
+    monkeypatch.setattr(cr, "PROGRESS_FIRST_SECONDS", 0.3)
+    monkeypatch.setattr(cr, "PROGRESS_EVERY_SECONDS", 0.3)
+    real = cr.Trainer._step
+
+    def slow_step(self, *args):  # as a full-size model on a CPU: seconds per step
+        time.sleep(0.12)
+        return real(self, *args)
+
+    monkeypatch.setattr(cr.Trainer, "_step", slow_step)
+    lines, steps = [], []
+    config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=16, device="cpu",
+                            log_every=0)  # no step lines by count: only by time
+    cr.train(config, data=synthetic_data(n_train=128, n_test=16), log=lines.append, progress=steps.append)
+    assert 2 <= len(steps) <= 12, steps  # 16 steps of >= 0.12 s: a line about every 0.3 s
+    assert all(re.search(r"^epoch \d/2 step \d+/8 \(\d+%\) lr [\d.]+ loss [\d.]+ \d+ img/s, epoch ETA \d+m\d\ds, "
+                         r"run ETA \d+m\d\ds$", line) for line in steps), steps
+    assert [line for line in lines if line.startswith("epoch ")][-1].count("(epoch mean)") == 1
+
+
+def test_console_rewrites_step_lines_in_place_on_a_terminal_only(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, tty in ((Terminal(), True), (io.StringIO(), False)):
+        console = cr._Console(stream)
+        console.progress("step 1")
+        console.progress("step 2")
+        console.log("epoch 1 done")
+        if tty:
+            assert stream.getvalue() == "\r\033[Kstep 1\r\033[Kstep 2\r\033[Kepoch 1 done\n"
+        else:
+            assert stream.getvalue() == "step 1\nstep 2\nepoch 1 done\n"
 
 
 def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tiny_run, tmp_path, capsys):
