@@ -1745,9 +1745,10 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
 
 def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
                         device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
-                        batch_size: int = 1000, download: bool = True) -> dict:
+                        batch_size: Optional[int] = None, download: bool = True) -> dict:
     """Test metrics (and val metrics, if the run held some out) of a checkpoint's weights, measured as the
-    training run measured them: same images (its --limit-test unless limit_test is given), same precision.
+    training run measured them: same images (its --limit-test unless limit_test is given), same precision,
+    same batches (its --eval-batch-size unless batch_size is given).
     path: a checkpoint, or a run folder (its last.pt)."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
@@ -1769,23 +1770,24 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     splits = split_data(data, config)
     for split in ("test", "val") if config.val_split else ("test",):
         images, labels = splits[split]
-        result[split] = evaluate(model, images.to(dev), labels.to(dev), normalize, batch_size, amp_dtype, tta=tta)
+        result[split] = evaluate(model, images.to(dev), labels.to(dev), normalize,
+                                 batch_size or config.eval_batch_size, amp_dtype, tta=tta)
     return result
 
 
 def eval_main(argv: list) -> int:
     """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
-    p = _Parser(prog=f"{_program()} eval", description="test top-1/top-5 and loss of saved weights",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=f"{_program()} eval", description="test top-1/top-5 and loss of saved weights")
     p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's --data-dir)")
-    p.add_argument("--no-download", dest="download", action="store_false", help="never download")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--tta", action="store_true", help="also with flip test-time augmentation")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download (default: download when missing)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--tta", action="store_true", help="also with flip test-time augmentation (default: off)")
     p.add_argument("--limit-test", type=int, help="the first N test images (0: all; default: as the run did)")
-    p.add_argument("--batch-size", type=int, default=1000, help="images per batch")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's --eval-batch-size)")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.limit_test is not None and args.limit_test < 0):
+    if (args.batch_size is not None and args.batch_size < 1) or (args.limit_test is not None and args.limit_test < 0):
         raise UserError("--batch-size must be at least 1 and --limit-test at least 0")
     r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, tta=args.tta,
                             limit_test=args.limit_test, batch_size=args.batch_size, download=args.download)
