@@ -1662,6 +1662,7 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
         saved = folder.saved_config()
         if saved is None:
             record = {**config.saved(), "run_id": trainer.run_id, **trainer.env.record(),
+                      "train_images": trainer.n_train, "steps_per_epoch": trainer.steps_per_epoch,
                       **_environment(trainer.device)}
             if branched:
                 record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
@@ -1902,13 +1903,33 @@ def bench_main(argv: list) -> int:
 # Learning curves from metrics.csv (matplotlib, an optional extra: pip install "cifar100_resnet[plot]")
 
 
+def schedule_per_step(config: TrainConfig, t0: float, steps_per_epoch: int, epochs: float) -> tuple:
+    """(fractional epochs, rates) at every step of the first `epochs` epochs: the rate the run sets."""
+    points = [i / steps_per_epoch for i in range(int(round(epochs * steps_per_epoch)))]
+    return points, [learning_rate(x, config, t0) for x in points]
+
+
+def _run_schedule(run_dir: str, epochs: float):
+    """The per-step schedule of a run folder, from its config.json; None without one."""
+    saved = RunFolder(run_dir).saved_config()
+    if saved is None or "t0_resolved" not in saved:
+        return None
+    config = TrainConfig.from_dict(saved)
+    steps = saved.get("steps_per_epoch")  # runs before 0.3 did not record it: CIFAR's 50,000 images, then
+    if steps is None:
+        steps = math.ceil((min(config.limit_train or 50_000, 50_000) - config.val_split) / config.batch_size)
+    return schedule_per_step(config, saved["t0_resolved"], steps, epochs)
+
+
 def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> str:
-    """Draw loss, accuracy and learning rate per epoch of one or more runs into one PNG; returns its path."""
+    """Draw loss, accuracy and learning rate of one or more runs into one PNG; returns its path. The rate is
+    drawn per step from each run's config.json (per epoch from metrics.csv without one)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UserError('plot needs matplotlib: pip install "cifar100_resnet[plot]" (or pip install matplotlib)') from None
     runs = []
@@ -1923,20 +1944,28 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
         return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for rows, label in zip(runs, labels):
+    for run_dir, rows, label in zip(run_dirs, runs, labels):
         epochs = column(rows, "epoch")
         (line,) = ax_loss.plot(epochs, column(rows, "test_loss"), label=f"{label} test")
         ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color(), label=f"{label} train")
         ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color(), label=f"{label} top-1")
         ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color(),
                     label=f"{label} top-5")
-        ax_lr.plot(epochs, column(rows, "lr"), color=line.get_color(), label=label)
-    ax_loss.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+        schedule = _run_schedule(run_dir, max(epochs))
+        if schedule is not None:
+            ax_lr.plot(*schedule, color=line.get_color(), label=label)
+        else:
+            ax_lr.plot(epochs, column(rows, "lr"), "o-", color=line.get_color(), label=f"{label} (at epoch starts)")
+    losses = [v for rows in runs for k in ("test_loss", "train_loss") for v in column(rows, k) if v > 0]
+    wide = bool(losses) and max(losses) > 10 * min(losses)  # a spike would flatten the rest on a linear axis
+    ax_loss.set(title="loss" + (" (log scale)" if wide else ""), xlabel="epoch", ylabel="cross-entropy",
+                yscale="log" if wide else "linear")
     ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="%")
-    ax_lr.set(title="learning rate (at each epoch's start)", xlabel="epoch")
+    ax_lr.set(title="learning rate (per step)", xlabel="epoch", ylabel="rate")
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

@@ -1250,6 +1250,14 @@ def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path):
     assert (width, height) == (1760, 495)  # 16 x 4.5 inches at 110 dpi
 
 
+def test_plotted_schedule_is_the_rate_of_every_step(tiny_data_dir, tiny_run):
+    # the tiny run: 192 images in batches of 32, 2 epochs, one cycle (t0 auto = 2): 12 steps, the cosine
+    points, rates = cr._run_schedule(str(tiny_run), 2)
+    assert points == [i / 6 for i in range(12)]  # every step, not the epoch's end (it belongs to the next cycle)
+    assert rates == [pytest.approx(0.05 * (1 + math.cos(math.pi * x / 2))) for x in points]
+    assert [float(r["lr"]) for r in metric_rows(tiny_run)] == [pytest.approx(rates[0]), pytest.approx(rates[6])]
+
+
 def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
     assert cr.main(["plot", str(tmp_path)]) == 2
     assert "has no metrics.csv rows" in capsys.readouterr().err
