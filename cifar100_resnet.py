@@ -216,6 +216,9 @@ class TrainConfig:
     log_every: int = _setting(100, "a progress line every N batches (0: only the line per epoch)", "output",
                               check=_NOT_NEGATIVE, display=True)
     quiet: bool = _setting(False, "print only warnings and errors", "output", display=True)
+    tensorboard: bool = _setting(False, "also write TensorBoard event files into the run folder's tensorboard/: "
+                                 "the metrics of each epoch and the learning rate of each step (needs the "
+                                 "tensorboard package)", "output", resumable=True)
     # --- set by `--resume --epochs N`, not a flag of its own
     extended_from: tuple = _setting((), "the --epochs of the run before each extension; the epochs added by each "
                                     "get one cosine cycle of their own", "schedule", library_only=True)
@@ -1597,6 +1600,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     position (mid-epoch) and the result says interrupted. progress receives the step lines (default: log).
     """
     env = resolve(config)
+    board_class = _tensorboard_writer() if config.tensorboard else None  # before anything is created
     if config.quiet:
         log = progress = lambda message: None  # noqa: E731
     folder = RunFolder(config.out_dir) if config.out_dir else None
@@ -1633,7 +1637,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
     writer = CheckpointWriter()
     try:
-        return _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop)
+        return _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop, board_class)
     except TrainingDiverged as e:
         try:
             writer.wait()
@@ -1653,9 +1657,40 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
             folder.close()
 
 
+def _tensorboard_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install "cifar100_resnet[tensorboard]" '
+                        '(or pip install tensorboard)') from None
+    return SummaryWriter
+
+
+class _Board:
+    """What --tensorboard writes: each metrics row's numbers per epoch ("test/top1" for test_top1), and the
+    rate of every step of the epoch ("lr/step"). metrics.csv stays the record; this is for watching."""
+
+    def __init__(self, writer_class, folder: str, trainer: Trainer):
+        self.writer, self.trainer = writer_class(folder), trainer
+
+    def epoch(self, row: dict) -> None:
+        epoch, steps = row["epoch"], self.trainer.steps_per_epoch
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, float):
+                self.writer.add_scalar("/".join(key.split("_", 1)) if "_" in key else f"{key}/epoch_start", value,
+                                       epoch)
+        for step in range(steps):
+            rate = learning_rate(epoch - 1 + step / steps, self.trainer.config, self.trainer.t0)
+            self.writer.add_scalar("lr/step", rate, (epoch - 1) * steps + step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter, config: TrainConfig,
          ckpt: Optional[dict], path: Optional[str], branched: bool, log: Callable[[str], None],
-         should_stop: Callable[[], bool]) -> TrainResult:
+         should_stop: Callable[[], bool], board_class=None) -> TrainResult:
     """Open the run folder, write or repair its files, and train."""
     if folder:
         folder.open()
@@ -1686,13 +1721,20 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
         f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
         f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
         + (f", run folder {folder.path}" if folder else ""))
-    result = _train_epochs(trainer, folder, writer, log, should_stop)
+    board = _Board(board_class, folder.file("tensorboard") if folder else "tensorboard", trainer) \
+        if board_class else None
+    try:
+        result = _train_epochs(trainer, folder, writer, log, should_stop, board)
+    finally:
+        if board:
+            board.close()
     writer.wait()  # every checkpoint is on disk before train() returns
     return result
 
 
 def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
-                  log: Callable[[str], None], should_stop: Callable[[], bool]) -> TrainResult:
+                  log: Callable[[str], None], should_stop: Callable[[], bool],
+                  board: Optional[_Board] = None) -> TrainResult:
     config = trainer.config
     history, run_started = [], time.perf_counter()
     elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
@@ -1727,6 +1769,8 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
         if folder:
             state = writer.snapshot(trainer.state_dict())  # waits for (and raises) the previous write
             writer.submit(lambda: folder.commit(state))
+        if board:
+            board.epoch(row)
         eta = (config.epochs - trainer.epoch) * (row["elapsed_seconds"] - elapsed_before) / len(history)
         log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
             f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"

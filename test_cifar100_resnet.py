@@ -1030,7 +1030,7 @@ def test_validation_comes_from_the_same_declarations():
     saved = cr.TrainConfig().saved()
     assert "quiet" not in saved and "log_every" not in saved and "epochs" in saved
     assert cr.RESUMABLE_OVERRIDES == {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every",
-                                      "out_dir", "compile", "cuda_graphs", "eval_batch_size", "tta"}
+                                      "out_dir", "compile", "cuda_graphs", "eval_batch_size", "tta", "tensorboard"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1256,6 +1256,36 @@ def test_plotted_schedule_is_the_rate_of_every_step(tiny_data_dir, tiny_run):
     assert points == [i / 6 for i in range(12)]  # every step, not the epoch's end (it belongs to the next cycle)
     assert rates == [pytest.approx(0.05 * (1 + math.cos(math.pi * x / 2))) for x in points]
     assert [float(r["lr"]) for r in metric_rows(tiny_run)] == [pytest.approx(rates[0]), pytest.approx(rates[6])]
+
+
+def test_tensorboard_holds_the_epoch_metrics_and_the_rate_of_every_step(tiny_data_dir, tiny_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert cr.main(tiny_args(tiny_data_dir, out, "--tensorboard")) == 0
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    rows = metric_rows(out)
+    for tag, column in (("test/top1", "test_top1"), ("test/loss", "test_loss"), ("train/loss", "train_loss")):
+        assert [(e.step, e.value) for e in board.Scalars(tag)] == [
+            (int(r["epoch"]), pytest.approx(float(r[column]), rel=1e-6)) for r in rows]
+    points, rates = cr._run_schedule(str(out), 2)
+    assert [e.step for e in board.Scalars("lr/step")] == list(range(12))
+    assert [e.value for e in board.Scalars("lr/step")] == [pytest.approx(r, rel=1e-6) for r in rates]
+    # the same run without --tensorboard: the same numbers
+    assert [r[k] for r in rows for k in DETERMINISTIC_COLUMNS] == \
+        [r[k] for r in metric_rows(tiny_run) for k in DETERMINISTIC_COLUMNS]
+
+
+def test_tensorboard_without_the_package_is_one_line_and_creates_nothing(tiny_data_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    assert cr.main(tiny_args(tiny_data_dir, tmp_path / "run", "--tensorboard")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: --tensorboard needs the tensorboard package: pip install "cifar100_resnet[tensorboard]" '
+                   '(or pip install tensorboard)']
+    assert not (tmp_path / "run").exists()
 
 
 def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
