@@ -715,6 +715,17 @@ def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
     assert_same_tensors(model_tensors(tmp_path / "a" / "last.pt"), model_tensors(tmp_path / "b" / "last.pt"))
     a, b = metric_rows(tmp_path / "a"), metric_rows(tmp_path / "b")
     assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in a] == [[r[k] for k in DETERMINISTIC_COLUMNS] for r in b]
+    # the resumed epoch's time covers its training before and after the stop: never less than train_seconds
+    assert all(float(r["epoch_seconds"]) >= float(r["train_seconds"]) for r in b)
+
+
+def test_readme_speaks_to_a_user_of_the_repository():
+    text = (HERE / "README.md").read_text()
+    assert "../shared" not in text and "shared/" not in text  # nothing outside the clone
+    first_screen = text[:text.index("\n## ", text.index("## Run it") + 1)]
+    for needed in ("pip install -e .", "cifar100-resnet --epochs 400", "--index-url", "epoch 1/3 step",
+                   "runs/<timestamp>/", "eval runs/first", "plot runs/first"):
+        assert needed in first_screen, needed
 
 
 def test_resumed_momentum_buffers_take_their_parameters_layout():
