@@ -2105,7 +2105,9 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
     p = _Parser(
         prog=_program() + (" bench" if bench else ""),
         description=("Time the training step and evaluation on this device, on random data of CIFAR's shape "
-                     "(or the real data with --data-dir). Takes every train flag." if bench else
+                     "(or the real data with --data-dir). Takes every train flag; --limit-train and --limit-test "
+                     "time fewer images, and the output says what it measured and what it scaled to CIFAR's "
+                     "50,000 and 10,000." if bench else
                      "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
                      f"'{_program()} bench [flags]' times the training step instead; "
                      f"'{_program()} plot RUN_DIR...' draws learning curves from metrics.csv; "
