@@ -887,7 +887,8 @@ def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tiny_run, tm
            [[r[k] for k in DETERMINISTIC_COLUMNS] for r in rows_b]
 
 
-@pytest.mark.parametrize("stop_signal,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM from outside, as a scheduler sends it; SIGINT's path and exit code are in test_faults.py's kill chain
+@pytest.mark.parametrize("stop_signal,code", [(signal.SIGTERM, 143)])
 def test_cli_ctrl_c_or_sigterm_writes_last_pt_and_resume_finishes_the_run(tiny_data_dir, tmp_path, stop_signal,
                                                                           code):
     out = tmp_path / "run"
@@ -1371,6 +1372,4 @@ def test_installed_commands_work_from_any_folder_and_name_themselves(tmp_path):
         r = subprocess.run([*argv, "eval"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert r.returncode == 2 and r.stderr.strip() == (
             f"error: the following arguments are required: checkpoint; see {usage} eval --help")
-    r = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("usage: cifar100-resnet ")
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran
