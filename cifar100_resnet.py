@@ -1965,17 +1965,57 @@ def _run_schedule(run_dir: str, epochs: float):
     return schedule_per_step(config, saved["t0_resolved"], steps, epochs)
 
 
-def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> str:
-    """Draw loss, accuracy and learning rate of one or more runs into one PNG; returns its path. The rate is
-    drawn per step from each run's config.json (per epoch from metrics.csv without one)."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UserError('plot needs matplotlib: pip install "cifar100_resnet[plot]" (or pip install matplotlib)') from None
+    return plt
+
+
+def plot_schedule(config: TrainConfig, out_path: str) -> dict:
+    """Draw the learning rate a run with these settings will set at every step, before any training: the
+    restarts and the run's end marked. Returns where the run ends: {"end_fraction": rate at the end / peak,
+    "restarts": [epochs], "into_cycle": epochs into the last cycle, "cycle": its length}."""
+    plt = _pyplot()
+    config.validate()
+    t0 = resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0)
+    n_train = min(config.limit_train or 50_000, 50_000) - config.val_split  # CIFAR's 50,000 training images
+    points, rates = schedule_per_step(config, t0, math.ceil(n_train / config.batch_size), config.epochs)
+    restarts, start, length = [], config.warmup_epochs + t0, t0
+    while start < config.planned_epochs - 1e-9:
+        restarts.append(start)
+        length *= config.t_mult
+        start += length
+    into, cycle = cycle_position(config.planned_epochs - config.warmup_epochs, t0, config.t_mult)
+    end = learning_rate(config.planned_epochs, dataclasses.replace(config, extended_from=()), t0) / config.lr \
+        if into > 1e-6 and not config.extended_from else config.min_lr / config.lr
+
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    ax.plot(points, rates, label="learning rate at each step")
+    for i, x in enumerate(restarts):
+        ax.axvline(x, color="grey", linestyle=":", label="warm restart" if i == 0 else None)
+    ax.plot([config.epochs], [end * config.lr], "o", color="tab:red",
+            label=f"the run ends (epoch {config.epochs}): {end:.0%} of the peak rate")
+    ax.set(title=f"planned learning rate: {config.epochs} epochs, t0 {'auto = ' if config.t0 is None else ''}"
+                 f"{t0:.4g}, t_mult {config.t_mult:g}, warm-up {config.warmup_epochs:g}, peak {config.lr:g}",
+           xlabel="epoch", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return {"end_fraction": end, "restarts": restarts, "into_cycle": into, "cycle": cycle}
+
+
+def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> str:
+    """Draw loss, accuracy and learning rate of one or more runs into one PNG; returns its path. The rate is
+    drawn per step from each run's config.json (per epoch from metrics.csv without one)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     runs = []
     for run_dir in run_dirs:
         rows = read_metrics(os.path.join(run_dir, "metrics.csv"))
@@ -2017,9 +2057,29 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
 
 
 def plot_main(argv: list) -> int:
-    """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared."""
+    """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared.
+    `plot --schedule [train flags] [--out FILE]`: the learning rate those flags would set, before training."""
+    if "--schedule" in argv:
+        argv = [a for a in argv if a != "--schedule"]
+        out = "schedule.png"
+        if "--out" in argv:
+            at = argv.index("--out")
+            if at + 1 >= len(argv):
+                raise UserError(f"--out needs a file name; see {_program()} plot --help")
+            out = argv[at + 1]
+            del argv[at:at + 2]
+        parser = build_parser()
+        parser.prog = f"{_program()} plot --schedule"
+        config = _config_from_args(parser.parse_args(argv))
+        r = plot_schedule(config, out)
+        where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
+                 else "at the end of a cycle")
+        print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
+              f"{', '.join(f'{x:.4g}' for x in r['restarts']) or 'none'}")
+        return 0
     p = _Parser(prog=f"{_program()} plot", description="learning curves of one run, or several compared")
-    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv")
+    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv (or --schedule and train flags: "
+                                               "the planned learning rate)")
     p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder)")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
     args = p.parse_args(argv)

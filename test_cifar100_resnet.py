@@ -1300,6 +1300,20 @@ def test_tensorboard_without_the_package_is_one_line_and_creates_nothing(tiny_da
     assert not (tmp_path / "run").exists()
 
 
+def test_plot_schedule_shows_that_the_notebooks_400_epochs_end_at_96_percent_of_the_peak(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "schedule.png"
+    assert cr.main(["plot", "--schedule", "--epochs", "400", "--t0", "50", "--t-mult", "2", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote {out}: the run ends 50 epochs into a 400-epoch cycle, at "
+                                               f"96% of the peak rate; restarts at epochs 50, 150, 350")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    notebook = cr.plot_schedule(cr.TrainConfig(epochs=400, t0=50), str(out))
+    assert notebook["end_fraction"] == pytest.approx((1 + math.cos(math.pi * 50 / 400)) / 2)  # 0.962
+    auto = cr.plot_schedule(cr.TrainConfig(epochs=400, warmup_epochs=2, lr=0.4, batch_size=512), str(out))
+    assert auto["end_fraction"] == 0 and auto["restarts"] == pytest.approx([2 + 398 / 7, 2 + 3 * 398 / 7])
+    assert cr.main(["plot", "--schedule", "--epochs", "0"]) == 2  # the same checks as the training flags
+
+
 def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
     assert cr.main(["plot", str(tmp_path)]) == 2
     assert "has no metrics.csv rows" in capsys.readouterr().err
