@@ -1953,15 +1953,18 @@ def schedule_per_step(config: TrainConfig, t0: float, steps_per_epoch: int, epoc
     return points, [learning_rate(x, config, t0) for x in points]
 
 
+def _cifar_steps_per_epoch(config: TrainConfig) -> int:
+    """Steps per epoch of a run on the full CIFAR training set (50,000 images), before any data is read."""
+    return math.ceil((min(config.limit_train or 50_000, 50_000) - config.val_split) / config.batch_size)
+
+
 def _run_schedule(run_dir: str, epochs: float):
     """The per-step schedule of a run folder, from its config.json; None without one."""
     saved = RunFolder(run_dir).saved_config()
     if saved is None or "t0_resolved" not in saved:
         return None
     config = TrainConfig.from_dict(saved)
-    steps = saved.get("steps_per_epoch")  # runs before 0.3 did not record it: CIFAR's 50,000 images, then
-    if steps is None:
-        steps = math.ceil((min(config.limit_train or 50_000, 50_000) - config.val_split) / config.batch_size)
+    steps = saved.get("steps_per_epoch") or _cifar_steps_per_epoch(config)  # runs before 0.3 did not record it
     return schedule_per_step(config, saved["t0_resolved"], steps, epochs)
 
 
@@ -1983,8 +1986,7 @@ def plot_schedule(config: TrainConfig, out_path: str) -> dict:
     plt = _pyplot()
     config.validate()
     t0 = resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0)
-    n_train = min(config.limit_train or 50_000, 50_000) - config.val_split  # CIFAR's 50,000 training images
-    points, rates = schedule_per_step(config, t0, math.ceil(n_train / config.batch_size), config.epochs)
+    points, rates = schedule_per_step(config, t0, _cifar_steps_per_epoch(config), config.epochs)
     restarts, start, length = [], config.warmup_epochs + t0, t0
     while start < config.planned_epochs - 1e-9:
         restarts.append(start)
