@@ -715,13 +715,22 @@ def learning_rate(epoch: float, config: TrainConfig, t0: float) -> float:
     return config.min_lr + (config.lr - config.min_lr) * (1 + math.cos(math.pi * t_cur / length)) / 2
 
 
-def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
-    """A warning when the run ends inside a cycle, i.e. its last weights are trained at a high rate."""
+def schedule_end(config: TrainConfig, t0: float) -> tuple[float, float, float]:
+    """Where the planned schedule (before any extension) ends: (epochs into its last cycle, 0 at a cycle's end;
+    that cycle's length; the rate there as a fraction of the peak)."""
     t_cur, length = cycle_position(config.planned_epochs - config.warmup_epochs, t0, config.t_mult)
     if t_cur < 1e-6:
-        return None
+        return 0.0, length, config.min_lr / config.lr
     end_lr = learning_rate(config.planned_epochs, dataclasses.replace(config, extended_from=()), t0)
-    return (f"the schedule ends {t_cur:g} epochs into a {length:g}-epoch cycle at {end_lr / config.lr:.0%} of the "
+    return t_cur, length, end_lr / config.lr
+
+
+def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
+    """A warning when the run ends inside a cycle, i.e. its last weights are trained at a high rate."""
+    t_cur, length, end_fraction = schedule_end(config, t0)
+    if not t_cur:
+        return None
+    return (f"the schedule ends {t_cur:g} epochs into a {length:g}-epoch cycle at {end_fraction:.0%} of the "
             f"peak learning rate, so the last weights are not annealed; --t0 auto fits whole cycles into "
             f"--epochs")
 
@@ -1736,7 +1745,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                   log: Callable[[str], None], should_stop: Callable[[], bool],
                   board: Optional[_Board] = None) -> TrainResult:
     config = trainer.config
-    history, run_started = [], time.perf_counter()
+    first, run_started = len(trainer.history), time.perf_counter()  # this call's rows: trainer.history[first:]
     elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
     stop = lambda: should_stop() or writer.failed  # noqa: E731  (a failed write stops within one step)
     while trainer.epoch < config.epochs:
@@ -1748,7 +1757,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 folder.commit(writer.cpu_state(trainer.state_dict()))
             log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
                 + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
-            return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
+            return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
         row, evaluation_started = {"epoch": trainer.epoch, **stats}, time.perf_counter()
         for split in ("test", "val") if config.val_split else ("test",):
             metrics = trainer.evaluate(split)
@@ -1761,7 +1770,6 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
         # train_seconds covers the whole epoch's training, also the part before a resume
         row["epoch_seconds"] = stats["train_seconds"] + time.perf_counter() - evaluation_started
         row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
-        history.append(row)
         trainer.history.append(row)
 
         if row[trainer.best["metric"]] > trainer.best["value"]:
@@ -1771,7 +1779,8 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             writer.submit(lambda: folder.commit(state))
         if board:
             board.epoch(row)
-        eta = (config.epochs - trainer.epoch) * (row["elapsed_seconds"] - elapsed_before) / len(history)
+        per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
+        eta = (config.epochs - trainer.epoch) * per_epoch
         log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
             f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
             + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
@@ -1780,8 +1789,8 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
         if trainer.epoch < config.epochs and should_stop():
             log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
                                                           if folder else ""))
-            return TrainResult(trainer.model, history, config.out_dir, interrupted=True)
-    return TrainResult(trainer.model, history, config.out_dir)
+            return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
+    return TrainResult(trainer.model, trainer.history[first:], config.out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1992,9 +2001,9 @@ def plot_schedule(config: TrainConfig, out_path: str) -> dict:
         restarts.append(start)
         length *= config.t_mult
         start += length
-    into, cycle = cycle_position(config.planned_epochs - config.warmup_epochs, t0, config.t_mult)
-    end = learning_rate(config.planned_epochs, dataclasses.replace(config, extended_from=()), t0) / config.lr \
-        if into > 1e-6 and not config.extended_from else config.min_lr / config.lr
+    into, cycle, end = schedule_end(config, t0)
+    if config.extended_from:  # the run ends with the extension's own cycle, at its bottom
+        end = config.min_lr / config.lr
 
     fig, ax = plt.subplots(figsize=(10, 4.4))
     ax.plot(points, rates, label="learning rate at each step")
