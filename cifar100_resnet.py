@@ -25,6 +25,7 @@ from __future__ import annotations
 __version__ = "0.3.0"
 
 import argparse
+import copy
 import csv
 import dataclasses
 import difflib
@@ -36,7 +37,6 @@ import pickle
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -1037,11 +1037,7 @@ class Trainer:
             self.data_rng.set_state(state.data_rng_at_start)  # replays this epoch's order and augmentation
         self.partial = None
 
-        train_images, train_labels = self.splits["train"]
-        order = torch.randperm(self.n_train, generator=self.data_rng, device=dev)
-        images = random_flip(random_crop(train_images[order], generator=self.data_rng), generator=self.data_rng)
-        labels = train_labels[order]
-
+        images, labels = self.augmented_epoch()
         self.model.train()
         started = time.perf_counter() - state.seconds
         for step in range(state.step, self.steps_per_epoch):
@@ -1073,6 +1069,14 @@ class Trainer:
         self.epoch += 1
         return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": state.loss_sum.item() / state.seen,
                 "train_seconds": seconds, "images_per_s": self.n_train / seconds}
+
+    def augmented_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images of one epoch in the order drawn for it, cropped and flipped, and their labels:
+        the steps of the epoch take their batches from these, in order, and mix each (draws from data_rng)."""
+        train_images, train_labels = self.splits["train"]
+        order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
+        images = random_flip(random_crop(train_images[order], generator=self.data_rng), generator=self.data_rng)
+        return images, train_labels[order]
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
         """A step line: loss so far, images/s in this epoch, and the time left in the epoch and in the run."""
@@ -1598,7 +1602,8 @@ def _check_resume_target(folder: RunFolder, ckpt: Optional[dict], path: Optional
 
 def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
           resume=None, should_stop: Callable[[], bool] = lambda: False,
-          progress: Optional[Callable[[str], None]] = None) -> TrainResult:
+          progress: Optional[Callable[[str], None]] = None,
+          on_epoch: Optional[Callable[[dict], None]] = None) -> TrainResult:
     """Train per `config`; with config.out_dir, write the run folder.
 
     resume: a checkpoint to continue (into config.out_dir: the folder it came from, or an empty one to branch
@@ -1607,6 +1612,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     Nothing is created before the settings, the checkpoint and the data have been read and checked.
     should_stop() is polled after every step; when it returns True, last.pt is written at that exact
     position (mid-epoch) and the result says interrupted. progress receives the step lines (default: log).
+    on_epoch(row) is called with each epoch's metrics row (a sweep's pruner reads it); last.pt is being written.
     """
     env = resolve(config)
     board_class = _tensorboard_writer() if config.tensorboard else None  # before anything is created
@@ -1646,7 +1652,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
     writer = CheckpointWriter()
     try:
-        return _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop, board_class)
+        return _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop, board_class, on_epoch)
     except TrainingDiverged as e:
         try:
             writer.wait()
@@ -1699,7 +1705,7 @@ class _Board:
 
 def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter, config: TrainConfig,
          ckpt: Optional[dict], path: Optional[str], branched: bool, log: Callable[[str], None],
-         should_stop: Callable[[], bool], board_class=None) -> TrainResult:
+         should_stop: Callable[[], bool], board_class=None, on_epoch=None) -> TrainResult:
     """Open the run folder, write or repair its files, and train."""
     if folder:
         folder.open()
@@ -1733,7 +1739,7 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
     board = _Board(board_class, folder.file("tensorboard") if folder else "tensorboard", trainer) \
         if board_class else None
     try:
-        result = _train_epochs(trainer, folder, writer, log, should_stop, board)
+        result = _train_epochs(trainer, folder, writer, log, should_stop, board, on_epoch)
     finally:
         if board:
             board.close()
@@ -1743,7 +1749,7 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
 
 def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
                   log: Callable[[str], None], should_stop: Callable[[], bool],
-                  board: Optional[_Board] = None) -> TrainResult:
+                  board: Optional[_Board] = None, on_epoch=None) -> TrainResult:
     config = trainer.config
     first, run_started = len(trainer.history), time.perf_counter()  # this call's rows: trainer.history[first:]
     elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
@@ -1779,6 +1785,8 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             writer.submit(lambda: folder.commit(state))
         if board:
             board.epoch(row)
+        if on_epoch:
+            on_epoch(row)
         per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
         eta = (config.epochs - trainer.epoch) * per_epoch
         log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
@@ -1934,7 +1942,7 @@ def bench_main(argv: list) -> int:
     print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
           f"amp {r['amp']}, batch {r['batch_size']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"compile {'on' if r['compile'] else 'off'}, {source}")
-    print(f"warm-up (one epoch and one evaluation"
+    print("warm-up (one epoch and one evaluation"
           + (": autotuning, compilation, capture" if r["compile"] or r["cuda_graphs"] else "")
           + f"): {r['warmup_seconds']:.2f} s")
     scaled = r["train_images"] != 50_000 or r["test_images"] != 10_000
@@ -1950,6 +1958,743 @@ def bench_main(argv: list) -> int:
         print(f"peak GPU memory: {r['peak_memory_gib']:.2f} GiB")
     print("BENCH_JSON " + json.dumps(r))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiments: the learning-rate range test, and sweeps that choose on held-out training images
+
+
+@dataclass
+class LRFindResult:
+    rates: list  # the rate of each step taken, growing exponentially
+    losses: list  # each step's training loss (the mixed, label-smoothed loss that training minimises)
+    smoothed: list  # an exponential moving average of the losses, bias-corrected as in Adam
+    suggestion: float  # a peak learning rate to try
+    rule: str  # how the suggestion was chosen, in words
+    stopped_early: Optional[str]  # why the test ended before its last step, or None
+
+
+def lr_find(config: TrainConfig, data: Optional[CifarData] = None, start: float = 1e-5, end: float = 10.0,
+            steps: int = 100, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+            smoothing: float = 0.98, diverge_factor: float = 4.0,
+            log: Callable[[str], None] = lambda message: None) -> LRFindResult:
+    """The learning-rate range test (Smith 2015, "Cyclical learning rates"; fastai's lr_find): `steps`
+    mini-batches of real training (the configured augmentation, mixing, loss, momentum and weight decay) while
+    the rate grows exponentially from `start` to `end`. It stops early once the smoothed loss exceeds
+    `diverge_factor` times its lowest value, or a loss is not finite.
+
+    It trains a copy: of `model` and `optimizer` when given (their weights and momentum are left untouched),
+    else of the model a run with `config` starts from. Suggestion: a tenth of the rate at the lowest smoothed
+    loss, where the loss still falls steadily (fastai's `lr_min` rule).
+    """
+    if not (0 < start < end and math.isfinite(end)):
+        raise UserError(f"the rates must satisfy 0 < --start < --end, got --start {start} --end {end}")
+    if steps < 2:
+        raise UserError(f"--steps must be at least 2, got {steps}")
+    config = dataclasses.replace(config, out_dir=None)
+    config.validate()
+    env = resolve(config)
+    if data is None:
+        data = load_dataset(config.data_dir, config.dataset, config.download)
+    trainer = Trainer(config, data, log=log, env=env)
+    if model is not None:
+        trainer.model = copy.deepcopy(model).to(trainer.device)  # _forward_loss reads trainer.model
+        trainer.optimizer = build_optimizer(trainer.model, config, fused=trainer.device.type == "cuda")
+        if optimizer is not None:  # deep-copied: load_state_dict may keep the very tensors it is given
+            trainer.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            _match_param_layout(trainer.optimizer)
+    rates = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
+    result = LRFindResult([], [], [], float("nan"), "", None)
+    average, lowest = 0.0, float("inf")
+    trainer.model.train()
+    for i, rate in enumerate(rates):
+        step = i % trainer.steps_per_epoch
+        if step == 0:
+            images, labels = trainer.augmented_epoch()
+        first, last = trainer.batches[step]
+        trainer._set_lr(rate)
+        x, labels_a, labels_b, lam = mix_batch(trainer.normalize(images[first:last]), labels[first:last], config,
+                                               trainer.mix_rng)
+        loss = float(trainer._step(x, labels_a, labels_b, torch.full((), lam, device=trainer.device)))
+        if not math.isfinite(loss):
+            result.stopped_early = f"the loss became non-finite at rate {rate:.3g}"
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (i + 1))
+        result.rates.append(rate)
+        result.losses.append(loss)
+        result.smoothed.append(smoothed)
+        lowest = min(lowest, smoothed)
+        if smoothed > diverge_factor * lowest:
+            result.stopped_early = (f"the smoothed loss passed {diverge_factor:g} x its lowest value at rate "
+                                    f"{rate:.3g}")
+            break
+    if not result.rates:
+        raise UserError(f"the loss was not finite at the first rate, {start:g}: lower --start")
+    at_lowest = result.rates[result.smoothed.index(min(result.smoothed))]
+    result.suggestion = max(at_lowest / 10, start)
+    result.rule = (f"a tenth of {at_lowest:.3g}, the rate at the lowest smoothed loss "
+                   f"({min(result.smoothed):.3f}), where the loss still falls steadily")
+    return result
+
+
+def write_lr_find(result: LRFindResult, folder: str) -> list:
+    """lr_find.csv (step, rate, loss, smoothed loss), then lr_find.png; returns their paths. Without
+    matplotlib the CSV is written and UserError says how to install it."""
+    csv_path = os.path.join(folder, "lr_find.csv")
+    lines = ["step,lr,loss,smoothed_loss"] + [f"{i + 1},{r:.8g},{loss:.8g},{s:.8g}" for i, (r, loss, s) in
+                                              enumerate(zip(result.rates, result.losses, result.smoothed))]
+    atomic_save("\n".join(lines) + "\n", csv_path)
+    try:
+        return [csv_path, plot_lr_find(result, os.path.join(folder, "lr_find.png"))]
+    except UserError as e:
+        raise UserError(f"wrote {csv_path}; the figure: {e}") from None
+
+
+SWEEP_VAL_SPLIT = 5000  # a sweep's default --val-split: the training images it chooses on
+
+
+def _sweepable() -> dict:
+    """The settings a sweep may vary: those that change what a run computes (the seed has --seeds)."""
+    return {f.name: f for f in dataclasses.fields(TrainConfig)
+            if not (f.metadata["resumable"] or f.metadata["library_only"] or f.name == "seed")}
+
+
+def _parse_setting(field: dataclasses.Field, text: str):
+    """One value of a setting, from text, with the setting's own type and checks."""
+    if field.name == "t0":
+        return None if text == "auto" else float(text)
+    kind = type(field.default)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "on", "1")
+    return kind(text)
+
+
+def parse_sweep_specs(specs: list, ranges: bool = False) -> dict:
+    """{setting: values} from NAME=V1,V2,... specs (the flag's name, dashes or underscores). With ranges, a
+    spec may instead be NAME=LOW:HIGH (uniform) or NAME=log:LOW:HIGH (log-uniform): {setting: ("log"|"uniform",
+    low, high)}; a list is then a uniform choice."""
+    fields, space = _sweepable(), {}
+    for spec in specs:
+        name, _, text = spec.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if name not in fields or not text:
+            if name == "seed":
+                raise UserError("vary the seed with --seeds 0,1,2, not in the grid")
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            raise UserError(f"{spec!r} is not NAME=VALUES for a setting a sweep can vary"
+                            + (f" (did you mean {close[0]}?)" if close else "")
+                            + f"; those are: {', '.join(sorted(fields))}")
+        if name in space:
+            raise UserError(f"{name} is given twice")
+        field = fields[name]
+        try:
+            parts = text.split(":")
+            if ranges and ":" in text:
+                kind = "log" if parts[0] == "log" else "uniform"
+                low, high = (parts[1:] if kind == "log" else parts)
+                low, high = _parse_setting(field, low), _parse_setting(field, high)
+                if type(field.default) not in (int, float) or not low < high or (kind == "log" and low <= 0):
+                    raise ValueError(f"a range needs a numeric setting and LOW < HIGH{' and LOW > 0' * (kind == 'log')}")
+                space[name] = (kind, low, high)
+            else:
+                values = [_parse_setting(field, v) for v in text.split(",")]
+                if len(set(map(repr, values))) != len(values):
+                    raise ValueError("a value is repeated")
+                space[name] = values
+        except ValueError as e:
+            raise UserError(f"cannot read {spec!r}: {e}") from None
+    return space
+
+
+def _round(value, digits: int = 3):
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
+def sample_settings(space: dict, n: int, seed: int = 0) -> list:
+    """n settings drawn from `space` (parse_sweep_specs with ranges); floats to 3 significant digits, so that
+    the folder name shows the value exactly. The first n of a larger n are the same: a sweep grows."""
+    import random
+
+    rng, points = random.Random(seed), []
+    for _ in range(n):
+        point = {}
+        for name in sorted(space):
+            spec = space[name]
+            if isinstance(spec, list):
+                point[name] = spec[rng.randrange(len(spec))]
+                continue
+            kind, low, high = spec
+            u = rng.random()
+            value = math.exp(math.log(low) + u * (math.log(high) - math.log(low))) if kind == "log" \
+                else low + u * (high - low)
+            point[name] = round(value) if isinstance(low, int) and isinstance(high, int) else _round(value)
+        points.append(point)
+    return points
+
+
+def grid_settings(grid: dict) -> list:
+    """Every combination of the grid's values, the first setting varying slowest."""
+    points = [{}]
+    for name, values in grid.items():
+        points = [{**p, name: v} for p in points for v in values]
+    return points
+
+
+def _show(value) -> str:
+    return "auto" if value is None else str(value).lower() if isinstance(value, bool) else \
+        f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_name(setting: dict) -> str:
+    """A setting as text, also its runs' folder name: lr=0.1,weight_decay=0.0005."""
+    return ",".join(f"{k}={_show(v)}" for k, v in setting.items()) or "base"
+
+
+@dataclass
+class SweepRun:
+    setting: dict  # the varied settings
+    seed: int
+    config: Optional[TrainConfig] = None  # everything, its out_dir the run's folder: out_dir/runs/<name>
+    name: str = ""  # default: the setting and seed, lr=0.1,seed=0 (an Optuna trial: trial-0007)
+
+    def __post_init__(self):
+        self.name = self.name or ",".join(filter(None, [setting_name(self.setting) * bool(self.setting),
+                                                        f"seed={self.seed}"]))
+
+
+def _changed_settings(saved: dict, config: TrainConfig) -> list:
+    return [f"--{k.replace('_', '-')} {_show(v)} (the run has {_show(saved.get(k))})"
+            for k, v in config.saved().items()
+            if k not in RESUMABLE_OVERRIDES and k in saved and saved[k] != v and
+            not (isinstance(v, tuple) and list(v) == saved[k])]
+
+
+DIVERGED_FILE = "diverged.txt"  # in a run folder: the run diverged; a re-run leaves it as it is
+
+
+def run_status(folder: str, epochs: int) -> str:
+    """done, diverged, partial (has epochs or a checkpoint, not all) or pending (nothing yet)."""
+    run = RunFolder(folder)
+    if os.path.exists(run.file(DIVERGED_FILE)):
+        return "diverged"
+    if len(read_metrics(run.file("metrics.csv"))) >= epochs:  # metrics.csv is written after last.pt
+        return "done"
+    return "partial" if run.holds_run() else "pending"
+
+
+def _train_sweep_run(run: SweepRun, data: CifarData, log: Callable[[str], None], should_stop,
+                     on_epoch=None, device: Optional[str] = None) -> str:
+    """Train (or continue) one run of a sweep in its folder; returns its status afterwards."""
+    config = dataclasses.replace(run.config, device=device or run.config.device)
+    folder = RunFolder(config.out_dir)
+    status = run_status(folder.path, config.epochs)
+    if status in ("done", "diverged"):
+        return status
+    try:
+        result = train(config, data, log=log, resume=folder.path if folder.holds_run() else None,
+                       should_stop=should_stop, on_epoch=on_epoch)
+    except TrainingDiverged as e:
+        log(f"diverged: {e}")
+        atomic_save(f"{e}\n", folder.file(DIVERGED_FILE))
+        return "diverged"
+    return "partial" if result.interrupted else "done"
+
+
+def _sweep_row(run: SweepRun) -> dict:
+    """The row of sweep.csv for one run, read from its folder: final and best validation top-1, final test."""
+    rows = read_metrics(os.path.join(run.config.out_dir, "metrics.csv"))
+    row = {"run": run.name, **{k: _show(v) for k, v in run.setting.items()}, "seed": run.seed,
+           "status": run_status(run.config.out_dir, run.config.epochs), "epochs": len(rows)}
+    if rows:
+        val = [float(r["val_top1"]) for r in rows]
+        best = max(range(len(val)), key=val.__getitem__)
+        row.update(final_val_top1=val[-1], best_val_top1=val[best], best_val_epoch=best + 1,
+                   final_test_top1=float(rows[-1]["test_top1"]), wall_seconds=float(rows[-1]["elapsed_seconds"]))
+    return row
+
+
+def _run_line(run: SweepRun) -> str:
+    row = _sweep_row(run)
+    if "final_val_top1" not in row:
+        return f"{run.name}: {row['status']}"
+    return (f"{run.name}: {row['status']} after {row['epochs']} epochs, val top-1 {row['final_val_top1']:.2%}, "
+            f"test top-1 {row['final_test_top1']:.2%}, {_duration(row['wall_seconds'])}")
+
+
+def _mean_std(values: list) -> tuple:
+    """The mean and the sample standard deviation (n - 1; nan for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def summarize_sweep(rows: list, varied: list) -> list:
+    """One row per setting: mean and std over its seeds of the final val and test top-1. The setting with the
+    best mean final val top-1, among those whose runs all finished, is chosen; test is reported, never used."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in varied), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "done"]
+        entry = {**dict(zip(varied, key)), "setting": setting_name(dict(zip(varied, key))),
+                 "runs": len(members), "done": len(done), "chosen": ""}
+        if done:
+            for metric in ("final_val_top1", "final_test_top1"):
+                entry[metric + "_mean"], entry[metric + "_std"] = _mean_std([r[metric] for r in done])
+        summary.append(entry)
+    complete = [e for e in summary if e["done"] == e["runs"]]
+    if complete:
+        max(complete, key=lambda e: e["final_val_top1_mean"])["chosen"] = "yes"
+    return summary
+
+
+def _write_csv(path: str, rows: list, columns: list) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_save(buf.getvalue(), path)
+
+
+@dataclass
+class SweepResult:
+    rows: list  # one per run (the columns of sweep.csv)
+    summary: list  # one per setting (summary.csv)
+    chosen: Optional[dict]  # the summary row chosen on validation; None until a setting has all its runs
+    out_dir: str
+    interrupted: bool = False
+
+
+def plan_sweep(base: TrainConfig, out_dir: str, settings: list, seeds: list) -> list:
+    """The runs of a sweep, each checked: valid settings, and a folder that holds nothing or the same run."""
+    if base.val_split < 1:
+        raise UserError("a sweep chooses on held-out training images: --val-split must be at least 1 (default "
+                        f"{SWEEP_VAL_SPLIT}), never 0, which would leave only the test set to choose on")
+    if not seeds:
+        raise UserError("--seeds needs at least one seed")
+    runs, names = [], set()
+    for setting in settings:
+        for seed in seeds:
+            run = SweepRun(setting, seed)
+            if run.name in names:
+                continue
+            names.add(run.name)
+            run.config = dataclasses.replace(base, **setting, seed=seed,
+                                             out_dir=os.path.join(out_dir, "runs", run.name))
+            try:
+                run.config.validate()
+            except UserError as e:
+                raise UserError(f"run {run.name}: {e}") from None
+            saved = RunFolder(run.config.out_dir).saved_config()
+            changed = _changed_settings(saved, run.config) if saved else []
+            if changed:
+                raise UserError(f"{run.config.out_dir} holds a run with other settings: {', '.join(changed)}; the "
+                                f"base settings of a sweep cannot change, choose another --out-dir")
+            runs.append(run)
+    return runs
+
+
+def sweep(base: TrainConfig, out_dir: str, grid: Optional[dict] = None, space: Optional[dict] = None,
+          trials: int = 0, seeds: tuple = (0,), devices: Optional[list] = None, sample_seed: int = 0,
+          data: Optional[CifarData] = None, log: Callable[[str], None] = print,
+          should_stop: Callable[[], bool] = lambda: False, search: str = "", storage: Optional[str] = None,
+          study_name: Optional[str] = None) -> SweepResult:
+    """Train every combination of `grid` ({setting: [values]}), or `trials` settings drawn from `space`
+    (parse_sweep_specs with ranges), once per seed, each run in out_dir/runs/<setting>,seed=<seed>/.
+
+    Runs already finished are skipped and interrupted ones continued, so the same call finishes a sweep and a
+    larger grid trains only its new runs. Selection is on the validation images (base.val_split, the last of
+    the training set), the test set reported beside it. devices: one worker process per entry (a device may
+    repeat), each reading the dataset once; default: this process, base.device. Writes sweep.csv (one row per
+    run) and summary.csv (one row per setting, mean and std over seeds), also after an interruption.
+
+    search="optuna": an Optuna study instead (TPE sampling of `space`, pruning on each epoch's val top-1) that
+    runs until it holds `trials` finished trials, stored in `storage` (a database URL; default: optuna.db in
+    out_dir), so that the same call on other machines joins it. One seed: base.seed.
+    """
+    if search == "optuna":
+        if tuple(seeds) != (base.seed,) and tuple(seeds) != (0,):
+            raise UserError("--seeds is for grid and random sweeps; an Optuna trial trains one seed (--seed)")
+        return _optuna_sweep(base, out_dir, space or {}, trials, storage, study_name, sample_seed, devices, data,
+                             log, should_stop)
+    if storage or study_name:
+        raise UserError("--storage and --study are for --search optuna")
+    settings = grid_settings(grid) if grid is not None else sample_settings(space or {}, trials, sample_seed)
+    runs = plan_sweep(base, out_dir, settings, list(seeds))
+    varied = list(grid or space or {})
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    atomic_save(json.dumps({"base": base.saved(), "grid": grid, "space": space, "trials": trials, "seeds": list(seeds),
+                            "sample_seed": sample_seed, "varied": varied, "runs": [r.name for r in runs]},
+                           indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
+    todo = [r for r in runs if run_status(r.config.out_dir, r.config.epochs) not in ("done", "diverged")]
+    log(f"sweep: {len(runs)} runs ({len(settings)} settings x {len(seeds)} seeds), {len(runs) - len(todo)} already "
+        f"finished; choosing on the last {base.val_split} training images (validation), the test set only "
+        f"reported")
+    interrupted = False
+    if todo and devices and len(devices) > 1:
+        interrupted = _in_workers(_sweep_worker_run, todo, base, devices, data, log, should_stop)
+    elif todo:
+        if data is None:
+            data = load_dataset(base.data_dir, base.dataset, base.download)
+        for i, run in enumerate(todo):
+            log(f"sweep: run {i + 1}/{len(todo)}: {run.name}")
+            status = _train_sweep_run(run, data, lambda m, n=run.name: log(f"[{n}] {m}"), should_stop,
+                                      device=devices[0] if devices else None)
+            log(f"sweep: run {i + 1}/{len(todo)}: {_run_line(run)}")
+            if status == "partial":
+                interrupted = True
+                break
+    return _finish_sweep(runs, varied, out_dir, log, interrupted)
+
+
+def _finish_sweep(runs: list, varied: list, out_dir: str, log, interrupted: bool,
+                  trials: Optional[dict] = None) -> SweepResult:
+    """Write sweep.csv and summary.csv from the run folders, and say what was chosen. trials: an Optuna
+    sweep's {run name: (trial number, trial state)}."""
+    rows = [_sweep_row(r) for r in runs]
+    for row in rows:
+        if trials:
+            row["trial"], state = trials[row["run"]]
+            if state in ("pruned", "running"):
+                row["status"] = state
+    summary = summarize_sweep(rows, varied)
+    columns = ["run", *(["trial"] if trials else []), *varied, "seed", "status", "epochs", "final_val_top1",
+               "best_val_top1", "best_val_epoch", "final_test_top1", "wall_seconds"]
+    _write_csv(os.path.join(out_dir, "sweep.csv"), rows, columns)
+    _write_csv(os.path.join(out_dir, "summary.csv"), summary,
+               ["setting", *varied, "runs", "done", "final_val_top1_mean", "final_val_top1_std",
+                "final_test_top1_mean", "final_test_top1_std", "chosen"])
+    chosen = next((e for e in summary if e["chosen"]), None)
+    log(sweep_table(summary))
+    if chosen:
+        log(f"chosen on validation: {chosen['setting']} (val top-1 {chosen['final_val_top1_mean']:.2%} over "
+            f"{chosen['done']} seed{'s' * (chosen['done'] > 1)}); its test top-1, {chosen['final_test_top1_mean']:.2%}, "
+            f"is reported, not used to choose")
+    log(f"wrote {os.path.join(out_dir, 'sweep.csv')} and summary.csv"
+        + ("; stopped: the same command continues the sweep" if interrupted else ""))
+    return SweepResult(rows, summary, chosen, out_dir, interrupted)
+
+
+def sweep_table(summary: list) -> str:
+    """The summary as an aligned text table, mean ± std over seeds."""
+    def pm(entry, metric):
+        if f"{metric}_mean" not in entry:
+            return "-"
+        std = entry[f"{metric}_std"]
+        return f"{entry[metric + '_mean']:.2%}" + (f" ± {std:.2%}" if math.isfinite(std) else "")
+
+    lines = [("setting", "runs done", "val top-1", "test top-1", "")]
+    lines += [(e["setting"], f"{e['done']}/{e['runs']}", pm(e, "final_val_top1"), pm(e, "final_test_top1"),
+               "<- chosen on val" if e["chosen"] else "") for e in summary]
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+_worker: dict = {}  # in a sweep's worker process: its device, the sweep's stop event, and the dataset
+
+
+def _sweep_worker_init(devices, stop_event, base: TrainConfig, data: Optional[CifarData], threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers through stop_event
+    if threads:
+        torch.set_num_threads(threads)
+    _set_backend_flags()
+    _worker.update(device=devices.get(), stop=stop_event, base=base, data=data)
+
+
+def _worker_data() -> CifarData:
+    """The dataset, read once per worker, at its first run (so that a reading error reaches the parent as the
+    run's error, one message)."""
+    if _worker["data"] is None:
+        base = _worker["base"]
+        _worker["data"] = load_dataset(base.data_dir, base.dataset, base.download)
+    return _worker["data"]
+
+
+def _sweep_worker_run(run: SweepRun) -> str:  # in a worker process
+    prefix = f"[{run.name} on {_worker['device']}]"
+    return _train_sweep_run(run, _worker_data(), lambda m: print(f"{prefix} {m}", flush=True),
+                            _worker["stop"].is_set, device=_worker["device"])
+
+
+def _in_workers(function, tasks: list, base: TrainConfig, devices: list, data: Optional[CifarData], log,
+                should_stop) -> bool:
+    """function(task) for each task, in one process per device, each reading the dataset once (or given
+    `data`, copied to each); returns True when stopped early. function returns "partial" or True for a task
+    that stopped before its end."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    queue, stop = context.Queue(), context.Event()
+    for device in devices:
+        queue.put(device)
+    threads = max(1, (os.cpu_count() or 1) // len(devices)) if all(d == "cpu" for d in devices) else 0
+    log(f"sweep: {len(devices)} worker processes ({', '.join(devices)})")
+    interrupted = False
+    with concurrent.futures.ProcessPoolExecutor(len(devices), context, _sweep_worker_init,
+                                                (queue, stop, base, data, threads)) as pool:
+        futures = {pool.submit(function, task): task for task in tasks}
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                if not future.cancelled():
+                    interrupted |= future.result() in ("partial", True)  # a worker's error is raised here
+                    if isinstance(tasks[0], SweepRun):
+                        log(f"sweep: {_run_line(futures[future])}")
+            if should_stop() and not stop.is_set():
+                stop.set()  # running tasks stop after their step, with last.pt written
+                interrupted = True
+                for future in pending:
+                    future.cancel()
+    return interrupted
+
+
+class _SweepStopped(Exception):
+    """Raised out of an Optuna objective when the sweep was asked to stop: the trial is marked failed, and
+    the next invocation continues its run folder."""
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError('--search optuna needs optuna: pip install "cifar100_resnet[optuna]" (or pip install '
+                        'optuna)') from None
+    return optuna
+
+
+def _suggest(trial, name: str, spec):
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    kind, low, high = spec
+    if isinstance(low, int) and isinstance(high, int):
+        return trial.suggest_int(name, low, high, log=kind == "log")
+    return trial.suggest_float(name, low, high, log=kind == "log")
+
+
+def _open_study(out_dir: str, storage: Optional[str], study_name: Optional[str], sample_seed: int):
+    optuna = _optuna()
+    url = storage or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "optuna.db"))
+    # a heartbeat, so that a trial whose process was killed is marked failed and queued again (its user
+    # attributes, the run folder among them, copied) by the next worker that opens the study
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9
+    with warnings.catch_warnings():  # the heartbeat is "experimental" in optuna's terms since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry else
+                        {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **retry_kwargs)
+        study = optuna.create_study(storage=rdb, study_name=study_name or os.path.basename(os.path.abspath(out_dir)),
+                                    direction="maximize", sampler=optuna.samplers.TPESampler(seed=sample_seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+                                    load_if_exists=True)
+        optuna.storages.fail_stale_trials(study)
+    return study
+
+
+def _run_of_trial(trial) -> str:
+    """The run folder name of a trial: its own, or that of the interrupted trial it continues (whose user
+    attributes it was given)."""
+    return trial.user_attrs.get("run") or f"trial-{trial.number:04d}"
+
+
+def _optuna_loop(base: TrainConfig, out_dir: str, space: dict, trials: int, storage: Optional[str],
+                 study_name: Optional[str], sample_seed: int, data: CifarData, log, should_stop,
+                 device: Optional[str] = None) -> bool:
+    """Run trials until the study holds `trials` complete or pruned ones; returns True when stopped early."""
+    optuna = _optuna()
+    study = _open_study(out_dir, storage, study_name, sample_seed)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def objective(trial):
+        name = _run_of_trial(trial)
+        trial.set_user_attr("run", name)
+        setting = {k: _suggest(trial, k, space[k]) for k in space}
+        run = SweepRun(setting, base.seed, dataclasses.replace(base, **setting,
+                                                               out_dir=os.path.join(out_dir, "runs", name)), name)
+        run.config.validate()
+        saved = RunFolder(run.config.out_dir).saved_config()
+        if saved and _changed_settings(saved, run.config):
+            raise UserError(f"{run.config.out_dir} holds a run with other settings: "
+                            f"{', '.join(_changed_settings(saved, run.config))}")
+        pruned = []
+
+        def on_epoch(row):
+            trial.report(row["val_top1"], row["epoch"])
+            if trial.should_prune():
+                pruned.append(row["epoch"])
+
+        log(f"sweep: trial {trial.number} ({name}): {setting_name(setting)}")
+        status = _train_sweep_run(run, data, lambda m: log(f"[{name}] {m}"), lambda: bool(pruned) or should_stop(),
+                                  on_epoch, device)
+        row = _sweep_row(run)
+        if "final_test_top1" in row:
+            trial.set_user_attr("test_top1", row["final_test_top1"])
+        if pruned:
+            raise optuna.TrialPruned(f"val top-1 below the median of earlier trials at epoch {pruned[0]}")
+        if status == "partial":
+            trial.set_user_attr("interrupted", True)  # optuna marks it failed; the next invocation continues it
+            raise _SweepStopped()
+        if status == "diverged":
+            raise TrainingDiverged(f"trial {trial.number} diverged")
+        return row["final_val_top1"]
+
+    # an interrupted trial (marked failed) continues its run folder in a trial with the same settings
+    resumed = {t.user_attrs.get("resumes") for t in study.trials}
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.number not in resumed and t.user_attrs.get("interrupted"):
+            study.enqueue_trial(t.params, user_attrs={"resumes": t.number, "run": _run_of_trial(t)})
+    if sum(t.state in finished for t in study.trials) >= trials:
+        return False
+    try:
+        study.optimize(objective, catch=(TrainingDiverged,),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
+    except _SweepStopped:
+        return True
+    return False
+
+
+def _optuna_worker_run(args: tuple) -> bool:
+    return _optuna_loop(*args, _worker_data(), lambda m: print(f"[{_worker['device']}] {m}", flush=True),
+                        _worker["stop"].is_set, _worker["device"])
+
+
+def _optuna_sweep(base: TrainConfig, out_dir: str, space: dict, trials: int, storage: Optional[str],
+                  study_name: Optional[str], sample_seed: int, devices: Optional[list], data: Optional[CifarData],
+                  log, should_stop) -> SweepResult:
+    """The sweep as an Optuna study: TPE sampling, median pruning on each epoch's val top-1, trials stored in
+    `storage` (default: optuna.db in out_dir), so that workers on other machines can join the same study."""
+    _optuna()  # installed?
+    if not space or trials < 1:
+        raise UserError("--search optuna needs --random N (the trials the study should hold) and what to vary")
+    plan_sweep(base, out_dir, [{}], [base.seed])  # checks --val-split and the base settings
+    for name, spec in space.items():  # each end of a range must be a valid value
+        for value in (spec if isinstance(spec, list) else spec[1:]):
+            dataclasses.replace(base, **{name: value}).validate()
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    study = _open_study(out_dir, storage, study_name, sample_seed)
+    atomic_save(json.dumps({"base": base.saved(), "search": "optuna", "space": space, "trials": trials,
+                            "study": study.study_name, "storage": storage or "optuna.db", "varied": list(space)},
+                           indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
+    log(f"sweep: Optuna study {study.study_name!r} ({storage or os.path.join(out_dir, 'optuna.db')}), {trials} "
+        f"trials wanted, {len(study.trials)} in it; choosing on the last {base.val_split} training images "
+        f"(validation), the test set only reported")
+    loop = (base, out_dir, space, trials, storage, study_name, sample_seed)
+    if devices and len(devices) > 1:
+        interrupted = _in_workers(_optuna_worker_run, [loop] * len(devices), base, devices, data, log, should_stop)
+    else:
+        if data is None:
+            data = load_dataset(base.data_dir, base.dataset, base.download)
+        interrupted = _optuna_loop(*loop, data, log, should_stop, devices[0] if devices else None)
+    latest = {t.user_attrs["run"]: t for t in study.trials if "run" in t.user_attrs}
+    runs, states = [], {}
+    for name, t in sorted(latest.items()):
+        setting = {k: t.params[k] for k in space if k in t.params}
+        runs.append(SweepRun(setting, base.seed, dataclasses.replace(
+            base, **setting, out_dir=os.path.join(out_dir, "runs", name)), name))
+        states[name] = (t.number, t.state.name.lower())
+    return _finish_sweep(runs, list(space), out_dir, log, interrupted, states)
+
+
+def lr_find_main(argv: list) -> int:
+    """`lr-find [train flags] [--start R] [--end R] [--steps N]`: the learning-rate range test."""
+    parser = build_parser()
+    parser.prog = f"{_program()} lr-find"
+    parser.description = ("The learning-rate range test: real training steps of the configured recipe while the "
+                          "rate grows exponentially; prints a suggested peak rate and writes lr_find.csv and "
+                          "lr_find.png into --out-dir. Takes every train flag.")
+    group = parser.add_argument_group("lr-find")
+    group.add_argument("--start", type=float, default=1e-5, help="the first rate (default: 1e-05)")
+    group.add_argument("--end", type=float, default=10.0, help="the last rate (default: 10)")
+    group.add_argument("--steps", type=int, default=100, help="mini-batches, one rate each (default: 100)")
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        raise UserError("lr-find starts from the initial weights of its settings; --resume is for training")
+    config = _config_from_args(args)
+    out = config.out_dir or os.path.join("runs", "lr-find-" + time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(out, "lr_find.csv")):
+        raise UserError(f"{out} already holds an lr_find.csv; pass another --out-dir")
+    RunFolder(out).check_writable()
+    _set_backend_flags()
+    data = load_dataset(config.data_dir, config.dataset, config.download)
+    print(f"lr-find: up to {args.steps} steps of batch {config.batch_size}, rate {args.start:g} to {args.end:g}",
+          flush=True)
+    result = lr_find(config, data, args.start, args.end, args.steps)
+    print(f"lr-find: {len(result.rates)} steps" + (f"; stopped early: {result.stopped_early}"
+                                                   if result.stopped_early else ""))
+    print(f"suggested peak learning rate: {result.suggestion:.3g} ({result.rule}); for batch {config.batch_size}, "
+          f"with this recipe's augmentation and mixing")
+    os.makedirs(out, exist_ok=True)
+    print(f"wrote {' and '.join(write_lr_find(result, out))}")
+    return 0
+
+
+def sweep_main(argv: list) -> int:
+    """`sweep [train flags] --grid NAME=V1,V2 ... | --random N NAME=RANGE ... [--seeds 0,1] [--devices ...]`."""
+    parser = build_parser()
+    parser.prog = f"{_program()} sweep"
+    parser.description = ("Train many runs from one command, each in --out-dir/runs/<setting>,seed=<seed>/, and "
+                          "choose the setting on held-out training images (--val-split), reporting its test "
+                          "top-1 beside it. Running the same command again skips finished runs and continues an "
+                          "interrupted one. Takes every train flag as the base of every run.")
+    for action in parser._actions:
+        if action.dest == "val_split":
+            action.default = SWEEP_VAL_SPLIT
+            action.help = action.help.replace("(default: 0)", f"(default: {SWEEP_VAL_SPLIT} in a sweep)")
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", help="every combination of these values "
+                       "(any train setting: lr=0.05,0.1 weight_decay=5e-4,1e-3)")
+    group.add_argument("--random", nargs="+", metavar="N NAME=RANGE", help="N settings drawn from ranges: "
+                       "lr=log:0.01:1 (log-uniform), momentum=0.8:0.95 (uniform), arch=resnet18,resnet34 (choice)")
+    group.add_argument("--seeds", default="0", help="train each setting once per seed (default: 0)")
+    group.add_argument("--devices", help="cuda:0,cuda:1,...: one worker process per device, side by side "
+                       "(default: --device, one run at a time)")
+    group.add_argument("--search", choices=["optuna"], help="optuna: an Optuna study instead, of --random N "
+                       "trials (TPE sampling, pruning on each epoch's val top-1); needs pip install optuna")
+    group.add_argument("--storage", help="with --search optuna: the study's database URL, shared by workers on "
+                       "several machines (default: sqlite in --out-dir)")
+    group.add_argument("--study", help="with --search optuna: the study's name (default: --out-dir's name)")
+    group.add_argument("--sample-seed", type=int, default=0, help="seeds the drawing of --random settings "
+                       "(default: 0)")
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        raise UserError("a sweep continues when the same command runs again; --resume is for training")
+    if not args.out_dir:
+        raise UserError("sweep needs --out-dir: the folder of its runs (the same command continues it later)")
+    if bool(args.grid) == bool(args.random):
+        raise UserError("sweep needs --grid NAME=V1,V2 ... or --random N NAME=RANGE ..., one of the two")
+    grid = space = None
+    trials = 0
+    if args.grid:
+        grid = parse_sweep_specs(args.grid)
+    else:
+        if not args.random[0].isdigit() or int(args.random[0]) < 1:
+            raise UserError(f"--random needs the number of settings first, then NAME=RANGE specs; got "
+                            f"{args.random[0]!r}")
+        trials, space = int(args.random[0]), parse_sweep_specs(args.random[1:], ranges=True)
+    if args.search and grid is not None:
+        raise UserError("--search optuna samples ranges: use --random N NAME=RANGE ...")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    for device in devices or []:
+        resolve_device(device)
+    config = _config_from_args(args)
+    _set_backend_flags()
+    console = _Console(sys.stdout)
+    with _StopSignals("stopping the sweep: each running run writes last.pt after its step") as stop:
+        result = sweep(config, args.out_dir, grid, space, trials, seeds, devices, args.sample_seed,
+                       log=console.log, should_stop=stop.requested, search=args.search or "",
+                       storage=args.storage, study_name=args.study)
+    return stop.exit_code if result.interrupted and stop.requested() else 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2067,8 +2812,102 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     return out_path
 
 
+def plot_lr_find(result: LRFindResult, out_path: str) -> str:
+    """The range test's loss against the rate (log axis), the suggestion marked; returns the path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    ax.plot(result.rates, result.losses, color="tab:blue", alpha=0.25, linewidth=1, label="loss of each step")
+    ax.plot(result.rates, result.smoothed, color="tab:blue", label="smoothed loss")
+    ax.axvline(result.suggestion, color="tab:red", linestyle="--",
+               label=f"suggested peak rate {result.suggestion:.3g}")
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss (mixed, label-smoothed)",
+           title=f"learning-rate range test: {len(result.rates)} steps, "
+                 f"{result.rates[0]:.2g} to {result.rates[-1]:.2g}")
+    low, high = min(result.smoothed), result.smoothed[0]
+    ax.set_ylim(low - 0.1 * (high - low) - 0.05, max(result.losses[:max(1, len(result.losses) // 10)] + [high])
+                + 0.3 * (high - low) + 0.05)  # the divergence at the end would flatten the rest
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def plot_sweep(sweep_dir: str, out_path: str) -> str:
+    """A sweep's validation top-1 per epoch (the mean over seeds, a band from lowest to highest seed), and the
+    final val top-1 of each run against each varied setting (log axis for a range spanning 10x or more)."""
+    plt = _pyplot()
+    try:
+        with open(os.path.join(sweep_dir, "sweep.json")) as f:
+            varied = json.load(f)["varied"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{sweep_dir} holds no sweep (sweep.json)") from None
+    rows = [r for r in read_metrics(os.path.join(sweep_dir, "sweep.csv")) if r.get("final_val_top1")]
+    if not rows:
+        raise UserError(f"{sweep_dir} has no finished epochs to plot yet")
+    chosen = {r["setting"] for r in read_metrics(os.path.join(sweep_dir, "summary.csv")) if r["chosen"]}
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(setting_name({k: _number(row[k]) for k in varied}), []).append(row)
+
+    shown = varied[:3]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(7 + 4.2 * len(shown), 4.8), squeeze=False)
+    ax = axes[0][0]
+    for setting, members in groups.items():
+        curves = [[100 * float(r["val_top1"]) for r in read_metrics(os.path.join(sweep_dir, "runs", m["run"],
+                                                                                  "metrics.csv"))]
+                  for m in members]
+        length = min(len(c) for c in curves)
+        epochs = list(range(1, length + 1))
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+        label = (setting if setting != "base" else "run") + (f" ({len(curves)} seeds)" if len(curves) > 1 else "") \
+            + (" - chosen on val" if setting in chosen else "")
+        (line,) = ax.plot(epochs, mean, linewidth=2.5 if setting in chosen else 1.5, label=label)
+        if len(curves) > 1:
+            ax.fill_between(epochs, [min(c[i] for c in curves) for i in range(length)],
+                            [max(c[i] for c in curves) for i in range(length)], color=line.get_color(), alpha=0.2)
+    ax.set(title="validation top-1 per epoch" + (" (mean over seeds, band: lowest to highest)"
+                                                 if any(len(m) > 1 for m in groups.values()) else ""),
+           xlabel="epoch", ylabel="val top-1 (%)")
+    ax.legend(fontsize=8)
+    for ax, name in zip(axes[0][1:], shown):
+        values = [_number(r[name]) for r in rows]
+        finals = [100 * float(r["final_val_top1"]) for r in rows]
+        numeric = all(isinstance(v, float) for v in values)
+        if not numeric:
+            categories = sorted(set(map(str, values)))
+            values = [categories.index(str(v)) for v in values]
+            ax.set_xticks(range(len(categories)), categories)
+        ax.plot(values, finals, "o", alpha=0.6, label="each run")
+        means = {}
+        for v, final in zip(values, finals):
+            means.setdefault(v, []).append(final)
+        xs = sorted(means)
+        ax.plot(xs, [sum(means[x]) / len(means[x]) for x in xs], "-", color="tab:red", label="mean over runs")
+        if numeric and min(xs) > 0 and max(xs) >= 10 * min(xs):
+            ax.set_xscale("log")
+        ax.set(title=f"final val top-1 against {name}", xlabel=name + (" (log scale)" if ax.get_xscale() == "log"
+                                                                       else ""), ylabel="final val top-1 (%)")
+        ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def plot_main(argv: list) -> int:
-    """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared.
+    """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared; of a sweep
+    when RUN_DIR is a sweep folder.
     `plot --schedule [train flags] [--out FILE]`: the learning rate those flags would set, before training."""
     if "--schedule" in argv:
         argv = [a for a in argv if a != "--schedule"]
@@ -2088,14 +2927,18 @@ def plot_main(argv: list) -> int:
         print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
               f"{', '.join(f'{x:.4g}' for x in r['restarts']) or 'none'}")
         return 0
-    p = _Parser(prog=f"{_program()} plot", description="learning curves of one run, or several compared")
-    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv (or --schedule and train flags: "
-                                               "the planned learning rate)")
-    p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder)")
+    p = _Parser(prog=f"{_program()} plot", description="learning curves of one run, or several compared; the "
+                "runs of a sweep (a sweep folder); or, with --schedule and train flags, the planned learning rate")
+    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv, or one sweep folder")
+    p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder, sweep.png in a "
+                                 "sweep folder)")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.run_dirs):
         raise UserError(f"--labels needs one label per run folder ({len(args.run_dirs)}), got {len(args.labels)}")
+    if len(args.run_dirs) == 1 and os.path.exists(os.path.join(args.run_dirs[0], "sweep.json")):
+        print(f"wrote {plot_sweep(args.run_dirs[0], args.out or os.path.join(args.run_dirs[0], 'sweep.png'))}")
+        return 0
     out = args.out or os.path.join(args.run_dirs[0], "curves.png")
     print(f"wrote {plot_runs(args.run_dirs, out, args.labels)}")
     return 0
@@ -2182,7 +3025,9 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
                      "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). "
                      f"'{_program()} bench [flags]' times the training step instead; "
                      f"'{_program()} plot RUN_DIR...' draws learning curves from metrics.csv; "
-                     f"'{_program()} eval CHECKPOINT [--tta]' measures saved weights on the test set."))
+                     f"'{_program()} eval CHECKPOINT [--tta]' measures saved weights on the test set; "
+                     f"'{_program()} lr-find [flags]' runs the learning-rate range test; "
+                     f"'{_program()} sweep [flags] --grid ...' trains many runs and chooses on validation."))
     groups = {key: p.add_argument_group(title) for key, title in PARSER_GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         m, flag = f.metadata, _flag_of(f)
@@ -2253,15 +3098,12 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _main(argv: list) -> int:
-    command = argv.pop(0) if argv and argv[0] in ("train", "bench", "plot", "eval") else "train"
-    stop_requested = []
+    commands = {"bench": bench_main, "plot": plot_main, "eval": eval_main, "lr-find": lr_find_main,
+                "sweep": sweep_main}
+    command = argv.pop(0) if argv and argv[0] in ("train", *commands) else "train"
     try:
-        if command == "bench":
-            return bench_main(argv)
-        if command == "plot":
-            return plot_main(argv)
-        if command == "eval":
-            return eval_main(argv)
+        if command != "train":
+            return commands[command](argv)
         args = build_parser().parse_args(argv)
         given = _given_flags(argv)
         if args.resume is not None:
@@ -2271,31 +3113,47 @@ def _main(argv: list) -> int:
             if config.out_dir is None:
                 config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         _set_backend_flags()
-
-        # Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop): finish the step, write
-        # last.pt, exit 128 + the signal's number. A second one stops at once.
-        def on_stop_signal(signum, frame):
-            stop_requested.append(signum)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            print(f"\n{signal.Signals(signum).name}: writing last.pt after this step (Ctrl-C again to abort)",
-                  flush=True)
-
-        previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         console = _Console(sys.stdout)
-        try:
-            result = train(config, resume=resume, should_stop=lambda: bool(stop_requested), log=console.log,
+        with _StopSignals() as stop:
+            result = train(config, resume=resume, should_stop=stop.requested, log=console.log,
                            progress=console.progress)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return 128 + stop_requested[0] if result.interrupted else 0
+        return stop.exit_code if result.interrupted else 0
     except UserError as e:
         return _fail(e, 2)
     except (TrainingDiverged, WriteFailed) as e:
         return _fail(e, 1)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is still whole (each write is atomic)
         return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
+
+
+class _StopSignals:
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop) asks to stop: training
+    finishes its step and writes last.pt; the command then exits 128 + the signal's number. A second one
+    stops at once. The previous handlers come back on exit."""
+
+    def __init__(self, what: str = "writing last.pt after this step"):
+        self.what, self.signals, self.previous = what, [], {}
+
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signals[0]
+
+    def _on_signal(self, signum, frame):
+        self.signals.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: {self.what} (Ctrl-C again to abort)", flush=True)
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class _Console:
