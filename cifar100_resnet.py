@@ -67,6 +67,8 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, float, float]  # per-channel mean of the training pixels / 255
     std: tuple[float, float, float]
+    coarse_key: Optional[str] = None  # CIFAR-100: key of the superclass labels in each batch file
+    coarse_names_key: Optional[str] = None  # and of the superclass names in the meta file
 
 
 DATASETS = {
@@ -77,6 +79,7 @@ DATASETS = {
         train_files=("train",), test_files=("test",), meta_file="meta",
         label_key="fine_labels", names_key="fine_label_names", num_classes=100,
         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),  # the notebook's constants
+        coarse_key="coarse_labels", coarse_names_key="coarse_label_names",
     ),
     "cifar10": DatasetInfo(
         folder="cifar-10-batches-py",
@@ -329,8 +332,10 @@ def _read_pickle(path: str) -> dict:
     return obj
 
 
-def _read_batches(folder: str, files: tuple[str, ...], label_key: str, num_classes: int):
-    images, labels = [], []
+def _read_batches(folder: str, files: tuple[str, ...], label_key: str, num_classes: int,
+                  coarse_key: Optional[str] = None):
+    """(images, labels, [(fine, coarse) label pairs seen, when the files have coarse_key]) of the files."""
+    images, labels, pairs = [], [], set()
     for name in files:
         path = os.path.join(folder, name)
         batch = _read_pickle(path)
@@ -343,7 +348,12 @@ def _read_batches(folder: str, files: tuple[str, ...], label_key: str, num_class
             raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}")
         images.append(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))  # rows are R, G, B planes: NCHW
         labels.append(np.asarray(lab, dtype=np.int64))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+        coarse = batch.get(coarse_key) if coarse_key else None
+        if coarse is not None:
+            if not isinstance(coarse, list) or len(coarse) != len(data) or not all(type(v) is int for v in coarse):
+                raise DataError(f"{path}: '{coarse_key}' must be a list of {len(data)} ints")
+            pairs.update(zip(lab, coarse))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), pairs
 
 
 @dataclass
@@ -354,18 +364,34 @@ class CifarData:
     test_labels: torch.Tensor
     classes: list[str]
     info: DatasetInfo
+    superclass_of: Optional[torch.Tensor] = None  # CIFAR-100: the superclass of each class (int64, 100)
+    superclasses: Optional[list] = None  # and the superclass names
 
 
 def read_cifar(folder: str, dataset: str = "cifar100") -> CifarData:
     """Read the official layout in `folder` (e.g. ./data/cifar-100-python) into uint8 NCHW tensors."""
     info = DATASETS[dataset]
-    train_images, train_labels = _read_batches(folder, info.train_files, info.label_key, info.num_classes)
-    test_images, test_labels = _read_batches(folder, info.test_files, info.label_key, info.num_classes)
+    train_images, train_labels, pairs = _read_batches(folder, info.train_files, info.label_key, info.num_classes,
+                                                      info.coarse_key)
+    test_images, test_labels, test_pairs = _read_batches(folder, info.test_files, info.label_key, info.num_classes,
+                                                         info.coarse_key)
     meta_path = os.path.join(folder, info.meta_file)
-    names = _read_pickle(meta_path).get(info.names_key)
+    meta = _read_pickle(meta_path)
+    names = meta.get(info.names_key)
     if not isinstance(names, list) or len(names) != info.num_classes:
         raise DataError(f"{meta_path}: '{info.names_key}' must list {info.num_classes} class names")
-    return CifarData(train_images, train_labels, test_images, test_labels, [str(n) for n in names], info)
+    data = CifarData(train_images, train_labels, test_images, test_labels, [str(n) for n in names], info)
+    pairs |= test_pairs
+    superclass_of = dict(sorted(pairs))  # the superclass labels (CIFAR-100's coarse labels)
+    if len(superclass_of) != len(pairs):
+        raise DataError(f"{folder}: the '{info.coarse_key}' put a class in two superclasses")
+    if len(superclass_of) == info.num_classes:  # (a cut-down copy may lack some classes: then no superclasses)
+        data.superclass_of = torch.tensor([superclass_of[c] for c in range(info.num_classes)])
+        n_super = int(data.superclass_of.max()) + 1
+        coarse_names = meta.get(info.coarse_names_key)
+        data.superclasses = ([str(n) for n in coarse_names] if isinstance(coarse_names, list) and
+                             len(coarse_names) == n_super else [f"superclass {i}" for i in range(n_super)])
+    return data
 
 
 def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True) -> CifarData:
@@ -445,9 +471,10 @@ def _randint(high: int, n: int, generator, device) -> torch.Tensor:
     return torch.randint(0, high, (n,), generator=generator, device=device)
 
 
-def random_crop(images: torch.Tensor, padding: int = CROP_PADDING,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Each image: zero-pad by `padding`, then cut a same-size window at its own random offset.
+def random_crop(images: torch.Tensor, padding: int = CROP_PADDING, generator: Optional[torch.Generator] = None,
+                return_offsets: bool = False):
+    """Each image: zero-pad by `padding`, then cut a same-size window at its own random offset (with
+    return_offsets, also the offsets: rows and columns into the padded image, padding meaning no shift).
 
     Works on any dtype (uint8 here). Instead of a gather with a large index, the shift is applied one axis
     at a time with one torch.where per possible offset: 2 * (2 * padding + 1) passes, no host sync.
@@ -463,13 +490,15 @@ def random_crop(images: torch.Tensor, padding: int = CROP_PADDING,
     out = rows[:, :, :, 0:w]
     for s in range(1, 2 * padding + 1):
         out = torch.where(dx == s, rows[:, :, :, s:s + w], out)
-    return out
+    return (out, (dy.view(n), dx.view(n))) if return_offsets else out
 
 
-def random_flip(images: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Mirror each image left-right with probability p, each its own draw."""
+def random_flip(images: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None,
+                return_mask: bool = False):
+    """Mirror each image left-right with probability p, each its own draw (with return_mask, also which)."""
     flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    out = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    return (out, flip) if return_mask else out
 
 
 def sample_beta(alpha: float, generator: Optional[torch.Generator] = None) -> float:
@@ -526,13 +555,9 @@ def cutmix_batch(images: torch.Tensor, labels: torch.Tensor, box):
     return mixed, labels, labels.flip(0), lam
 
 
-def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-              generator: Optional[torch.Generator] = None):
-    """Apply ONE of MixUp or CutMix to the batch (chosen with config.cutmix_prob when both are on).
-
-    Returns (images, labels_a, labels_b, lam): the target is lam * labels_a + (1 - lam) * labels_b.
-    The notebook applied CutMix after MixUp and kept only CutMix's labels, losing MixUp's second label.
-    """
+def draw_mix(config: TrainConfig, height: int, width: int, generator: Optional[torch.Generator] = None) -> tuple:
+    """The random choices of one batch's mixing: ("cutmix", lam, box), ("mixup", lam, None) or ("none", 1.0,
+    None). ONE of MixUp or CutMix per batch, chosen with config.cutmix_prob when both are on."""
     use_mixup = config.mixup and config.mixup_alpha > 0
     use_cutmix = config.cutmix and config.cutmix_alpha > 0
     if use_mixup and use_cutmix:
@@ -540,10 +565,29 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
         use_mixup = not use_cutmix
     if use_cutmix:
         lam = sample_beta(config.cutmix_alpha, generator)
-        return cutmix_batch(images, labels, cutmix_box(lam, images.shape[2], images.shape[3], generator))
+        return "cutmix", lam, cutmix_box(lam, height, width, generator)
     if use_mixup:
-        return mixup_batch(images, labels, sample_beta(config.mixup_alpha, generator))
+        return "mixup", sample_beta(config.mixup_alpha, generator), None
+    return "none", 1.0, None
+
+
+def apply_mix(images: torch.Tensor, labels: torch.Tensor, method: str, lam: float, box=None):
+    """Mix the batch as draw_mix chose; returns (images, labels_a, labels_b, lam)."""
+    if method == "cutmix":
+        return cutmix_batch(images, labels, box)
+    if method == "mixup":
+        return mixup_batch(images, labels, lam)
     return images, labels, labels, 1.0
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+              generator: Optional[torch.Generator] = None):
+    """Apply ONE of MixUp or CutMix to the batch (draw_mix, then apply_mix).
+
+    Returns (images, labels_a, labels_b, lam): the target is lam * labels_a + (1 - lam) * labels_b.
+    The notebook applied CutMix after MixUp and kept only CutMix's labels, losing MixUp's second label.
+    """
+    return apply_mix(images, labels, *draw_mix(config, images.shape[2], images.shape[3], generator))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1070,12 +1114,16 @@ class Trainer:
         return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": state.loss_sum.item() / state.seen,
                 "train_seconds": seconds, "images_per_s": self.n_train / seconds}
 
-    def augmented_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def augmented_epoch(self, details: bool = False) -> tuple:
         """The training images of one epoch in the order drawn for it, cropped and flipped, and their labels:
-        the steps of the epoch take their batches from these, in order, and mix each (draws from data_rng)."""
+        the steps of the epoch take their batches from these, in order, and mix each (draws from data_rng).
+        With details, also {"order", "dy", "dx", "flipped"}: which image, and how each was cropped and flipped."""
         train_images, train_labels = self.splits["train"]
         order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
-        images = random_flip(random_crop(train_images[order], generator=self.data_rng), generator=self.data_rng)
+        cropped, (dy, dx) = random_crop(train_images[order], generator=self.data_rng, return_offsets=True)
+        images, flipped = random_flip(cropped, generator=self.data_rng, return_mask=True)
+        if details:
+            return images, train_labels[order], {"order": order, "dy": dy, "dx": dx, "flipped": flipped}
         return images, train_labels[order]
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
@@ -1805,13 +1853,24 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
 # Evaluating a saved checkpoint
 
 
-def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
-                        device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
-                        batch_size: Optional[int] = None, download: bool = True) -> dict:
-    """Test metrics (and val metrics, if the run held some out) of a checkpoint's weights, measured as the
-    training run measured them: same images (its --limit-test unless limit_test is given), same precision,
-    same batches (its --eval-batch-size unless batch_size is given).
-    path: a checkpoint, or a run folder (its last.pt)."""
+@dataclass
+class LoadedRun:
+    """A checkpoint's model, ready to evaluate as its run did: its settings, device and precision, the
+    normaliser, the dataset and the run's splits (still on the CPU)."""
+    path: str
+    ckpt: dict
+    config: TrainConfig
+    model: nn.Module
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    normalize: Normalizer
+    data: CifarData
+    splits: dict
+
+
+def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None, device: str = "auto",
+             limit_test: Optional[int] = None, download: bool = True) -> LoadedRun:
+    """Load a checkpoint (or a run folder's last.pt) with its model in eval mode on `device`."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     ckpt = load_checkpoint(path, full=False)
@@ -1825,15 +1884,25 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
         data = load_dataset(data_dir or config.data_dir, config.dataset, download)
     model = build_model(config)
     load_weights(model, ckpt, path)
-    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
+    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format).eval()
     normalize = Normalizer(data.info.mean, data.info.std, dev, channels_last=dev.type == "cuda")
-    amp_dtype = env.amp_dtype
-    result = {"checkpoint": path, "epoch": ckpt["epoch"], "partial_epoch": ckpt.get("partial_epoch") is not None}
-    splits = split_data(data, config)
-    for split in ("test", "val") if config.val_split else ("test",):
-        images, labels = splits[split]
-        result[split] = evaluate(model, images.to(dev), labels.to(dev), normalize,
-                                 batch_size or config.eval_batch_size, amp_dtype, tta=tta)
+    return LoadedRun(path, ckpt, config, model, dev, env.amp_dtype, normalize, data, split_data(data, config))
+
+
+def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
+                        device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
+                        batch_size: Optional[int] = None, download: bool = True) -> dict:
+    """Test metrics (and val metrics, if the run held some out) of a checkpoint's weights, measured as the
+    training run measured them: same images (its --limit-test unless limit_test is given), same precision,
+    same batches (its --eval-batch-size unless batch_size is given).
+    path: a checkpoint, or a run folder (its last.pt)."""
+    run = load_run(path, data, data_dir, device, limit_test, download)
+    result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"],
+              "partial_epoch": run.ckpt.get("partial_epoch") is not None}
+    for split in ("test", "val") if run.config.val_split else ("test",):
+        images, labels = run.splits[split]
+        result[split] = evaluate(run.model, images.to(run.device), labels.to(run.device), run.normalize,
+                                 batch_size or run.config.eval_batch_size, run.amp_dtype, tta=tta)
     return result
 
 
@@ -2031,10 +2100,15 @@ def lr_find(config: TrainConfig, data: Optional[CifarData] = None, start: float 
             break
     if not result.rates:
         raise UserError(f"the loss was not finite at the first rate, {start:g}: lower --start")
-    at_lowest = result.rates[result.smoothed.index(min(result.smoothed))]
+    lowest_at = result.smoothed.index(min(result.smoothed))
+    at_lowest = result.rates[lowest_at]
     result.suggestion = max(at_lowest / 10, start)
     result.rule = (f"a tenth of {at_lowest:.3g}, the rate at the lowest smoothed loss "
                    f"({min(result.smoothed):.3f}), where the loss still falls steadily")
+    if result.stopped_early is None and lowest_at >= 0.9 * (len(result.rates) - 1):
+        result.rule += (f"; but the loss was still falling at {end:g}, so the test saw no rise: a larger --end, or "
+                        f"more --steps (a network learning from scratch needs a few hundred before its loss "
+                        f"moves), would place it better")
     return result
 
 
@@ -2729,7 +2803,8 @@ def _pyplot():
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError('plot needs matplotlib: pip install "cifar100_resnet[plot]" (or pip install matplotlib)') from None
+        raise UserError('the figures need matplotlib: pip install "cifar100_resnet[plot]" (or pip install '
+                        'matplotlib)') from None
     return plt
 
 
@@ -2823,10 +2898,9 @@ def plot_lr_find(result: LRFindResult, out_path: str) -> str:
     ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss (mixed, label-smoothed)",
            title=f"learning-rate range test: {len(result.rates)} steps, "
                  f"{result.rates[0]:.2g} to {result.rates[-1]:.2g}")
-    low, high = min(result.smoothed), result.smoothed[0]
-    ax.set_ylim(low - 0.1 * (high - low) - 0.05, max(result.losses[:max(1, len(result.losses) // 10)] + [high])
-                + 0.3 * (high - low) + 0.05)  # the divergence at the end would flatten the rest
-    ax.grid(alpha=0.3, which="both")
+    low, high = min(result.losses), max(result.losses[:max(1, len(result.losses) // 10)] + [result.smoothed[0]])
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))  # a divergence would flatten the rest
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
@@ -2941,6 +3015,630 @@ def plot_main(argv: list) -> int:
         return 0
     out = args.out or os.path.join(args.run_dirs[0], "curves.png")
     print(f"wrote {plot_runs(args.run_dirs, out, args.labels)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Understanding a run: what it gets wrong (report), what the network sees (preview-aug), what a convolution
+# does (conv-demo). Numbers are computed without matplotlib; the figures need it.
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted] (int64)."""
+    flat = labels.long().cpu() * num_classes + predictions.long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_metrics(confusion: torch.Tensor) -> list:
+    """For each class: support (its images), recall = accuracy on its images, precision = the share of the
+    images predicted as it that are it (0 when never predicted)."""
+    hits, support, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    return [{"class": i, "support": int(support[i]), "accuracy": float(hits[i] / max(int(support[i]), 1)),
+             "recall": float(hits[i] / max(int(support[i]), 1)),
+             "precision": float(hits[i] / predicted[i]) if predicted[i] else 0.0} for i in range(len(confusion))]
+
+
+def most_confused_pairs(confusion: torch.Tensor, k: int = 20) -> list:
+    """The k largest off-diagonal counts: [(true class, predicted class, count)], most first."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(min(k, off.numel()))
+    n = len(confusion)
+    return [(int(i) // n, int(i) % n, int(c)) for c, i in zip(counts, flat) if c > 0]
+
+
+def calibration(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error (Guo et al. 2017): images binned by their confidence (the top probability)
+    into `bins` equal intervals of (0, 1]; ECE = sum over bins of (images in it / N) x |accuracy - mean
+    confidence|. Returns {"ece", "bins": [{"low", "high", "count", "confidence", "accuracy"}]}."""
+    confidence, predicted = probabilities.float().max(1)
+    correct = (predicted == labels).float()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # (low, high]: 1.0 falls in the last bin
+    table, ece, n = [], 0.0, len(labels)
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        row = {"low": b / bins, "high": (b + 1) / bins, "count": count, "confidence": float("nan"),
+               "accuracy": float("nan")}
+        if count:
+            row.update(confidence=float(confidence[members].mean()), accuracy=float(correct[members].mean()))
+            ece += count / n * abs(row["accuracy"] - row["confidence"])
+        table.append(row)
+    return {"ece": ece, "bins": table}
+
+
+def analyse_predictions(logits: torch.Tensor, labels: torch.Tensor, data: CifarData) -> dict:
+    """Everything `report` shows, as numbers: top-1/top-5, per-class metrics, the confusion matrix and its
+    most confused pairs, calibration, and for CIFAR-100 the superclass accuracy and the share of errors that
+    stay inside the right superclass."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    probabilities = logits.softmax(1)
+    predictions = logits.argmax(1)
+    confusion = confusion_matrix(predictions, labels, len(data.classes))
+    result = {"n": len(labels), **classification_metrics(logits, labels), "per_class": per_class_metrics(confusion),
+              "confusion": confusion, "confused_pairs": most_confused_pairs(confusion),
+              "calibration": calibration(probabilities, labels), "predictions": predictions,
+              "confidence": probabilities.max(1).values}
+    if data.superclass_of is not None:
+        true_super, predicted_super = data.superclass_of[labels], data.superclass_of[predictions]
+        wrong = predictions != labels
+        result["superclass_top1"] = float((true_super == predicted_super).float().mean())
+        result["errors_in_right_superclass"] = (float((true_super == predicted_super)[wrong].float().mean())
+                                                if wrong.any() else float("nan"))
+        result["per_superclass"] = [
+            {"superclass": s, "name": data.superclasses[s], "support": int((true_super == s).sum()),
+             "top1": float((predictions == labels)[true_super == s].float().mean()) if (true_super == s).any()
+             else float("nan"),
+             "superclass_top1": float((predicted_super == s)[true_super == s].float().mean())
+             if (true_super == s).any() else float("nan")}
+            for s in range(len(data.superclasses))]
+    return result
+
+
+def _denormalize(x: torch.Tensor, data: CifarData) -> torch.Tensor:
+    """Normalised float images back to uint8-range floats (0..255) for display."""
+    mean = torch.tensor(data.info.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.info.std, device=x.device).view(1, 3, 1, 1)
+    return ((x.float() * std + mean) * 255).clamp(0, 255)
+
+
+def _show_image(ax, image: torch.Tensor, title: str, fontsize: float = 7) -> None:
+    """One (3, H, W) image, 0..255, with a title and no axes."""
+    ax.imshow(image.detach().float().cpu().permute(1, 2, 0).numpy() / 255, interpolation="nearest")
+    ax.set_title(title, fontsize=fontsize)
+    ax.axis("off")
+
+
+def _save(fig, path: str, dpi: int = 110) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _report_figures(analysis: dict, images: torch.Tensor, labels: torch.Tensor, data: CifarData, split: str,
+                    folder: str, prefix: str) -> dict:
+    """The figures of one split's analysis; returns {name: path}."""
+    plt = _pyplot()
+    classes, figures = data.classes, {}
+    per_class = sorted(analysis["per_class"], key=lambda r: r["accuracy"], reverse=True)
+    n = len(per_class)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.16 * n + 1.5), 5.2))
+    ax.bar(range(n), [100 * r["accuracy"] for r in per_class], color="tab:blue")
+    ax.axhline(100 * analysis["top1"], color="tab:red", linestyle="--", label=f"overall {analysis['top1']:.1%}")
+    ax.set_xticks(range(n), [classes[r["class"]] for r in per_class], rotation=90, fontsize=7)
+    ax.set(xlim=(-0.7, n - 0.3), ylim=(0, 100), ylabel="top-1 on the class's images (%)",
+           title=f"{split}: accuracy per class, best to worst ({analysis['n']} images)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    figures["per_class"] = _save(fig, os.path.join(folder, f"{prefix}per_class.png"))
+
+    # the confusion matrix, rows normalised, classes ordered by superclass (blocks on the diagonal)
+    order = list(range(len(classes)))
+    if data.superclass_of is not None:
+        order.sort(key=lambda c: (int(data.superclass_of[c]), c))
+    confusion = analysis["confusion"][order][:, order].float()
+    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(11, 10))
+    shown = ax.imshow(rates.sqrt().numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02)
+    ticks = [0, 0.01, 0.05, 0.2, 0.5, 1]
+    bar.set_ticks([math.sqrt(v) for v in ticks], labels=[f"{v:.0%}" for v in ticks])
+    bar.set_label("share of the true class's images (square-root scale)")
+    if data.superclass_of is not None:
+        supers = [int(data.superclass_of[c]) for c in order]
+        starts = [i for i in range(len(order)) if i == 0 or supers[i] != supers[i - 1]]
+        for s in starts[1:]:
+            ax.axhline(s - 0.5, color="white", linewidth=0.4)
+            ax.axvline(s - 0.5, color="white", linewidth=0.4)
+        centres = [(a + b - 1) / 2 for a, b in zip(starts, starts[1:] + [len(order)])]
+        names = [data.superclasses[supers[s]].replace("_", " ") for s in starts]
+        ax.set_yticks(centres, names, fontsize=7)
+        ax.set_xticks(centres, names, fontsize=7, rotation=90)
+        ax.set(xlabel="predicted class, grouped by superclass", ylabel="true class, grouped by superclass")
+    else:
+        ax.set_xticks(range(len(order)), [classes[c] for c in order], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(order)), [classes[c] for c in order], fontsize=7)
+        ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"{split}: confusion matrix (each row: where that class's images went)")
+    fig.tight_layout()
+    figures["confusion"] = _save(fig, os.path.join(folder, f"{prefix}confusion.png"))
+
+    # misclassified images: the first ones in test order, and the most confident mistakes
+    predictions, confidence = analysis["predictions"], analysis["confidence"]
+    wrong = (predictions != labels.cpu()).nonzero().flatten()
+    by_confidence = wrong[confidence[wrong].argsort(descending=True)]
+    for name, chosen, what in (("mistakes", wrong[:24], "misclassified images (the first 24)"),
+                               ("confident_mistakes", by_confidence[:24], "the 24 most confident mistakes")):
+        if len(chosen) == 0:
+            continue
+        fig, axes = plt.subplots(4, 6, figsize=(12, 11))
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, i in zip(axes.flat, chosen.tolist()):
+            _show_image(ax, images[i].float(), f"true: {classes[int(labels[i])]}\n"
+                                               f"predicted: {classes[int(predictions[i])]}\n"
+                                               f"confidence {float(confidence[i]):.0%}", fontsize=8)
+        fig.suptitle(f"{split}: {what}", fontsize=12)
+        fig.tight_layout()
+        figures[name] = _save(fig, os.path.join(folder, f"{prefix}{name}.png"))
+
+    bins = analysis["calibration"]["bins"]
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6.4, 7.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = 1 / len(bins)
+    filled = [b for b in bins if b["count"]]
+    ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           edgecolor="black", color="tab:blue", label="accuracy of the images in the bin")
+    ax.bar([b["low"] for b in filled], [abs(b["confidence"] - b["accuracy"]) for b in filled], width=width,
+           bottom=[min(b["confidence"], b["accuracy"]) for b in filled], align="edge", fill=False, hatch="///",
+           edgecolor="tab:red", label="gap to their mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+           title=f"{split}: reliability diagram, ECE {analysis['calibration']['ece']:.2%}")
+    ax.legend(fontsize=8, loc="upper left")
+    ax_count.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge",
+                 edgecolor="black", color="grey")
+    ax_count.set(xlabel="confidence (the top softmax probability)", ylabel="images")
+    for a in (ax, ax_count):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    figures["calibration"] = _save(fig, os.path.join(folder, f"{prefix}calibration.png"))
+    return figures
+
+
+def _html_table(header: list, rows: list) -> str:
+    import html
+
+    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _report_html(title: str, sections: list, folder: str) -> str:
+    """report.html: one self-contained page, every figure embedded as a data: URI."""
+    import base64
+    import html
+
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "text-align:right}img{max-width:100%;display:block;margin:1em 0}</style></head><body>"
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, content in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in content:
+            if isinstance(item, str) and item.endswith(".png") and os.path.exists(item):
+                with open(item, "rb") as f:
+                    encoded = base64.b64encode(f.read()).decode()
+                parts.append(f"<img alt='{html.escape(os.path.basename(item))}' "
+                             f"src='data:image/png;base64,{encoded}'>")
+            else:
+                parts.append(item)
+    parts.append("</body></html>")
+    path = os.path.join(folder, "report.html")
+    atomic_save("\n".join(parts) + "\n", path)
+    return path
+
+
+def report(path: str, out_dir: Optional[str] = None, data: Optional[CifarData] = None,
+           data_dir: Optional[str] = None, device: str = "auto", download: bool = True) -> dict:
+    """What a checkpoint gets right and wrong, on the test set (and on a --val-split run's validation images):
+    per_class.csv, confused_pairs.csv, calibration.csv and summary.json always; with matplotlib also the
+    figures (per-class accuracy, confusion matrix ordered by superclass, misclassified images, reliability
+    diagram, the run's learning curves) and report.html, all in out_dir (default: report/ beside the
+    checkpoint). Returns the analyses and the paths written."""
+    run = load_run(path, data, data_dir, device, download=download)
+    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(run.path)), "report")
+    RunFolder(folder).check_writable()
+    os.makedirs(folder, exist_ok=True)
+    classes, written, analyses = run.data.classes, [], {}
+    for split in ("test", "val") if run.config.val_split else ("test",):
+        images, labels = run.splits[split]
+        logits = predict(run.model, images.to(run.device), run.normalize, run.config.eval_batch_size,
+                         run.amp_dtype)[""]
+        analyses[split] = analysis = analyse_predictions(logits, labels, run.data)
+        prefix = "" if split == "test" else "val_"
+        rows = [{**r, "name": classes[r["class"]],
+                 **({"superclass": run.data.superclasses[int(run.data.superclass_of[r["class"]])]}
+                    if run.data.superclass_of is not None else {})} for r in analysis["per_class"]]
+        _write_csv(os.path.join(folder, f"{prefix}per_class.csv"), rows,
+                   ["class", "name", "superclass", "support", "accuracy", "precision", "recall"]
+                   if run.data.superclass_of is not None else
+                   ["class", "name", "support", "accuracy", "precision", "recall"])
+        _write_csv(os.path.join(folder, f"{prefix}confused_pairs.csv"),
+                   [{"true": classes[a], "predicted": classes[b], "count": c,
+                     "share_of_true_class": c / max(analysis["per_class"][a]["support"], 1)}
+                    for a, b, c in analysis["confused_pairs"]], ["true", "predicted", "count", "share_of_true_class"])
+        _write_csv(os.path.join(folder, f"{prefix}calibration.csv"), analysis["calibration"]["bins"],
+                   ["low", "high", "count", "confidence", "accuracy"])
+        written += [os.path.join(folder, f"{prefix}{n}.csv") for n in ("per_class", "confused_pairs", "calibration")]
+    summary = {split: {k: a[k] for k in ("n", "top1", "top5", "loss", "superclass_top1", "errors_in_right_superclass")
+                       if k in a} | {"ece": a["calibration"]["ece"]} for split, a in analyses.items()}
+    summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"])
+    atomic_save(json.dumps(summary, indent=2) + "\n", os.path.join(folder, "summary.json"))
+    written.append(os.path.join(folder, "summary.json"))
+
+    try:
+        _pyplot()
+    except UserError as e:
+        raise UserError(f"wrote the numbers into {folder} (CSV files, summary.json); for the figures and "
+                        f"report.html: {e}") from None
+    figures = {split: _report_figures(analyses[split], *run.splits[split], run.data, split, folder,
+                                      "" if split == "test" else "val_") for split in analyses}
+    written += [p for f in figures.values() for p in f.values()]
+    run_dir = os.path.dirname(os.path.abspath(run.path))
+    if read_metrics(os.path.join(run_dir, "metrics.csv")):
+        figures["curves"] = plot_runs([run_dir], os.path.join(folder, "curves.png"))
+        written.append(figures["curves"])
+    sections = []
+    for split, a in analyses.items():
+        lines = [f"top-1 {a['top1']:.2%}", f"top-5 {a['top5']:.2%}", f"loss {a['loss']:.4f}",
+                 f"expected calibration error {a['calibration']['ece']:.2%}"]
+        if "superclass_top1" in a:
+            lines += [f"superclass top-1 {a['superclass_top1']:.2%}",
+                      f"errors inside the right superclass {a['errors_in_right_superclass']:.1%}"]
+        pairs = _html_table(["true", "predicted as", "images", "share of the true class"],
+                            [(classes[t], classes[p], c, f"{c / max(a['per_class'][t]['support'], 1):.0%}")
+                             for t, p, c in a["confused_pairs"]])
+        content = [f"<p>{a['n']} images: " + ", ".join(lines) + "</p>", figures[split]["per_class"],
+                   figures[split]["confusion"], "<h3>The 20 most confused pairs</h3>", pairs]
+        if "per_superclass" in a:
+            content += ["<h3>Superclasses</h3>", _html_table(
+                ["superclass", "images", "top-1 (class)", "top-1 (superclass)"],
+                [(s["name"], s["support"], f"{s['top1']:.1%}", f"{s['superclass_top1']:.1%}")
+                 for s in sorted(a["per_superclass"], key=lambda s: -s["top1"])])]
+        content += [figures[split][k] for k in ("mistakes", "confident_mistakes", "calibration") if k in figures[split]]
+        sections.append((f"{split} set", content))
+    if "curves" in figures:
+        sections.append(("learning curves", [figures["curves"]]))
+    written.append(_report_html(f"report: {run.path} (epoch {run.ckpt['epoch']})", sections, folder))
+    return {"analyses": analyses, "summary": summary, "files": written, "folder": folder}
+
+
+def preview_augmentation(config: TrainConfig, data: CifarData, batches: int = 2, per_batch: int = 8) -> list:
+    """The first training batches of a run with these settings, through the very functions the training step
+    uses (Trainer.augmented_epoch, draw_mix, apply_mix, the normaliser): for the first `batches` batches whose
+    mixing differs (a MixUp and a CutMix one when both are on), `per_batch` images each. Returns one dict per
+    batch: step, method, lam, box, and per image the original, its crop offsets and flip, the cropped and
+    flipped image, the mixed image the model sees (`inputs`: normalised, as fed) and both labels."""
+    trainer = Trainer(dataclasses.replace(config, out_dir=None), data, log=lambda message: None)
+    images, labels, details = trainer.augmented_epoch(details=True)
+    train_images = trainer.splits["train"][0]
+    shown, methods = [], set()
+    for step, (first, last) in enumerate(trainer.batches):
+        method, lam, box = draw_mix(config, IMAGE_SIZE, IMAGE_SIZE, trainer.mix_rng)
+        if method in methods:
+            continue
+        methods.add(method)
+        x, labels_a, labels_b, lam = apply_mix(trainer.normalize(images[first:last]), labels[first:last], method, lam,
+                                               box)
+        k = min(per_batch, last - first)
+        index = slice(first, first + k)
+        shown.append({"step": step + 1, "method": method, "lam": lam, "box": box, "inputs": x,
+                      "original": train_images[details["order"][index]], "augmented": images[index],
+                      "dy": details["dy"][index] - CROP_PADDING, "dx": details["dx"][index] - CROP_PADDING,
+                      "flipped": details["flipped"][index], "mixed": _denormalize(x[:k], data),
+                      "labels_a": labels_a[:k], "labels_b": labels_b[:k]})
+        if len(shown) == batches:
+            break
+    return shown
+
+
+def plot_augmentation(shown: list, data: CifarData, out_path: str) -> str:
+    """preview_augmentation's batches as a grid: per image the original, after crop and flip, and mixed."""
+    plt = _pyplot()
+    columns = max(len(b["augmented"]) for b in shown)
+    fig = plt.figure(figsize=(1.75 * columns, 1.95 * 3 * len(shown)), layout="constrained")
+    fig.suptitle("what the network sees: each column one image, top to bottom: the original, after random crop "
+                 "(the window's shift in rows, columns of pixels) and flip, then mixed with its partner in the "
+                 "batch", fontsize=9)
+    for batch, panel in zip(shown, fig.subfigures(len(shown), 1, squeeze=False)[:, 0]):
+        box = batch["box"]
+        how = (f"CutMix, lam {batch['lam']:.2f} (the partner's rows {box[0]}-{box[1] - 1}, columns {box[2]}-"
+               f"{box[3] - 1} pasted)" if batch["method"] == "cutmix" else
+               f"MixUp, lam {batch['lam']:.2f}" if batch["method"] == "mixup" else "no mixing")
+        panel.suptitle(f"training step {batch['step']}: {how}", fontsize=9, fontweight="bold", x=0.01, ha="left")
+        axes = panel.subplots(3, columns, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(len(batch["augmented"])):
+            a, c = int(batch["labels_a"][i]), int(batch["labels_b"][i])
+            shift = f"shift {int(batch['dy'][i]):+d},{int(batch['dx'][i]):+d}" + (", flipped" if batch["flipped"][i]
+                                                                                 else "")
+            _show_image(axes[0][i], batch["original"][i].float(), f"original\n{data.classes[a]}")
+            _show_image(axes[1][i], batch["augmented"][i].float(), f"crop {shift}")
+            mixed = (f"{data.classes[a]} {batch['lam']:.0%}\n+ {data.classes[c]} {1 - batch['lam']:.0%}"
+                     if batch["method"] != "none" else data.classes[a])
+            _show_image(axes[2][i], batch["mixed"][i], mixed)
+    return _save(fig, out_path)
+
+
+CONV_FILTERS = ("edge", "blur", "sharpen", "emboss")
+
+
+def conv_filter(name: str, size: int) -> torch.Tensor:
+    """A size x size filter: edge (a Laplacian: size^2 - 1 at the centre, -1 elsewhere), blur (the mean),
+    sharpen (twice the image minus its blur) or emboss (-1 above the anti-diagonal, +1 below, 1 at the centre)."""
+    centre = torch.zeros(size, size)
+    centre[size // 2, size // 2] = 1
+    if name == "edge":
+        return size * size * centre - torch.ones(size, size)
+    if name == "blur":
+        return torch.full((size, size), 1 / size ** 2)
+    if name == "sharpen":
+        return 2 * centre - torch.full((size, size), 1 / size ** 2)
+    if name == "emboss":
+        i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        return torch.sign(i + j - (size - 1)).float() + centre
+    raise UserError(f"--filter must be one of {', '.join(CONV_FILTERS)}, got {name!r}")
+
+
+def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
+    """The output size of a convolution: floor((n + 2p - k) / s) + 1."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def conv_demo(image: torch.Tensor, filter_name: str = "edge", kernel: Optional[torch.Tensor] = None) -> dict:
+    """One image (uint8 (3, H, W)) through a filter, as its grey levels, with torch's conv2d: every kernel size
+    1/3/5/7 x stride 1/2/3 x padding 0/1/2/"same". Returns {"grey": the input, "rows": [{k, s, p, n, formula,
+    actual, output (None where torch refuses)}]}. kernel: your own square filter instead of the named one."""
+    grey = (image.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0) / 255  # ITU-R 601 luma
+    n = grey.shape[-1]
+    rows = []
+    sizes = (kernel.shape[-1],) if kernel is not None else (1, 3, 5, 7)
+    for k in sizes:
+        weight = (kernel if kernel is not None else conv_filter(filter_name, k)).float().view(1, 1, k, k)
+        for s in (1, 2, 3):
+            for p in (0, 1, 2, "same"):
+                row = {"k": k, "s": s, "p": p, "n": n,
+                       "formula": conv_output_size(n, k, s, (k - 1) // 2 if p == "same" else p) if s == 1 or
+                       p != "same" else None, "actual": None, "output": None}
+                try:
+                    out = F.conv2d(grey.view(1, 1, n, n), weight, stride=s, padding=p)
+                except (RuntimeError, ValueError) as e:
+                    row["refused"] = str(e).splitlines()[0]
+                else:
+                    row["actual"], row["output"] = out.shape[-1], out[0, 0]
+                rows.append(row)
+    return {"grey": grey, "rows": rows}
+
+
+def conv_table(demo: dict) -> str:
+    """The printed table: input size, k, s, p, the formula's output size and the one torch produced."""
+    lines = ["    n   k   s  p     floor((n + 2p - k) / s) + 1   conv2d's output"]
+    for r in demo["rows"]:
+        p = "same" if r["p"] == "same" else str(r["p"])
+        formula = "-" if r["formula"] is None else str(r["formula"])
+        if r["p"] == "same" and r["s"] == 1:
+            p += f" ({(r['k'] - 1) // 2})"
+        actual = str(r["actual"]) if r["actual"] is not None else "refused: " + r["refused"][:48]
+        lines.append(f"{r['n']:>5} {r['k']:>3} {r['s']:>3}  {p:<9} {formula:>15}                {actual}")
+    return "\n".join(lines)
+
+
+def plot_conv_demo(demo: dict, filter_label: str, out_path: str) -> str:
+    """Three rows, one thing varied in each: the kernel size (stride 1, padding 0), the stride (the middle
+    kernel, padding 1), the padding (the middle kernel, stride 1); each panel titled k, s, p and its size."""
+    plt = _pyplot()
+    sizes = sorted({r["k"] for r in demo["rows"]})
+    middle = sizes[len(sizes) // 2] if len(sizes) > 1 else sizes[0]
+    pick = lambda k, s, p: next(r for r in demo["rows"] if (r["k"], r["s"], r["p"]) == (k, s, p))  # noqa: E731
+    rows = [("kernel size (stride 1, padding 0)", [pick(k, 1, 0) for k in sizes]),
+            (f"stride (kernel {middle}, padding 1)", [pick(middle, s, 1) for s in (1, 2, 3)]),
+            (f"padding (kernel {middle}, stride 1)", [pick(middle, 1, p) for p in (0, 1, 2, "same")])]
+    columns = 1 + max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.6 * columns, 2.9 * len(rows)), squeeze=False)
+    n = demo["grey"].shape[-1]
+    for (label, panels), ax_row in zip(rows, axes):
+        for ax in ax_row:
+            ax.axis("off")
+        ax_row[0].imshow(demo["grey"].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax_row[0].set_title(f"input {n}x{n}\nvarying: {label}", fontsize=8)
+        for ax, r in zip(ax_row[1:], panels):
+            out = r["output"]
+            # the panel is drawn at the input's scale, so a smaller output looks smaller
+            ax.imshow(out.numpy(), cmap="gray", interpolation="nearest", extent=(0, out.shape[1], out.shape[0], 0))
+            ax.set_xlim(0, n + 4)
+            ax.set_ylim(n + 4, 0)
+            p = "same" if r["p"] == "same" else r["p"]
+            flat = " (all equal: this filter is 0 at this size)" if bool((out == out.flatten()[0]).all()) else ""
+            ax.set_title(f"k {r['k']}, s {r['s']}, p {p}\noutput {out.shape[0]}x{out.shape[1]}{flat}", fontsize=8)
+    fig.suptitle(f"one image through the {filter_label} filter (grey levels; each output scaled to its own "
+                 f"range, drawn at the input's pixel scale)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def feature_maps(model: ResNet, image: torch.Tensor, normalize: Normalizer) -> list:
+    """[(stage name, its output for `image`)]: the stem and each of the four stages."""
+    outputs = []
+    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.append((name, o[0])))
+             for name in ("relu", "layer1", "layer2", "layer3", "layer4")]
+    try:
+        with torch.no_grad():
+            model.eval()(normalize(image[None]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [("stem (conv1, bn, relu)" if name == "relu" else name, out) for name, out in outputs]
+
+
+def plot_network_view(model: ResNet, image: torch.Tensor, normalize: Normalizer, out_path: str,
+                      channels: int = 8) -> str:
+    """A trained model's first-layer filters (as colour patches) and the feature maps of `image` at the stem
+    and each stage (the first `channels` channels)."""
+    plt = _pyplot()
+    weights = model.conv1.weight.detach().float().cpu()
+    maps = feature_maps(model, image, normalize)
+    shown = min(len(weights), 32)
+    columns = max(channels, 8)
+    rows = math.ceil(shown / columns) + len(maps)
+    fig, axes = plt.subplots(rows, columns + 1, figsize=(1.45 * (columns + 1), 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    _show_image(axes[0][0], image.float(), "input", fontsize=8)
+    for i in range(shown):
+        w = weights[i]
+        w = (w - w.min()) / (w.max() - w.min() + 1e-12) * 255  # each filter stretched to the full range
+        _show_image(axes[i // columns][1 + i % columns], w, f"conv1 filter {i}\n{w.shape[1]}x{w.shape[2]}",
+                    fontsize=6)
+    for r, (name, out) in enumerate(maps, start=math.ceil(shown / columns)):
+        axes[r][0].text(0, 0.5, f"{name}\n{out.shape[0]} maps\nof {out.shape[1]}x{out.shape[2]}", fontsize=7,
+                        va="center")
+        for c in range(min(channels, out.shape[0])):
+            axes[r][1 + c].imshow(out[c].float().cpu().numpy(), cmap="viridis", interpolation="nearest")
+            axes[r][1 + c].set_title(f"channel {c}", fontsize=6)
+    fig.suptitle("a trained network: its first-layer filters, then the image's feature maps at each stage",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _add_data_flags(p: argparse.ArgumentParser, data_dir_help: str) -> None:
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download (default: download when missing)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def report_main(argv: list) -> int:
+    """`report CHECKPOINT|RUN_DIR [--out-dir DIR]`: what saved weights get right and wrong."""
+    p = _Parser(prog=f"{_program()} report", description="What saved weights get right and wrong on the test set "
+                "(and a --val-split run's validation images): per-class accuracy, superclasses, the confusion "
+                "matrix, misclassified images, calibration and the learning curves, as CSV/JSON files, figures "
+                "and one self-contained report.html")
+    p.add_argument("checkpoint", help="a checkpoint, or a run folder (its last.pt)")
+    p.add_argument("--out-dir", help="where to write (default: report/ in the checkpoint's folder)")
+    _add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
+    args = p.parse_args(argv)
+    r = report(args.checkpoint, args.out_dir, data_dir=args.data_dir, device=args.device, download=args.download)
+    for split, s in r["summary"].items():
+        if isinstance(s, dict):
+            print(f"{split} ({s['n']} images): top-1 {s['top1']:.2%}, top-5 {s['top5']:.2%}, calibration error "
+                  f"{s['ece']:.2%}" + (f", superclass top-1 {s['superclass_top1']:.2%}, errors inside the right "
+                                       f"superclass {s['errors_in_right_superclass']:.1%}"
+                                       if "superclass_top1" in s else ""))
+    print(f"wrote {len(r['files'])} files into {r['folder']}; open {os.path.join(r['folder'], 'report.html')}")
+    return 0
+
+
+def preview_aug_main(argv: list) -> int:
+    """`preview-aug [train flags] [--out FILE] [--images N]`: what the network sees."""
+    parser = build_parser()
+    parser.prog = f"{_program()} preview-aug"
+    parser.description = ("Draw the first training batches of a run with these flags through the training step's "
+                          "own augmentation: each image's original, its random crop and flip, and the MixUp or "
+                          "CutMix with its partner. Takes every train flag (--seed, --no-mixup, ...).")
+    group = parser.add_argument_group("preview-aug")
+    group.add_argument("--out", default="augmentation.png", help="PNG to write (default: augmentation.png)")
+    group.add_argument("--images", type=int, default=8, help="images per batch shown (default: 8)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.images <= 16:
+        raise UserError(f"--images must be in 1..16, got {args.images}")
+    config = _config_from_args(args)
+    _pyplot()  # before reading any data
+    data = load_dataset(config.data_dir, config.dataset, config.download)
+    shown = preview_augmentation(config, data, per_batch=args.images)
+    for batch in shown:
+        print(f"step {batch['step']}: {batch['method']}, lam {batch['lam']:.3f}" +
+              (f", box rows {batch['box'][0]}-{batch['box'][1]} columns {batch['box'][2]}-{batch['box'][3]}"
+               if batch["box"] else ""))
+    print(f"wrote {plot_augmentation(shown, data, args.out)}")
+    return 0
+
+
+def _read_image_file(path: str) -> torch.Tensor:
+    """An image file as uint8 (3, S, S): the centre square, at most 128 pixels a side."""
+    from PIL import Image  # Pillow: installed with torchvision
+
+    try:
+        with Image.open(path) as file:
+            image = torch.from_numpy(np.array(file.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the image {path}: {(str(e).splitlines() or [''])[0][:120]}") from None
+    side = min(image.shape[1:])
+    top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
+    image = image[:, top:top + side, left:left + side]
+    if side > 128:
+        image = torch.nn.functional.interpolate(image[None].float(), size=(128, 128), mode="bilinear",
+                                                antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+    return image
+
+
+def conv_demo_main(argv: list) -> int:
+    """`conv-demo [--image FILE | --index N] [--filter NAME | --kernel V,V,...] [--checkpoint CKPT]`."""
+    p = _Parser(prog=f"{_program()} conv-demo", description="One image through a convolution filter at every "
+                "kernel size 1/3/5/7, stride 1/2/3 and padding 0/1/2/same: a figure of the outputs and a table of "
+                "each output size from floor((n + 2p - k) / s) + 1 beside the size torch's conv2d produced. With "
+                "--checkpoint, also a trained model's first-layer filters and the image's feature maps.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--image", help="an image file (PNG, JPEG): its centre square, at most 128 pixels a side")
+    source.add_argument("--index", type=int, default=0, help="image N of the test set (default: 0)")
+    kernel = p.add_mutually_exclusive_group()
+    kernel.add_argument("--filter", default="edge", choices=CONV_FILTERS, help="the filter (default: edge)")
+    kernel.add_argument("--kernel", help="your own square filter, row by row; write it with = when it starts "
+                        "with a minus: --kernel=-1,0,1,-2,0,2,-1,0,1")
+    p.add_argument("--checkpoint", help="a checkpoint or run folder: also draw its network's view of the image")
+    p.add_argument("--out", default="conv_demo.png", help="PNG to write (default: conv_demo.png; with "
+                                                          "--checkpoint also network.png beside it)")
+    p.add_argument("--dataset", default="cifar100", choices=tuple(DATASETS), help="(default: cifar100)")
+    _add_data_flags(p, "folder holding cifar-100-python/ (default: ./data, or the checkpoint's)")
+    args = p.parse_args(argv)
+    weight, label = None, f"{args.filter} ({', '.join(f'{k}x{k}' for k in (1, 3, 5, 7))})"
+    if args.kernel:
+        try:
+            values = [float(v) for v in args.kernel.split(",")]
+        except ValueError:
+            raise UserError(f"--kernel must be numbers separated by commas, got {args.kernel!r}") from None
+        k = math.isqrt(len(values))
+        if k * k != len(values):
+            raise UserError(f"--kernel needs a square number of values (9 for 3x3), got {len(values)}")
+        weight, label = torch.tensor(values).view(k, k), f"given {k}x{k}"
+    _pyplot()  # before reading any data
+    run = load_run(args.checkpoint, data_dir=args.data_dir, device=args.device, download=args.download) \
+        if args.checkpoint else None
+    if args.image:
+        image, what = _read_image_file(args.image), args.image
+    else:
+        data = run.data if run else load_dataset(args.data_dir or "./data", args.dataset, args.download)
+        if not 0 <= args.index < len(data.test_images):
+            raise UserError(f"--index must be in 0..{len(data.test_images) - 1}, got {args.index}")
+        image = data.test_images[args.index]
+        what = f"test image {args.index} ({data.classes[int(data.test_labels[args.index])]})"
+    demo = conv_demo(image, args.filter, weight)
+    print(f"{what}, {image.shape[1]}x{image.shape[2]} pixels, through the {label} filter:")
+    print(conv_table(demo))
+    written = [plot_conv_demo(demo, label, args.out)]
+    if run:
+        if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            image = torch.nn.functional.interpolate(image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                                                    antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+        written.append(plot_network_view(run.model, image.to(run.device), run.normalize,
+                                         os.path.join(os.path.dirname(os.path.abspath(args.out)), "network.png")))
+    print(f"wrote {' and '.join(written)}")
     return 0
 
 
@@ -3099,7 +3797,8 @@ def main(argv: Optional[list] = None) -> int:
 
 def _main(argv: list) -> int:
     commands = {"bench": bench_main, "plot": plot_main, "eval": eval_main, "lr-find": lr_find_main,
-                "sweep": sweep_main}
+                "sweep": sweep_main, "report": report_main, "preview-aug": preview_aug_main,
+                "conv-demo": conv_demo_main}
     command = argv.pop(0) if argv and argv[0] in ("train", *commands) else "train"
     try:
         if command != "train":
