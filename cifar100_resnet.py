@@ -166,6 +166,10 @@ class TrainConfig:
                                    check=_NOT_NEGATIVE)
     cutmix_prob: float = _setting(0.5, "with both on, the chance that a batch gets CutMix rather than MixUp",
                                   "recipe", check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    aug: str = _setting("basic", "basic: random crop (4-pixel padding) and flip; advanced: then the notebook's "
+                        "Albumentations policy as batch operations on the device (colour jitter, grey, CLAHE; "
+                        "coarse dropout, grid distortion, elastic: see the README)", "recipe",
+                        choices=("basic", "advanced"))
     # --- schedule: cosine annealing with warm restarts, set every step
     t0: Optional[float] = _setting(None, "first cycle in epochs; auto fits whole cycles into --epochs; 50 is the "
                                    "notebook's", "schedule", shown="auto", metavar="EPOCHS|auto",
@@ -588,6 +592,357 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
     The notebook applied CutMix after MixUp and kept only CutMix's labels, losing MixUp's second label.
     """
     return apply_mix(images, labels, *draw_mix(config, images.shape[2], images.shape[3], generator))
+
+
+# --- The notebook's "advanced" policy (--aug advanced), as batch operations on uint8 (N, 3, H, W) images.
+# Each operation does what Albumentations 2 does to a uint8 image (rounding, clipping and all; the tests
+# compare them), but on every image of a batch at once, each image with its own random parameters.
+# Parameters for 32x32 images; Albumentations' defaults, which assume larger images, in the comments.
+
+JITTER_RANGES = {"brightness": (0.8, 1.2), "contrast": (0.8, 1.2), "saturation": (0.8, 1.2),
+                 "hue": (-0.1, 0.1)}  # Albumentations: the same, but hue (-0.5, 0.5): any colour at all
+CLAHE_CLIP_LIMIT = (1.0, 4.0)  # Albumentations' default
+CLAHE_TILES = 2  # a 2 x 2 grid of 16 x 16 tiles (Albumentations: 8 x 8 tiles, 4 x 4 pixels each at 32 x 32)
+DROPOUT_HOLES = (1, 2)  # holes per image (Albumentations: 1)
+DROPOUT_SIZE = (0.1, 0.25)  # hole sides, as fractions of the image's (Albumentations: 0.1-0.2): 3 to 8 pixels
+GRID_STEPS, GRID_LIMIT = 4, 0.3  # a 4 x 4 grid of 8-pixel cells, each stretched by up to 30 % (Albumentations: 5)
+ELASTIC_ALPHA, ELASTIC_SIGMA = 3.0, 3.0  # about 1 pixel of smooth displacement (Albumentations: alpha 1,
+#                                          sigma 50: at 32 x 32 that blurs the noise to a near-constant shift)
+ADVANCED_POLICY = (  # (the group's probability, its members with their p): one member per group, per image
+    (0.5, (("color_jitter", 0.5), ("to_gray", 0.2), ("clahe", 0.3))),
+    (0.5, (("coarse_dropout", 0.5), ("grid_distortion", 0.2), ("elastic", 0.3))),
+)
+
+
+def _rand(n: int, generator, device, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
+def to_gray_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Y = 0.299 R + 0.587 G + 0.114 B in OpenCV's fixed point for uint8 (weights x 2^15, rounded): (N, H, W)."""
+    r, g, b = images.to(torch.int32).unbind(1)
+    return ((r * 9798 + g * 19235 + b * 3735 + 16384) >> 15).to(torch.uint8)
+
+
+def to_gray(images: torch.Tensor) -> torch.Tensor:
+    """ToGray: the grey level in all three channels."""
+    return to_gray_uint8(images)[:, None].expand_as(images).contiguous()
+
+
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply by each image's factor, clip, truncate (Albumentations' lookup table)."""
+    return (images.float() * _per_image(factor).float()).clamp(0, 255).to(torch.uint8)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its mean grey level: x * f + mean * (1 - f), clipped, truncated."""
+    mean = _per_image(to_gray_uint8(images).float().mean((1, 2)))
+    f = _per_image(factor).float()
+    return (images.float() * f + mean * (1 - f)).clamp(0, 255).to(torch.uint8)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its grey version: x * f + grey * (1 - f), rounded (OpenCV's addWeighted)."""
+    f = _per_image(factor).float()
+    grey = to_gray_uint8(images)[:, None].float()
+    return (images.float() * f + grey * (1 - f)).round().clamp(0, 255).to(torch.uint8)
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] -> HSV with hue in degrees [0, 360), as OpenCV's float conversion."""
+    r, g, b = rgb.unbind(1)
+    value, _ = rgb.max(1)
+    spread = value - rgb.min(1).values
+    saturation = torch.where(value > 0, spread / value.clamp(min=1e-12), torch.zeros_like(value))
+    safe = spread.clamp(min=1e-12)
+    hue = torch.where(value == r, 60 * (g - b) / safe,
+                      torch.where(value == g, 120 + 60 * (b - r) / safe, 240 + 60 * (r - g) / safe))
+    hue = torch.where(spread > 0, hue, torch.zeros_like(hue))
+    return torch.stack([hue % 360, saturation, value], 1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = hsv.unbind(1)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
+         + hue[:, None] / 60) % 6
+    return value[:, None] - value[:, None] * saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Turn each image's hue by factor x 360 degrees (in floating point), rounded back to uint8."""
+    hsv = rgb_to_hsv(images.float() / 255)
+    hsv[:, 0] = (hsv[:, 0] + _per_image(factor)[:, 0].float() * 360) % 360
+    return (hsv_to_rgb(hsv) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def color_jitter(images: torch.Tensor, generator=None) -> torch.Tensor:
+    """ColorJitter: brightness, contrast, saturation and hue, each image its own factors (uniform in
+    JITTER_RANGES) applied in its own random order, as torchvision and Albumentations do."""
+    n, device = len(images), images.device
+    factors = [_rand(n, generator, device, *JITTER_RANGES[k]) for k in ("brightness", "contrast", "saturation", "hue")]
+    order = torch.rand(n, 4, generator=generator, device=device).argsort(1)  # a random permutation per image
+    operations = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for position in range(4):
+        out = images.clone()
+        for which, (operation, factor) in enumerate(zip(operations, factors)):
+            chosen = order[:, position] == which
+            out[chosen] = operation(images[chosen], factor[chosen])
+        images = out
+    return images
+
+
+def _clahe_luts(luminance: torch.Tensor, clip_limit: torch.Tensor, tiles: int) -> torch.Tensor:
+    """OpenCV's CLAHE look-up tables, one per tile: (N, tiles, tiles, 256) uint8."""
+    n, h, w = luminance.shape
+    th, tw = h // tiles, w // tiles
+    cells = luminance.view(n, tiles, th, tiles, tw).permute(0, 1, 3, 2, 4).reshape(n, tiles * tiles, th * tw)
+    hist = torch.zeros(n, tiles * tiles, 256, dtype=torch.int64, device=luminance.device)
+    hist.scatter_add_(2, cells.long(), torch.ones_like(cells, dtype=torch.int64))
+    area = th * tw
+    limit = (clip_limit.float() * area / 256).to(torch.int64).clamp(min=1).view(n, 1, 1)  # int(), at least 1
+    excess = (hist - limit).clamp(min=0).sum(2, keepdim=True)
+    hist = hist.clamp(max=limit)
+    hist += excess // 256  # redistributed evenly, the rest one by one at every step-th bin
+    residual = excess % 256
+    step = (256 // residual.clamp(min=1)).clamp(min=1)
+    bins = torch.arange(256, device=luminance.device).view(1, 1, 256)
+    hist += ((bins % step == 0) & (bins // step < residual)).long()
+    lut = (hist.cumsum(2).float() * (255 / area)).round().clamp(0, 255)
+    return lut.view(n, tiles, tiles, 256).to(torch.uint8)
+
+
+def clahe_luminance(luminance: torch.Tensor, clip_limit: torch.Tensor, tiles: int = CLAHE_TILES) -> torch.Tensor:
+    """Contrast-limited adaptive histogram equalisation of uint8 (N, H, W) images, OpenCV's algorithm: a
+    clipped histogram and its look-up table per tile, each pixel mapped through the four nearest tiles'
+    tables, bilinearly weighted by its distance to their centres."""
+    n, h, w = luminance.shape
+    lut = _clahe_luts(luminance, clip_limit, tiles).float()
+    device = luminance.device
+
+    def axis(size, tile):  # the two neighbouring tiles of each pixel and the weight of the second
+        position = torch.arange(size, device=device, dtype=torch.float32) * (1.0 / tile) - 0.5
+        first = position.floor()
+        weight = position - first
+        return first.clamp(min=0).long(), (first + 1).clamp(max=tiles - 1).long(), weight
+
+    y1, y2, wy = axis(h, h // tiles)
+    x1, x2, wx = axis(w, w // tiles)
+    values = luminance.long()
+    batch = torch.arange(n, device=device).view(n, 1, 1)
+
+    def look(ty, tx):
+        return lut[batch, ty.view(1, h, 1), tx.view(1, 1, w), values]
+
+    wx, wy = wx.view(1, 1, w), wy.view(1, h, 1)
+    top = look(y1, x1) * (1 - wx) + look(y1, x2) * wx
+    bottom = look(y2, x1) * (1 - wx) + look(y2, x2) * wx
+    return (top * (1 - wy) + bottom * wy).round().clamp(0, 255).to(torch.uint8)
+
+
+_LAB_TABLES: dict = {}  # device -> the look-up tables of OpenCV's 8-bit Lab conversion, built on first use
+
+
+def _lab_tables(device) -> dict:
+    """OpenCV's fixed-point sRGB <-> CIE Lab for 8-bit images (imgproc/src/color_lab.cpp: RGB2Lab_b and
+    Lab2RGBinteger), rebuilt from its constants: what Albumentations' CLAHE converts through."""
+    key = str(device)
+    if key not in _LAB_TABLES:
+        x = np.arange(256) / 255
+        linear = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+        y = np.arange(3072) / 2040
+        base, fy = 1 << 14, np.arange(256) * 100 * (1 << 14) / (255 * 116) + 16 * (1 << 14) / 116
+        small = np.arange(256) <= 20  # the linear part of the curve near black
+        i = np.arange(-8145, base * 9 // 4 - 8145)
+        v = np.arange(4096) / 4096
+        tables = {
+            "gamma": np.round(2040 * linear),  # sRGB -> linear, x 255 x 2^3
+            "cbrt": np.round(2 ** 15 * np.where(y < 0.008856, y * 7.787 + 16 / 116, np.cbrt(y))),
+            "y": np.where(small, np.round(np.arange(256) * base * 180 / (17 * 29 ** 3)), np.round(fy ** 3 / base ** 2)),
+            "fy": np.where(small, np.round(base * (16 / 116 + np.arange(256) * 5 / (3 * 17 * 29))), np.round(fy)),
+            "xz": np.where(i <= 3390, np.trunc(i * 108 / 841) - (base * 16 // 116 * 108 // 841),
+                           (i * i // base) * i // base),  # C's integer division (i > 3390 > 0 there)
+            "inverse_gamma": np.round(255 * np.where(v <= 0.0031308, 12.92 * v, 1.055 * v ** (1 / 2.4) - 0.055)),
+        }
+        _LAB_TABLES[key] = {k: torch.from_numpy(t.astype(np.int64)).to(device) for k, t in tables.items()}
+    return _LAB_TABLES[key]
+
+
+_D65 = (0.950456, 1.0, 1.088754)  # OpenCV's white point and matrices
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_XYZ_TO_RGB = ((3.240479, -1.53715, -0.498535), (-0.969256, 1.875991, 0.041556), (0.055648, -0.204043, 1.057311))
+
+
+def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) -> uint8 L*a*b* as OpenCV stores it (L x 255/100, a + 128, b + 128)."""
+    tables = _lab_tables(images.device)
+    r, g, b = (tables["gamma"][images[:, k].long()] for k in range(3))
+    coefficients = [[round(4096 * _RGB_TO_XYZ[i][j] / _D65[i]) for j in range(3)] for i in range(3)]
+    fx, fy, fz = (tables["cbrt"][(r * c[0] + g * c[1] + b * c[2] + 2048) >> 12] for c in coefficients)
+    lightness = (296 * fy - 1336934 + (1 << 14)) >> 15
+    a = (500 * (fx - fy) + (128 << 15) + (1 << 14)) >> 15
+    b = (200 * (fy - fz) + (128 << 15) + (1 << 14)) >> 15
+    return torch.stack([lightness, a, b], 1).clamp(0, 255).to(torch.uint8)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse of rgb_to_lab (OpenCV's integer Lab -> RGB)."""
+    tables = _lab_tables(lab.device)
+    lightness, a, b = (lab[:, k].long() for k in range(3))
+    y, fy = tables["y"][lightness], tables["fy"][lightness]
+    a_step = ((5 * a * 53687 + 128) >> 13) - 4194  # about (a - 128) x 2^14 / 500
+    b_step = ((b * 41943 + 16) >> 9) - 10484  # about (b - 128) x 2^14 / 200
+    x, z = tables["xz"][fy + a_step + 8145], tables["xz"][fy - b_step + 8145]
+    rows = [[round(4096 * _XYZ_TO_RGB[k][i] * _D65[i]) for i in range(3)] for k in range(3)]
+    channels = [tables["inverse_gamma"][((c[0] * x + c[1] * y + c[2] * z + 8192) >> 14).clamp(0, 4095)] for c in rows]
+    return torch.stack(channels, 1).clamp(0, 255).to(torch.uint8)
+
+
+def clahe(images: torch.Tensor, clip_limit: torch.Tensor, tiles: int = CLAHE_TILES) -> torch.Tensor:
+    """CLAHE on each image's luminance (the L plane of its 8-bit Lab, as Albumentations does), colour kept."""
+    lab = rgb_to_lab(images)
+    lab[:, 0] = clahe_luminance(lab[:, 0], clip_limit, tiles)
+    return lab_to_rgb(lab)
+
+
+def dropout_boxes(n: int, height: int, width: int, generator=None, device=None) -> torch.Tensor:
+    """(N, DROPOUT_HOLES[1], 4) boxes (top, left, bottom, right), each image 1-2 holes of 3-8 pixel sides
+    (DROPOUT_SIZE of the image's) inside the image; unused holes are empty (0, 0, 0, 0)."""
+    k = DROPOUT_HOLES[1]
+    holes = torch.randint(DROPOUT_HOLES[0], DROPOUT_HOLES[1] + 1, (n, 1), generator=generator, device=device)
+    sides = []
+    for size in (height, width):
+        low, high = max(1, int(DROPOUT_SIZE[0] * size)), max(1, int(DROPOUT_SIZE[1] * size))
+        sides.append(torch.randint(low, high + 1, (n, k), generator=generator, device=device))
+    tops = (torch.rand(n, k, generator=generator, device=device) * (height - sides[0] + 1)).long()
+    lefts = (torch.rand(n, k, generator=generator, device=device) * (width - sides[1] + 1)).long()
+    boxes = torch.stack([tops, lefts, tops + sides[0], lefts + sides[1]], 2)
+    return torch.where((torch.arange(k, device=device).view(1, k) < holes)[..., None], boxes, 0)
+
+
+def coarse_dropout(images: torch.Tensor, boxes: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """CoarseDropout: set each image's boxes ((N, K, 4) top, left, bottom, right) to `fill`."""
+    h, w = images.shape[2:]
+    rows = torch.arange(h, device=images.device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, 1, w)
+    t, l, b, r = (boxes[..., i].view(*boxes.shape[:2], 1, 1) for i in range(4))
+    inside = ((rows >= t) & (rows < b) & (cols >= l) & (cols < r)).any(1)
+    return images.masked_fill(inside[:, None], fill)
+
+
+def remap(images: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) -> torch.Tensor:
+    """out[y, x] = image[map_y[y, x], map_x[y, x]], bilinear, zero outside the image (cv2.remap with
+    INTER_LINEAR and BORDER_CONSTANT, as Albumentations' GridDistortion and ElasticTransform call it).
+    map_x, map_y: (N, H, W) source coordinates in pixels."""
+    n, _, h, w = images.shape
+    grid = torch.stack([map_x * (2 / (w - 1)) - 1, map_y * (2 / (h - 1)) - 1], -1).float()
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def grid_distortion_maps(steps_x: torch.Tensor, steps_y: torch.Tensor, height: int, width: int) -> tuple:
+    """Albumentations' GridDistortion maps (normalized=True) from each image's GRID_STEPS + 1 cell stretches
+    per axis ((N, S + 1), around 1): each cell of the grid sampled from a stretched or squeezed source cell,
+    the stretches rescaled so that the grid still spans the image. Returns (map_x, map_y), (N, H, W)."""
+    num_steps = steps_x.shape[1] - 1
+
+    def axis(steps, size):
+        step = size // num_steps
+        steps = steps.float().clone()
+        last = min(size, (num_steps + 1) * step) - num_steps * step
+        steps[:, -1] *= last / step
+        steps = steps * ((size / math.floor(size / num_steps)) / steps.sum(1, keepdim=True))
+        ends = torch.cumsum(step * steps, 1)
+        starts = ends - step * steps
+        position = torch.arange(size, device=steps.device)
+        cell = (position // step).clamp(max=num_steps)
+        length = (size - cell * step).clamp(max=step)  # the cell's pixels (the last may be shorter)
+        within = (position - cell * step).float() / (length - 1).clamp(min=1)
+        start, end = starts[:, cell], ends[:, cell]
+        return start + (end - start) * within  # np.linspace(prev, cur, length) inside each cell
+
+    xx, yy = axis(steps_x, width), axis(steps_y, height)
+    n = len(steps_x)
+    return xx[:, None, :].expand(n, height, width), yy[:, :, None].expand(n, height, width)
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    """OpenCV's Gaussian kernel for a float image and ksize (0, 0): 8 sigma + 1 taps (odd), normalised."""
+    size = int(round(sigma * 4 * 2 + 1)) | 1
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
+def elastic_maps(n: int, height: int, width: int, generator=None, device=None, alpha: float = ELASTIC_ALPHA,
+                 sigma: float = ELASTIC_SIGMA) -> tuple:
+    """Albumentations' ElasticTransform displacement: Gaussian noise per pixel and axis, divided by its largest
+    magnitude in the image, blurred with a Gaussian of `sigma` (edges replicated), times alpha."""
+    noise = torch.randn(n, 2, height, width, generator=generator, device=device, dtype=torch.float32)
+    noise = noise / noise.abs().amax((1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return displacement_maps(*blur_displacement(noise, sigma).mul(alpha).unbind(1))
+
+
+def blur_displacement(fields: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A separable Gaussian blur of (N, C, H, W) fields, edges replicated (OpenCV's BORDER_REPLICATE)."""
+    kernel = _gaussian_kernel(sigma).to(fields.device, torch.float32)
+    r = len(kernel) // 2
+    n, c, h, w = fields.shape
+    x = fields.reshape(n * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x.view(n, c, h, w)
+
+
+def displacement_maps(dx: torch.Tensor, dy: torch.Tensor) -> tuple:
+    """Source coordinates (map_x, map_y) = each pixel's own plus its displacement; (N, H, W) each."""
+    n, h, w = dx.shape
+    rows = torch.arange(h, device=dx.device, dtype=dx.dtype).view(1, h, 1)
+    cols = torch.arange(w, device=dx.device, dtype=dx.dtype).view(1, 1, w)
+    return cols + dx, rows + dy
+
+
+def advanced_augment(images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                     policy: tuple = ADVANCED_POLICY) -> tuple:
+    """The notebook's advanced policy after crop and flip (ADVANCED_POLICY): in each of its two groups, each
+    image draws whether the group applies (its probability) and, if so, which member, with probability
+    proportional to the members' p (Albumentations' OneOf). Returns the images and, per image, the index of
+    the operation each group ran (-1: none) as an (N, 2) tensor; names: ADVANCED_OPERATIONS."""
+    n, device = len(images), images.device
+    h, w = images.shape[2:]
+    chosen = torch.full((n, 2), -1, dtype=torch.long, device=device)
+    for g, (p, members) in enumerate(policy):
+        applies = torch.rand(n, generator=generator, device=device) < p
+        weights = torch.tensor([q for _, q in members], device=device)
+        member = torch.multinomial(weights.expand(n, -1), 1, generator=generator)[:, 0]
+        chosen[:, g] = torch.where(applies, member + 3 * g, -1)
+        for m, (name, _) in enumerate(members):
+            index = (applies & (member == m)).nonzero()[:, 0]
+            if len(index) == 0:
+                continue
+            subset, k = images[index], len(index)
+            if name == "color_jitter":
+                out = color_jitter(subset, generator)
+            elif name == "to_gray":
+                out = to_gray(subset)
+            elif name == "clahe":
+                out = clahe(subset, _rand(k, generator, device, *CLAHE_CLIP_LIMIT))
+            elif name == "coarse_dropout":
+                out = coarse_dropout(subset, dropout_boxes(k, h, w, generator, device))
+            elif name == "grid_distortion":
+                steps = 1 + _rand(k * 2 * (GRID_STEPS + 1), generator, device, -GRID_LIMIT, GRID_LIMIT)
+                steps = steps.view(2, k, GRID_STEPS + 1)
+                out = remap(subset, *grid_distortion_maps(steps[0], steps[1], h, w))
+            else:
+                out = remap(subset, *elastic_maps(k, h, w, generator, device))
+            images = images.index_copy(0, index, out)
+    return images, chosen
+
+
+ADVANCED_OPERATIONS = tuple(name for _, members in ADVANCED_POLICY for name, _ in members)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1122,8 +1477,12 @@ class Trainer:
         order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
         cropped, (dy, dx) = random_crop(train_images[order], generator=self.data_rng, return_offsets=True)
         images, flipped = random_flip(cropped, generator=self.data_rng, return_mask=True)
+        operations = None
+        if self.config.aug == "advanced":
+            images, operations = advanced_augment(images, self.data_rng)
         if details:
-            return images, train_labels[order], {"order": order, "dy": dy, "dx": dx, "flipped": flipped}
+            return images, train_labels[order], {"order": order, "dy": dy, "dx": dx, "flipped": flipped,
+                                                 "operations": operations}
         return images, train_labels[order]
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
@@ -2968,6 +3327,10 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         ax.plot(xs, [sum(means[x]) / len(means[x]) for x in xs], "-", color="tab:red", label="mean over runs")
         if numeric and min(xs) > 0 and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
+        if numeric and len(xs) <= 8:  # the values swept, as written, instead of the axis' own ticks
+            from matplotlib.ticker import NullFormatter
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(title=f"final val top-1 against {name}", xlabel=name + (" (log scale)" if ax.get_xscale() == "log"
                                                                        else ""), ylabel="final val top-1 (%)")
         ax.legend(fontsize=8)
@@ -3323,7 +3686,8 @@ def preview_augmentation(config: TrainConfig, data: CifarData, batches: int = 2,
     uses (Trainer.augmented_epoch, draw_mix, apply_mix, the normaliser): for the first `batches` batches whose
     mixing differs (a MixUp and a CutMix one when both are on), `per_batch` images each. Returns one dict per
     batch: step, method, lam, box, and per image the original, its crop offsets and flip, the cropped and
-    flipped image, the mixed image the model sees (`inputs`: normalised, as fed) and both labels."""
+    flipped image (and, with --aug advanced, the names of the operations that then ran on it), the mixed image
+    the model sees (`inputs`: normalised, as fed) and both labels."""
     trainer = Trainer(dataclasses.replace(config, out_dir=None), data, log=lambda message: None)
     images, labels, details = trainer.augmented_epoch(details=True)
     train_images = trainer.splits["train"][0]
@@ -3341,6 +3705,9 @@ def preview_augmentation(config: TrainConfig, data: CifarData, batches: int = 2,
                       "original": train_images[details["order"][index]], "augmented": images[index],
                       "dy": details["dy"][index] - CROP_PADDING, "dx": details["dx"][index] - CROP_PADDING,
                       "flipped": details["flipped"][index], "mixed": _denormalize(x[:k], data),
+                      "operations": [[ADVANCED_OPERATIONS[o] for o in row if o >= 0] for row in
+                                     details["operations"][index].tolist()] if details["operations"] is not None
+                      else [[] for _ in range(k)],
                       "labels_a": labels_a[:k], "labels_b": labels_b[:k]})
         if len(shown) == batches:
             break
@@ -3352,9 +3719,10 @@ def plot_augmentation(shown: list, data: CifarData, out_path: str) -> str:
     plt = _pyplot()
     columns = max(len(b["augmented"]) for b in shown)
     fig = plt.figure(figsize=(1.75 * columns, 1.95 * 3 * len(shown)), layout="constrained")
-    fig.suptitle("what the network sees: each column one image, top to bottom: the original, after random crop "
-                 "(the window's shift in rows, columns of pixels) and flip, then mixed with its partner in the "
-                 "batch", fontsize=9)
+    advanced = " and the advanced policy's operations" if any(any(b["operations"]) for b in shown) else ""
+    fig.suptitle(f"what the network sees, each column one image; top to bottom: the original, after random crop (the "
+                 f"window's shift in rows, columns of pixels)\nand flip{advanced}, then mixed with its partner in the "
+                 f"batch", fontsize=9)
     for batch, panel in zip(shown, fig.subfigures(len(shown), 1, squeeze=False)[:, 0]):
         box = batch["box"]
         how = (f"CutMix, lam {batch['lam']:.2f} (the partner's rows {box[0]}-{box[1] - 1}, columns {box[2]}-"
@@ -3369,7 +3737,10 @@ def plot_augmentation(shown: list, data: CifarData, out_path: str) -> str:
             shift = f"shift {int(batch['dy'][i]):+d},{int(batch['dx'][i]):+d}" + (", flipped" if batch["flipped"][i]
                                                                                  else "")
             _show_image(axes[0][i], batch["original"][i].float(), f"original\n{data.classes[a]}")
-            _show_image(axes[1][i], batch["augmented"][i].float(), f"crop {shift}")
+            ran = batch["operations"][i]
+            _show_image(axes[1][i], batch["augmented"][i].float(), f"crop {shift}" + (
+                "\n" + ", ".join(o.replace("_", " ") for o in ran) if ran else "\n(no advanced operation)"
+                if any(batch["operations"]) else ""))
             mixed = (f"{data.classes[a]} {batch['lam']:.0%}\n+ {data.classes[c]} {1 - batch['lam']:.0%}"
                      if batch["method"] != "none" else data.classes[a])
             _show_image(axes[2][i], batch["mixed"][i], mixed)

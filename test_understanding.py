@@ -123,6 +123,28 @@ def test_superclass_accuracy_and_the_share_of_errors_inside_the_right_superclass
     assert per_super[0]["superclass_top1"] == pytest.approx(3 / 4)
 
 
+def test_the_analysis_adds_up_per_class_confusion_blocks_and_superclasses_agree():
+    data = synthetic_data(n_train=10, n_test=10, dataset="cifar100")
+    g = torch.Generator().manual_seed(2)
+    data.superclass_of = torch.randperm(100, generator=g) % 20  # any mapping of 5 classes to each superclass
+    data.superclasses = [f"s{i}" for i in range(20)]
+    labels = torch.randint(0, 100, (3000,), generator=g)
+    logits = torch.randn(3000, 100, generator=g) + 4 * F.one_hot(labels, 100) * (torch.rand(3000, 1, generator=g) < 0.5)
+    a = cr.analyse_predictions(logits, labels, data)
+    confusion = a["confusion"]
+    assert int(confusion.sum()) == 3000 and int(confusion.diag().sum()) == round(a["top1"] * 3000)
+    assert sum(r["accuracy"] * r["support"] for r in a["per_class"]) / 3000 == pytest.approx(a["top1"])
+    # superclass top-1 again: the confusion matrix's counts summed over superclass blocks
+    blocks = torch.zeros(20, 20, dtype=torch.long)
+    for t in range(100):
+        for p in range(100):
+            blocks[data.superclass_of[t], data.superclass_of[p]] += confusion[t, p]
+    assert a["superclass_top1"] == pytest.approx(float(blocks.diag().sum()) / 3000)
+    wrong = 3000 - int(confusion.diag().sum())
+    assert a["errors_in_right_superclass"] == pytest.approx((float(blocks.diag().sum()) - confusion.diag().sum().item())
+                                                            / wrong)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # report
 
@@ -184,10 +206,11 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
 # preview-aug
 
 
-def test_the_preview_shows_exactly_what_the_trainer_feeds_the_model(monkeypatch):
+@pytest.mark.parametrize("aug", ["basic", "advanced"])
+def test_the_preview_shows_exactly_what_the_trainer_feeds_the_model(monkeypatch, aug):
     data = synthetic_data(n_train=256, n_test=32, dataset="cifar100")
     config = cr.TrainConfig(dataset="cifar100", arch="resnet18", width=4, batch_size=32, device="cpu", seed=3,
-                            quiet=True, epochs=1)
+                            quiet=True, epochs=1, aug=aug)
     shown = cr.preview_augmentation(config, data, batches=2, per_batch=8)
     assert {b["method"] for b in shown} == {"mixup", "cutmix"}  # both on: one batch of each is shown
 
@@ -203,14 +226,21 @@ def test_the_preview_shows_exactly_what_the_trainer_feeds_the_model(monkeypatch)
         assert batch["lam"] == pytest.approx(lam)
         # the displayed mixed images are those inputs, un-normalised
         assert torch.allclose(batch["mixed"], cr._denormalize(x[:8], data), atol=1e-4)
-    # the crop offsets and flips shown are the ones that made the images
+    # the crop offsets and flips shown are the ones that made the images (and with the advanced policy, an
+    # image is changed further exactly when an operation is named under it)
+    named = 0
     for batch in shown:
         for i in range(8):
             dy, dx = int(batch["dy"][i]) + cr.CROP_PADDING, int(batch["dx"][i]) + cr.CROP_PADDING
             window = F.pad(batch["original"][i], (cr.CROP_PADDING,) * 4)[:, dy:dy + 32, dx:dx + 32]
             if batch["flipped"][i]:
                 window = window.flip(2)
-            assert torch.equal(window, batch["augmented"][i])
+            ran = batch["operations"][i]
+            assert set(ran) <= set(cr.ADVANCED_OPERATIONS) and (aug == "advanced" or not ran)
+            named += bool(ran)
+            if not ran:
+                assert torch.equal(window, batch["augmented"][i])
+    assert (named > 0) == (aug == "advanced")
 
 
 def test_preview_command_draws_the_grid(tiny_cifar100, tmp_path, capsys):
