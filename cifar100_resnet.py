@@ -209,6 +209,8 @@ class TrainConfig:
                                 "unless fp16, whose gradient scaler decides on the host", "running",
                                 choices=_AUTO_ON_OFF, resumable=True)
     seed: int = _setting(0, "seeds the weights, the data order, the augmentation and the mixing", "running")
+    sync_bn: bool = _setting(False, "with several processes (torchrun): BatchNorm statistics over the global batch "
+                             "instead of each process's share (CUDA only)", "running")
     eval_batch_size: int = _setting(1000, "images per evaluation batch", "running", check=_AT_LEAST_1,
                                     resumable=True)
     tta: bool = _setting(False, "also report flip test-time augmentation metrics (extra *_tta_* columns; the plain "
@@ -1203,21 +1205,53 @@ class Environment:
     compile: bool
     cuda_graphs: bool
     t0: float  # the first cycle, in epochs
+    rank: int = 0  # this process, and the number of processes training together (torchrun; 1 alone)
+    world: int = 1
 
     def record(self) -> dict:
         return {"device_resolved": str(self.device), "amp_resolved": str(self.amp_dtype or "off"),
-                "compile_resolved": self.compile, "cuda_graphs_resolved": self.cuda_graphs, "t0_resolved": self.t0}
+                "compile_resolved": self.compile, "cuda_graphs_resolved": self.cuda_graphs, "t0_resolved": self.t0,
+                "processes": self.world}
 
 
 def resolve(config: TrainConfig) -> Environment:
     """Check config's values, then decide its auto settings here. Raises UserError for an invalid value or
     what this machine cannot do (an absent device, CUDA graphs with fp16)."""
     config.validate()
+    rank, world = process_group()
     device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda" and device.index is None:  # each process its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    if config.sync_bn and world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
     amp_dtype = resolve_amp(config.amp, device)
-    return Environment(device, amp_dtype, resolve_compile(config.compile, device, config.epochs),
-                       resolve_cuda_graphs(config.cuda_graphs, device, amp_dtype),
-                       resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0))
+    graphs = resolve_cuda_graphs(config.cuda_graphs, device, amp_dtype)
+    if graphs and world > 1:
+        if config.cuda_graphs == "on":
+            warn("--cuda-graphs is off with several processes: DistributedDataParallel's gradient all-reduce "
+                 "runs outside the captured step")
+        graphs = False
+    return Environment(device, amp_dtype, resolve_compile(config.compile, device, config.epochs), graphs,
+                       resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0), rank, world)
+
+
+def process_group() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of a running torch.distributed group; (0, 1) without."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def join_torchrun(device: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group: NCCL between GPUs, gloo
+    between CPUs. Returns whether it joined (the caller leaves the group at the end)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or process_group()[1] > 1:
+        return False
+    gpus = device != "cpu" and device != "mps" and torch.cuda.is_available()
+    if gpus:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if gpus else "gloo")
+    return True
 
 
 def _sync(device: torch.device) -> None:
@@ -1331,15 +1365,31 @@ class Trainer:
                        for name, (images, labels) in split_data(data, config).items()}
         self.n_train = len(self.splits["train"][0])
         self.normalize = Normalizer(data.info.mean, data.info.std, self.device, channels_last=cuda)
-        if config.batch_size > self.n_train:
-            raise UserError(f"--batch-size {config.batch_size} is larger than the training set ({self.n_train} images)")
-        self.batches = epoch_batches(self.n_train, config.batch_size)
+        # With several processes (torchrun) each step takes one global batch of batch_size x processes images,
+        # the same on every process (one permutation, one augmentation, one mixing draw); each process trains
+        # on its share of it and DistributedDataParallel averages the gradients.
+        self.rank, self.world = self.env.rank, self.env.world
+        global_batch = config.batch_size * self.world
+        if global_batch > self.n_train:
+            processes = f" x {self.world} processes" if self.world > 1 else ""
+            raise UserError(f"--batch-size {config.batch_size}{processes} is larger than the training set "
+                            f"({self.n_train} images)")
+        if 0 < self.n_train % global_batch < self.world:
+            raise UserError(f"the last batch of each epoch ({self.n_train % global_batch} images) would leave some "
+                            f"of the {self.world} processes without an image: change --batch-size or --limit-train")
+        self.batches = epoch_batches(self.n_train, global_batch)
 
         torch.manual_seed(config.seed)  # the model's initial weights
         self.model = build_model(config).to(self.device)
+        if config.sync_bn and self.world > 1:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # the same parameters and names
         if cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config, fused=cuda)
+        self.ddp, self.control, self._vote = None, None, None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+            self.control = torch.distributed.new_group(backend="gloo")  # CPU messages: stop votes
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         # Two streams of randomness: the epoch order and crop/flip on the device, and the per-batch mixing
         # scalars (lam, the box, MixUp or CutMix) on the CPU, where drawing them costs no device sync.
@@ -1371,18 +1421,19 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype
                     else nullcontext())
         with autocast:
-            logits = self.model(x)
+            logits = (self.ddp if self.ddp is not None else self.model)(x)
         return mixed_cross_entropy(logits, labels_a, labels_b, lam, self.config.label_smoothing)
 
-    def _update(self, x, labels_a, labels_b, lam) -> torch.Tensor:
-        """Forward, backward and SGD update on one batch (gradients must be None); returns the loss."""
+    def _update(self, x, labels_a, labels_b, lam, weight: float = 1.0) -> torch.Tensor:
+        """Forward, backward and SGD update on one batch (gradients must be None); returns the loss. weight
+        scales the gradient: a process's share of a global batch counts by its size."""
         loss = self.forward_loss(x, labels_a, labels_b, lam)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach()
 
-    def _step(self, x, labels_a, labels_b, lam) -> torch.Tensor:
+    def _step(self, x, labels_a, labels_b, lam, weight: float = 1.0) -> torch.Tensor:
         """One training step: replayed from a CUDA graph for full batches once captured, else eager."""
         full = x.shape[0] == self.config.batch_size
         if self.use_graphs and full and self.captured is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
@@ -1395,16 +1446,16 @@ class Trainer:
         if self.compile_on_trial:
             self.compile_on_trial = False
             try:
-                return self._eager_update(x, labels_a, labels_b, lam)
+                return self._eager_update(x, labels_a, labels_b, lam, weight)
             except Exception as e:  # compilation fails before the optimiser step: nothing has changed yet
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
                 warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training on without it "
                      f"(--compile off skips the attempt, --compile on stops instead)")
                 self.forward_loss, self.use_compile = self._forward_loss, False
                 self.optimizer.zero_grad(set_to_none=True)
-        return self._eager_update(x, labels_a, labels_b, lam)
+        return self._eager_update(x, labels_a, labels_b, lam, weight)
 
-    def _eager_update(self, x, labels_a, labels_b, lam) -> torch.Tensor:
+    def _eager_update(self, x, labels_a, labels_b, lam, weight: float = 1.0) -> torch.Tensor:
         if self.use_graphs and self.captured is None:  # warm-up before capture belongs on a side stream
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -1412,7 +1463,7 @@ class Trainer:
                 loss = self._update(x, labels_a, labels_b, lam)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return loss
-        return self._update(x, labels_a, labels_b, lam)
+        return self._update(x, labels_a, labels_b, lam, weight)
 
     def _set_lr(self, lr: float) -> None:
         if self.lr_tensor is not None:
@@ -1444,30 +1495,74 @@ class Trainer:
             lr = learning_rate(self.epoch + step / self.steps_per_epoch, cfg, self.t0)
             self._set_lr(lr)
             x, y_a, y_b, lam = mix_batch(self.normalize(images[start:end]), labels[start:end], cfg, self.mix_rng)
-            loss = self._step(x, y_a, y_b, torch.full((), lam, device=dev))
+            n, weight = end - start, 1.0
+            if self.world > 1:  # this process's share of the global batch, mixed as a whole above
+                first, last = self._share(end - start)
+                x, y_a, y_b, n = x[first:last], y_a[first:last], y_b[first:last], last - first
+                weight = n * self.world / (end - start)  # the gradients' average is then the batch's mean
+            loss = self._step(x, y_a, y_b, torch.full((), lam, device=dev), weight)
 
-            state.loss_sum += loss * (end - start)
+            state.loss_sum += loss * n
             bad_now = ~torch.isfinite(loss) & (state.first_bad_step < 0)
             state.first_bad_step = torch.where(bad_now, step, state.first_bad_step)
-            state.seen += end - start
+            state.seen += n
             state.step = step + 1
             now = time.perf_counter()
-            if (cfg.log_every and state.step % cfg.log_every == 0) or now >= self.next_progress:
-                self._check_finite(state)  # a host sync, once per progress line
+            counted = bool(cfg.log_every) and state.step % cfg.log_every == 0
+            if counted or now >= self.next_progress:
+                if counted or self.world == 1:  # with several processes a collective: only at a step count
+                    self._check_finite(state)  # a host sync, once per progress line
                 self._report_progress(state, lr, time.perf_counter() - started)
                 self.next_progress = now + PROGRESS_EVERY_SECONDS
-            if state.step < self.steps_per_epoch and should_stop():
+            if state.step < self.steps_per_epoch and self.agree_to_stop(should_stop()):
                 _sync(dev)
                 state.seconds = time.perf_counter() - started
                 self._check_finite(state)
+                if self.world > 1:  # the epoch so far, over every process: what any number of them resumes
+                    state.loss_sum, state.seen = self._sum(state.loss_sum, state.seen)
                 self.partial = state
                 return None
         _sync(dev)
         seconds = time.perf_counter() - started
         self._check_finite(state)
+        loss_sum, seen = self._sum(state.loss_sum, state.seen) if self.world > 1 else (state.loss_sum, state.seen)
         self.epoch += 1
-        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": state.loss_sum.item() / state.seen,
+        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(loss_sum) / seen,
                 "train_seconds": seconds, "images_per_s": self.n_train / seconds}
+
+    def _share(self, n: int) -> tuple[int, int]:
+        """[first, last) of this process's share of n images: consecutive, sizes differing by at most one."""
+        size, extra = divmod(n, self.world)
+        first = self.rank * size + min(self.rank, extra)
+        return first, first + size + (self.rank < extra)
+
+    def _sum(self, loss_sum: torch.Tensor, seen: int) -> tuple:
+        """The summed loss and image count over every process."""
+        totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(seen), device=loss_sum.device,
+                                                                       dtype=torch.float64)])
+        torch.distributed.all_reduce(totals)
+        return totals[0], int(totals[1])
+
+    def agree_to_stop(self, asked: bool, wait: bool = False) -> bool:
+        """Whether to stop now. Alone: when asked. With several processes, every process must stop at the same
+        step, though a signal reaches each at its own moment: each call sends this process's answer to all the
+        others in the background (over the CPU) and reads the answers of the call before, so processes stop
+        together one step after the first was asked, without waiting on each other. wait: decide on this
+        call's answers too (after an epoch)."""
+        if self.world == 1:
+            return asked
+        previous = self._vote
+        mine = torch.tensor([int(asked)], dtype=torch.int32)
+        self._vote = (mine, torch.distributed.all_reduce(mine, group=self.control, async_op=True))
+        stop = False
+        if previous is not None:
+            previous[1].wait()
+            stop = bool(previous[0].item())
+        if wait or stop:
+            self._vote[1].wait()
+            stop = stop or bool(mine.item())
+            self._vote = None
+        return stop
 
     def augmented_epoch(self, details: bool = False) -> tuple:
         """The training images of one epoch in the order drawn for it, cropped and flipped, and their labels:
@@ -1501,7 +1596,12 @@ class Trainer:
                      f"is meant for a GPU. For a first try: --arch resnet18 --width 16 --limit-train 5000")
 
     def _check_finite(self, state: EpochState) -> None:
-        bad = int(state.first_bad_step)
+        bad = state.first_bad_step
+        if self.world > 1:  # the first bad step of any process (every process checks at the same steps)
+            bad = torch.where(bad < 0, self.steps_per_epoch, bad)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+            bad = torch.where(bad == self.steps_per_epoch, -1, bad)
+        bad = int(bad)
         if bad >= 0:
             lr = learning_rate(self.epoch + bad / self.steps_per_epoch, self.config, self.t0)
             raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} "
@@ -1516,9 +1616,25 @@ class Trainer:
             raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
     def evaluate(self, split: str = "test") -> dict:
+        """The metrics of every image of the split. With several processes each evaluates its share with the
+        BatchNorm statistics of process 0 (those its checkpoints hold) and the counts are summed: each image
+        counted once."""
         images, labels = self.splits[split]
-        return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
-                        tta=self.config.tta)
+        if self.world == 1:
+            return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
+                            tta=self.config.tta)
+        for buffer in self.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+        first, last = self._share(len(images))
+        keys = ("loss", "top1", "top5") + (("tta_loss", "tta_top1", "tta_top5") if self.config.tta else ())
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        if last > first:
+            local = evaluate(self.model, images[first:last], labels[first:last], self.normalize,
+                             self.config.eval_batch_size, self.amp_dtype, tta=self.config.tta)
+            counts = [round(local[k] * local["n"]) if "top" in k else local[k] * local["n"] for k in keys]
+            sums += torch.tensor(counts, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(sums)
+        return {"n": len(images), **{k: float(v) / max(len(images), 1) for k, v in zip(keys, sums)}}
 
     # --- checkpoints: plain dicts of tensors and Python values, loadable with torch.load(weights_only=True)
 
@@ -1529,7 +1645,7 @@ class Trainer:
         return {
             "format": "cifar100_resnet", "version": __version__, "run_id": self.run_id,
             "config": self.config.saved(),
-            "epoch": self.epoch, "partial_epoch": partial, "best": dict(self.best),
+            "epoch": self.epoch, "partial_epoch": partial, "best": dict(self.best), "processes": self.world,
             "history": [dict(row) for row in self.history],
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -1549,10 +1665,16 @@ class Trainer:
         self.history = [dict(row) for row in ckpt.get("history", [])]  # checkpoints before 0.3: see train()
         self.mix_rng.set_state(ckpt["rng"]["mix"])
         partial = ckpt.get("partial_epoch")
+        if partial is not None and ckpt.get("processes", 1) != self.world:
+            raise UserError(f"{path} was written inside an epoch by {ckpt.get('processes', 1)} process(es), whose "
+                            f"steps were batches of {ckpt.get('processes', 1)} x --batch-size: resume it with as many "
+                            f"(a checkpoint written between epochs resumes with any number)")
         if ckpt["rng"]["data_device"] == self.device.type:
             self.data_rng.set_state(ckpt["rng"]["data"])
             if partial is not None:
                 partial = EpochState(**partial)
+                if self.rank > 0:  # it holds every process's sum so far; process 0 carries it on
+                    partial.loss_sum, partial.seen = torch.zeros_like(partial.loss_sum), 0
                 partial.loss_sum = partial.loss_sum.to(self.device)
                 partial.first_bad_step = partial.first_bad_step.to(self.device)
         else:  # a CPU generator's state cannot seed a CUDA generator: continue on a fresh, seeded stream
@@ -2022,10 +2144,10 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     on_epoch(row) is called with each epoch's metrics row (a sweep's pruner reads it); last.pt is being written.
     """
     env = resolve(config)
-    board_class = _tensorboard_writer() if config.tensorboard else None  # before anything is created
-    if config.quiet:
+    board_class = _tensorboard_writer() if config.tensorboard and env.rank == 0 else None  # before anything is created
+    if config.quiet or env.rank > 0:  # with several processes, process 0 speaks and writes for all
         log = progress = lambda message: None  # noqa: E731
-    folder = RunFolder(config.out_dir) if config.out_dir else None
+    folder = RunFolder(config.out_dir) if config.out_dir and env.rank == 0 else None
     ckpt, path, identity, branched = None, None, None, False
     if resume:
         point = resume if isinstance(resume, ResumePoint) else find_resume(resume, config.out_dir)
@@ -2140,7 +2262,9 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
     log(f"training {config.arch} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
         f"{config.stem} stem) on {trainer.n_train} {config.dataset} images, device {trainer.device}, "
         f"amp {trainer.amp_dtype or 'off'}, cuda graphs {'on' if trainer.use_graphs else 'off'}"
-        f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}, lr {config.lr}, "
+        f"{', compiled' if trainer.use_compile else ''}, batch {config.batch_size}"
+        + (f" per process x {trainer.world} processes = {config.batch_size * trainer.world}" if trainer.world > 1
+           else "") + f", lr {config.lr}, "
         f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
         + (f", run folder {folder.path}" if folder else ""))
     board = _Board(board_class, folder.file("tensorboard") if folder else "tensorboard", trainer) \
@@ -2201,7 +2325,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
             + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
             + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA {_duration(eta)}")
-        if trainer.epoch < config.epochs and should_stop():
+        if trainer.epoch < config.epochs and trainer.agree_to_stop(should_stop(), wait=True):
             log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
                                                           if folder else ""))
             return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
@@ -2530,7 +2654,8 @@ def parse_sweep_specs(specs: list, ranges: bool = False) -> dict:
                 low, high = (parts[1:] if kind == "log" else parts)
                 low, high = _parse_setting(field, low), _parse_setting(field, high)
                 if type(field.default) not in (int, float) or not low < high or (kind == "log" and low <= 0):
-                    raise ValueError(f"a range needs a numeric setting and LOW < HIGH{' and LOW > 0' * (kind == 'log')}")
+                    positive = " and LOW > 0" if kind == "log" else ""
+                    raise ValueError(f"a range needs a numeric setting and LOW < HIGH{positive}")
                 space[name] = (kind, low, high)
             else:
                 values = [_parse_setting(field, v) for v in text.split(",")]
@@ -2806,7 +2931,8 @@ def _finish_sweep(runs: list, varied: list, out_dir: str, log, interrupted: bool
     log(sweep_table(summary))
     if chosen:
         log(f"chosen on validation: {chosen['setting']} (val top-1 {chosen['final_val_top1_mean']:.2%} over "
-            f"{chosen['done']} seed{'s' * (chosen['done'] > 1)}); its test top-1, {chosen['final_test_top1_mean']:.2%}, "
+            f"{chosen['done']} seed{'s' * (chosen['done'] > 1)}); its test top-1, "
+            f"{chosen['final_test_top1_mean']:.2%}, "
             f"is reported, not used to choose")
     log(f"wrote {os.path.join(out_dir, 'sweep.csv')} and summary.csv"
         + ("; stopped: the same command continues the sweep" if interrupted else ""))
@@ -4024,7 +4150,8 @@ def warn(message: str) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     if issubclass(category, RunWarning):
-        print(f"warning: {message}", file=sys.stderr)
+        if _speaker() == "":  # with several processes, process 0 only
+            print(f"warning: {message}", file=sys.stderr)
     else:
         _default(message, category, filename, lineno, file, line)
 
@@ -4183,10 +4310,15 @@ def _main(argv: list) -> int:
             if config.out_dir is None:
                 config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         _set_backend_flags()
-        console = _Console(sys.stdout)
-        with _StopSignals() as stop:
-            result = train(config, resume=resume, should_stop=stop.requested, log=console.log,
-                           progress=console.progress)
+        joined = join_torchrun(config.device)
+        try:
+            console = _Console(sys.stdout)
+            with _StopSignals(quiet=_speaker() is None) as stop:
+                result = train(config, resume=resume, should_stop=stop.requested, log=console.log,
+                               progress=console.progress)
+        finally:
+            if joined:
+                torch.distributed.destroy_process_group()
         return stop.exit_code if result.interrupted else 0
     except UserError as e:
         return _fail(e, 2)
@@ -4194,6 +4326,23 @@ def _main(argv: list) -> int:
         return _fail(e, 1)
     except KeyboardInterrupt:  # a second Ctrl-C: every file is still whole (each write is atomic)
         return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
+    except RuntimeError as e:  # with several processes: another one failed (it, or torchrun, says why)
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not any(
+                word in first_line for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
+            raise
+        return _fail(f"another process of this run stopped, and this one lost it ({first_line[:160]})", 1)
+
+
+def _speaker() -> Optional[str]:
+    """Which processes of a torchrun job print: process 0 (""), and the first process of each other machine,
+    for errors only, prefixed with its machine's number (a missing data folder may be missing on one machine
+    only). None: this process prints nothing. Alone: ""."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
+        return ""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return f"[machine {os.environ.get('GROUP_RANK', '?')}] "
+    return None
 
 
 class _StopSignals:
@@ -4201,8 +4350,8 @@ class _StopSignals:
     finishes its step and writes last.pt; the command then exits 128 + the signal's number. A second one
     stops at once. The previous handlers come back on exit."""
 
-    def __init__(self, what: str = "writing last.pt after this step"):
-        self.what, self.signals, self.previous = what, [], {}
+    def __init__(self, what: str = "writing last.pt after this step", quiet: bool = False):
+        self.what, self.signals, self.previous, self.quiet = what, [], {}, quiet
 
     def requested(self) -> bool:
         return bool(self.signals)
@@ -4215,7 +4364,8 @@ class _StopSignals:
         self.signals.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: {self.what} (Ctrl-C again to abort)", flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: {self.what} (Ctrl-C again to abort)", flush=True)
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -4253,8 +4403,10 @@ def _set_backend_flags() -> None:
 
 
 def _fail(error, code: int) -> int:
-    """One line on stderr, whatever the message holds."""
-    print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    """One line on stderr, whatever the message holds (with several processes, from one of them: _speaker)."""
+    speaker = _speaker()
+    if speaker is not None and (speaker == "" or isinstance(error, UserError)):
+        print(f"{speaker}error: " + " ".join(str(error).split()), file=sys.stderr)
     return code
 
 

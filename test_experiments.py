@@ -256,8 +256,7 @@ def test_a_killed_sweep_continues_where_it_stopped_and_a_larger_grid_trains_only
     data_dir = tmp_path / "data"
     write_official_layout(data_dir, n_train=128, n_test=32)
     out = tmp_path / "sweep"
-    first = sweep_cli(data_dir, out, "lr=0.05")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert cr.main(sweep_cli_args(data_dir, out, "lr=0.05")) == 0
     kept = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
 
     # a larger grid, killed (SIGKILL) inside the first of its new runs, after that run's first epoch

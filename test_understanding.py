@@ -215,8 +215,8 @@ def test_the_preview_shows_exactly_what_the_trainer_feeds_the_model(monkeypatch,
     assert {b["method"] for b in shown} == {"mixup", "cutmix"}  # both on: one batch of each is shown
 
     fed = []
-    monkeypatch.setattr(cr.Trainer, "_step", lambda self, x, a, b, lam: fed.append((x, a, b, float(lam))) or
-                        torch.zeros(()))
+    monkeypatch.setattr(cr.Trainer, "_step", lambda self, x, a, b, lam, weight=1.0:
+                        fed.append((x, a, b, float(lam))) or torch.zeros(()))
     trainer = cr.Trainer(config, data, log=lambda m: None)
     trainer.train_epoch()
     for batch in shown:

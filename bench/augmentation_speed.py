@@ -82,8 +82,9 @@ def main() -> None:
 
     basic_s = timed(basic, 3, device) / 20
     advanced_s = timed(lambda: cr.advanced_augment(basic(), g), 3, device) / 20
-    rows += [("crop + flip (`--aug basic`)", basic_s), ("crop + flip + the advanced policy (`--aug advanced`)",
-                                                        advanced_s), ("the advanced policy alone", advanced_s - basic_s)]
+    rows += [("crop + flip (`--aug basic`)", basic_s),
+             ("crop + flip + the advanced policy (`--aug advanced`)", advanced_s),
+             ("the advanced policy alone", advanced_s - basic_s)]
 
     config = cr.TrainConfig(arch="resnet34", batch_size=BATCH, lr=0.4, device=args.device, quiet=True,
                             mixup=False, cutmix=False, compile="off")

@@ -1,0 +1,204 @@
+"""Data-parallel training with several processes, on the CPU through gloo: the library in processes started
+here (torch.multiprocessing) and the command line through torchrun.
+
+Run: python -m pytest -q test_distributed.py
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import cifar100_resnet as cr
+from test_cifar100_resnet import HERE, MODULE, synthetic_data, tiny_args
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_backend_available("gloo"),
+                                reason="this torch has no gloo backend")
+
+
+def without_batchnorm(build):
+    """build_model with every BatchNorm replaced by the identity: a network whose statistics cannot differ
+    between a process's share of a batch and the whole batch, so that N processes must train it exactly as one
+    process with N times the batch does (with BatchNorm, each process normalises by its own share's
+    statistics unless --sync-bn, which torch runs on GPUs only)."""
+    def build_model(config):
+        model = build(config)
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(module, child_name, torch.nn.Identity())
+        return model
+    return build_model
+
+
+def tiny(batch_size: int, **overrides) -> "cr.TrainConfig":
+    return cr.TrainConfig(**{**dict(dataset="cifar10", arch="resnet18", width=4, batch_size=batch_size, epochs=2,
+                                    lr=0.02, device="cpu", quiet=True), **overrides})
+
+
+def _process(rank: int, world: int, folder: str) -> None:
+    """One process of the data-parallel runs the tests start: joins the group, trains a BatchNorm-free network
+    (saving what it trained), then trains it again with a non-finite loss planted in process 1's third step."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=world)
+    try:
+        cr.build_model = without_batchnorm(cr.build_model)
+        data = synthetic_data(n_train=136, n_test=60)
+        result = cr.train(tiny(16), data)
+        torch.save({"model": result.model.state_dict(), "history": result.history}, f"{folder}/rank{rank}.pt")
+        real, calls = cr.mixed_cross_entropy, []
+
+        def poisoned(*args, **kwargs):
+            calls.append(1)
+            loss = real(*args, **kwargs)
+            return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+
+        cr.mixed_cross_entropy = poisoned
+        try:
+            cr.train(tiny(16, log_every=2), data)
+        except cr.TrainingDiverged as e:
+            Path(f"{folder}/rank{rank}.txt").write_text(str(e))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """What two processes started here trained (see _process); both have ended."""
+    folder = tmp_path_factory.mktemp("two")
+    mp.spawn(_process, args=(2, str(folder)), nprocs=2, join=True)
+    return folder
+
+
+def test_two_processes_train_exactly_what_one_process_does_with_twice_the_batch(two_processes, monkeypatch):
+    ranks = [torch.load(two_processes / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    monkeypatch.setattr(cr, "build_model", without_batchnorm(cr.build_model))
+    # 136 images: 4 global batches of 32 and a last one of 8 (4 per process), weighted by its size
+    one = cr.train(tiny(32), synthetic_data(n_train=136, n_test=60))
+    for name, tensor in one.model.state_dict().items():
+        for r in ranks:
+            assert torch.allclose(r["model"][name], tensor, rtol=1e-4, atol=1e-6), name
+    for r in ranks:  # one row per epoch, the same on every process: test metrics over every image, once
+        assert [row["epoch"] for row in r["history"]] == [1, 2]
+        for mine, theirs in zip(r["history"], one.history):
+            assert mine["test_top1"] == theirs["test_top1"] and mine["test_top5"] == theirs["test_top5"]
+            assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+            assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
+
+
+def test_a_non_finite_loss_in_one_process_stops_every_process_at_the_same_step(two_processes):
+    # the processes ended (the fixture returned): none waited for another that had stopped
+    messages = [(two_processes / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] and "non-finite at epoch 1, step 3" in messages[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line, through torchrun
+
+
+def torchrun(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             MODULE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for_fault_point(job: subprocess.Popen) -> None:
+    """Read the job's stderr up to the line that announces the paused write (torchrun may warn first)."""
+    for _ in range(50):
+        line = job.stderr.readline()
+        if line.startswith("fault point") or not line:
+            assert line, job.communicate()
+            return
+    raise AssertionError("no fault point announced")
+
+
+def rows(run) -> list:
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from test_cifar100_resnet import write_official_layout
+
+    root = tmp_path_factory.mktemp("data")
+    write_official_layout(root, n_train=256, n_test=64)
+    return root
+
+
+def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_on_sigterm(data_dir, tmp_path,
+                                                                                          capsys):
+    run = tmp_path / "run"
+    args = tiny_args(data_dir, run, "--batch-size", "16")
+    del args[args.index("--epochs"):args.index("--epochs") + 2]
+    args.remove("--quiet")
+    assert cr.main([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+
+    # one process's checkpoint continues in two; SIGTERM to torchrun stops both after the same step
+    two = torchrun(*args, "--resume", "--epochs", "6", env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    wait_for_fault_point(two)  # epoch 2 is written; process 0 pauses there 3 s
+    two.send_signal(signal.SIGTERM)
+    stdout, stderr = two.communicate(timeout=60)
+    assert two.returncode != 0 and stdout.count("SIGTERM: writing last.pt") == 1, (stdout, stderr)
+    assert "processes = 32" in stdout and stdout.count("epoch 2/6 ") == 1, stdout  # process 0 speaks for both
+    stopped = torch.load(run / "last.pt", weights_only=True)
+    assert stopped["processes"] == 2 and 2 <= stopped["epoch"] < 6, (stopped["epoch"], stdout, stderr)
+
+    # and two processes finish it
+    again = torchrun(*args, "--resume")
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    assert [int(r["epoch"]) for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+    # their checkpoint, evaluated by one process, gives the test top-1 they measured together
+    assert cr.main(["eval", str(run), "--device", "cpu", "--no-download"]) == 0
+    measured = capsys.readouterr().out
+    assert f"top-1 {float(rows(run)[-1]['test_top1']):.2%}" in measured
+    # and one process continues their run
+    assert cr.main([*args, "--resume", "--epochs", "7"]) == 0
+    assert [int(r["epoch"]) for r in rows(run)] == list(range(1, 8))
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds process 1 through /proc (Linux)")
+def test_a_lost_process_ends_the_others_with_one_message_not_a_hang(data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(data_dir, run, "--batch-size", "16", "--epochs", "6")
+    job = torchrun(*args, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})  # process 0 pauses after epoch 1
+    wait_for_fault_point(job)
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"LOCAL_RANK=1" in environ and f"{cr.FAULT_PAUSE_ENV}=renamed metrics.csv".encode() in environ:
+            os.kill(int(pid), signal.SIGKILL)  # process 1 is lost while process 0 waits for nothing
+            killed.append(pid)
+    assert len(killed) == 1
+    stdout, stderr = job.communicate(timeout=120)  # every process ends
+    assert job.returncode != 0
+    ours = [line for line in stderr.splitlines() if "error: " in line and "cifar100_resnet" not in line]
+    assert len(ours) == 1 and "another process of this run stopped" in ours[0], stderr
+    assert "[rank0]: Traceback" not in stderr  # process 0 ends with one line (torchrun then reports the lost one)
+
+
+def test_with_several_processes_one_of_them_speaks(monkeypatch, capsys):
+    bad = ["--epochz", "1"]  # refused while parsing, before any process group
+    for environment, printed in [({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+                                  "error: unrecognized arguments"),
+                                 ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, ""),
+                                 ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"},
+                                  "[machine 1] error: unrecognized arguments")]:
+        for key, value in environment.items():
+            monkeypatch.setenv(key, value)
+        assert cr.main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(printed) and err.count("error:") == (1 if printed else 0), (environment, err)
