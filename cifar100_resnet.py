@@ -4223,7 +4223,11 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
                      f"'{_program()} plot RUN_DIR...' draws learning curves from metrics.csv; "
                      f"'{_program()} eval CHECKPOINT [--tta]' measures saved weights on the test set; "
                      f"'{_program()} lr-find [flags]' runs the learning-rate range test; "
-                     f"'{_program()} sweep [flags] --grid ...' trains many runs and chooses on validation."))
+                     f"'{_program()} sweep [flags] --grid ...' trains many runs and chooses on validation; "
+                     f"'{_program()} report CHECKPOINT' shows what saved weights get wrong; "
+                     f"'{_program()} preview-aug [flags]' draws what the network sees; "
+                     f"'{_program()} conv-demo' shows what a convolution does. Under torchrun it trains "
+                     f"data-parallel (--batch-size per process)."))
     groups = {key: p.add_argument_group(title) for key, title in PARSER_GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         m, flag = f.metadata, _flag_of(f)
