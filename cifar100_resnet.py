@@ -3161,13 +3161,18 @@ def _optuna_sweep(base: TrainConfig, out_dir: str, space: dict, trials: int, sto
     return _finish_sweep(runs, list(space), out_dir, log, interrupted, states)
 
 
+def _command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a command that takes every train flag, and then flags of its own."""
+    parser = build_parser()
+    parser.prog, parser.description = f"{_program()} {command}", description
+    return parser
+
+
 def lr_find_main(argv: list) -> int:
     """`lr-find [train flags] [--start R] [--end R] [--steps N]`: the learning-rate range test."""
-    parser = build_parser()
-    parser.prog = f"{_program()} lr-find"
-    parser.description = ("The learning-rate range test: real training steps of the configured recipe while the "
-                          "rate grows exponentially; prints a suggested peak rate and writes lr_find.csv and "
-                          "lr_find.png into --out-dir. Takes every train flag.")
+    parser = _command_parser("lr-find", "The learning-rate range test: real training steps of the configured "
+                             "recipe while the rate grows exponentially; prints a suggested peak rate and writes "
+                             "lr_find.csv and lr_find.png into --out-dir. Takes every train flag.")
     group = parser.add_argument_group("lr-find")
     group.add_argument("--start", type=float, default=1e-5, help="the first rate (default: 1e-05)")
     group.add_argument("--end", type=float, default=10.0, help="the last rate (default: 10)")
@@ -3196,12 +3201,11 @@ def lr_find_main(argv: list) -> int:
 
 def sweep_main(argv: list) -> int:
     """`sweep [train flags] --grid NAME=V1,V2 ... | --random N NAME=RANGE ... [--seeds 0,1] [--devices ...]`."""
-    parser = build_parser()
-    parser.prog = f"{_program()} sweep"
-    parser.description = ("Train many runs from one command, each in --out-dir/runs/<setting>,seed=<seed>/, and "
-                          "choose the setting on held-out training images (--val-split), reporting its test "
-                          "top-1 beside it. Running the same command again skips finished runs and continues an "
-                          "interrupted one. Takes every train flag as the base of every run.")
+    parser = _command_parser("sweep", "Train many runs from one command, each in "
+                             "--out-dir/runs/<setting>,seed=<seed>/, and choose the setting on held-out training "
+                             "images (--val-split), reporting its test top-1 beside it. Running the same command "
+                             "again skips finished runs and continues an interrupted one. Takes every train flag "
+                             "as the base of every run.")
     for action in parser._actions:
         if action.dest == "val_split":
             action.default = SWEEP_VAL_SPLIT
@@ -4044,11 +4048,10 @@ def report_main(argv: list) -> int:
 
 def preview_aug_main(argv: list) -> int:
     """`preview-aug [train flags] [--out FILE] [--images N]`: what the network sees."""
-    parser = build_parser()
-    parser.prog = f"{_program()} preview-aug"
-    parser.description = ("Draw the first training batches of a run with these flags through the training step's "
-                          "own augmentation: each image's original, its random crop and flip, and the MixUp or "
-                          "CutMix with its partner. Takes every train flag (--seed, --no-mixup, ...).")
+    parser = _command_parser("preview-aug", "Draw the first training batches of a run with these flags through "
+                             "the training step's own augmentation: each image's original, its random crop and "
+                             "flip, and the MixUp or CutMix with its partner. Takes every train flag (--seed, "
+                             "--no-mixup, ...).")
     group = parser.add_argument_group("preview-aug")
     group.add_argument("--out", default="augmentation.png", help="PNG to write (default: augmentation.png)")
     group.add_argument("--images", type=int, default=8, help="images per batch shown (default: 8)")
