@@ -3145,8 +3145,9 @@ def _optuna_sweep(base: TrainConfig, out_dir: str, space: dict, trials: int, sto
         f"trials wanted, {len(study.trials)} in it; choosing on the last {base.val_split} training images "
         f"(validation), the test set only reported")
     loop = (base, out_dir, space, trials, storage, study_name, sample_seed)
-    if devices and len(devices) > 1:
-        interrupted = _in_workers(_optuna_worker_run, [loop] * len(devices), base, devices, data, log, should_stop)
+    if devices and len(devices) > 1:  # each worker its own sampler seed, or they would propose the same trials
+        loops = [loop[:-1] + (sample_seed + 1000 * i,) for i in range(len(devices))]
+        interrupted = _in_workers(_optuna_worker_run, loops, base, devices, data, log, should_stop)
     else:
         if data is None:
             data = load_dataset(base.data_dir, base.dataset, base.download)
