@@ -1448,6 +1448,8 @@ class Trainer:
             try:
                 return self._eager_update(x, labels_a, labels_b, lam, weight)
             except Exception as e:  # compilation fails before the optimiser step: nothing has changed yet
+                if not _is_compile_error(e):  # running out of memory, say, is not a reason to stop compiling
+                    raise
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
                 warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training on without it "
                      f"(--compile off skips the attempt, --compile on stops instead)")
@@ -1683,6 +1685,15 @@ class Trainer:
             self.data_rng.manual_seed(self.config.seed + 1 + 1000003 * self.epoch)
             partial = None
         self.partial = partial
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    """Whether torch.compile failed to compile (Dynamo, Inductor, the C++ or Triton compiler under them),
+    as opposed to an error in running the step (out of memory, a bad input), which compiling or not would meet
+    again."""
+    import torch._dynamo as dynamo  # loaded by torch.compile already; its exceptions' base class
+
+    return isinstance(error, dynamo.exc.TorchDynamoException) and not isinstance(error, torch.cuda.OutOfMemoryError)
 
 
 def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:

@@ -646,20 +646,30 @@ def test_compile_auto_trains_on_uncompiled_when_compiling_fails(monkeypatch, cap
     data = synthetic_data(n_train=256, n_test=32)
     plain = cr.train(dataclasses.replace(cfg, compile="off"), data=data)
 
+    import torch._dynamo
+    failure = [torch._dynamo.exc.TorchDynamoException("backend compiler failed\nlong trace")]
+
     def failing_compile(fn, **kwargs):
         def compiled(*args):
-            raise RuntimeError("backend compiler failed\nlong trace")
+            raise failure[0]
         return compiled
 
     monkeypatch.setattr(cr, "resolve_compile", lambda setting, device, epochs: setting != "off")
     monkeypatch.setattr(cr.torch, "compile", failing_compile)
-    with pytest.warns(cr.RunWarning, match=r"torch.compile failed \(RuntimeError: backend compiler failed\); "
-                                           r"training on"):
+    with pytest.warns(cr.RunWarning, match=r"torch.compile failed \(TorchDynamoException: backend compiler "
+                                           r"failed\); training on"):
         fallback = cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
     assert [r["train_loss"] for r in fallback.history] == [r["train_loss"] for r in plain.history]
     assert_same_tensors(fallback.model.state_dict(), plain.model.state_dict())
     with pytest.raises(RuntimeError, match="backend compiler failed"):  # on: no silent fallback
         cr.train(dataclasses.replace(cfg, compile="on"), data=data)
+    # an error in running the step is not taken for a compile failure: out of memory on step 1 stops the run
+    failure[0] = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
+    failure[0] = ValueError("a bad input")
+    with pytest.raises(ValueError):
+        cr.train(dataclasses.replace(cfg, compile="auto"), data=data)
 
 
 def inductor_cpu_strided_1x1_conv_grad_is_wrong() -> bool:
