@@ -1496,13 +1496,7 @@ class Trainer:
             start, end = self.batches[step]
             lr = learning_rate(self.epoch + step / self.steps_per_epoch, cfg, self.t0)
             self._set_lr(lr)
-            x, y_a, y_b, lam = mix_batch(self.normalize(images[start:end]), labels[start:end], cfg, self.mix_rng)
-            n, weight = end - start, 1.0
-            if self.world > 1:  # this process's share of the global batch, mixed as a whole above
-                first, last = self._share(end - start)
-                x, y_a, y_b, n = x[first:last], y_a[first:last], y_b[first:last], last - first
-                weight = n * self.world / (end - start)  # the gradients' average is then the batch's mean
-            loss = self._step(x, y_a, y_b, torch.full((), lam, device=dev), weight)
+            loss, n = self.train_batch(images[start:end], labels[start:end])
 
             state.loss_sum += loss * n
             bad_now = ~torch.isfinite(loss) & (state.first_bad_step < 0)
@@ -1531,6 +1525,17 @@ class Trainer:
         self.epoch += 1
         return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(loss_sum) / seen,
                 "train_seconds": seconds, "images_per_s": self.n_train / seconds}
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """One training step on a (global) batch of augmented uint8 images at the rate set: normalise, mix,
+        and train on this process's share. Returns the loss (a device tensor) and the share's image count."""
+        x, y_a, y_b, lam = mix_batch(self.normalize(images), labels, self.config, self.mix_rng)
+        n, weight = len(images), 1.0
+        if self.world > 1:  # this process's share of the global batch, mixed as a whole above
+            first, last = self._share(len(images))
+            x, y_a, y_b, n = x[first:last], y_a[first:last], y_b[first:last], last - first
+            weight = n * self.world / len(images)  # the gradients' average is then the batch's mean
+        return self._step(x, y_a, y_b, torch.full((), lam, device=self.device), weight), n
 
     def _share(self, n: int) -> tuple[int, int]:
         """[first, last) of this process's share of n images: consecutive, sizes differing by at most one."""
@@ -2555,8 +2560,7 @@ def lr_find(config: TrainConfig, data: Optional[CifarData] = None, start: float 
     if steps < 2:
         raise UserError(f"--steps must be at least 2, got {steps}")
     config = dataclasses.replace(config, out_dir=None)
-    config.validate()
-    env = resolve(config)
+    env = resolve(config)  # validates the settings
     if data is None:
         data = load_dataset(config.data_dir, config.dataset, config.download)
     trainer = Trainer(config, data, log=log, env=env)
@@ -2576,9 +2580,7 @@ def lr_find(config: TrainConfig, data: Optional[CifarData] = None, start: float 
             images, labels = trainer.augmented_epoch()
         first, last = trainer.batches[step]
         trainer._set_lr(rate)
-        x, labels_a, labels_b, lam = mix_batch(trainer.normalize(images[first:last]), labels[first:last], config,
-                                               trainer.mix_rng)
-        loss = float(trainer._step(x, labels_a, labels_b, torch.full((), lam, device=trainer.device)))
+        loss = float(trainer.train_batch(images[first:last], labels[first:last])[0])
         if not math.isfinite(loss):
             result.stopped_early = f"the loss became non-finite at rate {rate:.3g}"
             break
