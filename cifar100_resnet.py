@@ -1842,14 +1842,20 @@ def load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
     model.load_state_dict(theirs)
 
 
-def metrics_text(history: list) -> str:
-    """metrics.csv: a header and one row per epoch (floats to 8 significant digits)."""
+def csv_text(rows: list, columns: list) -> str:
+    """A CSV file's text: a header of `columns`, then one line per row dict (other keys left out, floats to 8
+    significant digits). metrics.csv and every other table this module writes."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in history:
+    for row in rows:
         writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def metrics_text(history: list) -> str:
+    """metrics.csv: a header and one row per epoch."""
+    return csv_text(history, METRIC_COLUMNS)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -2612,9 +2618,9 @@ def write_lr_find(result: LRFindResult, folder: str) -> list:
     """lr_find.csv (step, rate, loss, smoothed loss), then lr_find.png; returns their paths. Without
     matplotlib the CSV is written and UserError says how to install it."""
     csv_path = os.path.join(folder, "lr_find.csv")
-    lines = ["step,lr,loss,smoothed_loss"] + [f"{i + 1},{r:.8g},{loss:.8g},{s:.8g}" for i, (r, loss, s) in
-                                              enumerate(zip(result.rates, result.losses, result.smoothed))]
-    atomic_save("\n".join(lines) + "\n", csv_path)
+    rows = [{"step": i + 1, "lr": r, "loss": loss, "smoothed_loss": s}
+            for i, (r, loss, s) in enumerate(zip(result.rates, result.losses, result.smoothed))]
+    _write_csv(csv_path, rows, ["step", "lr", "loss", "smoothed_loss"])
     try:
         return [csv_path, plot_lr_find(result, os.path.join(folder, "lr_find.png"))]
     except UserError as e:
@@ -2824,12 +2830,7 @@ def summarize_sweep(rows: list, varied: list) -> list:
 
 
 def _write_csv(path: str, rows: list, columns: list) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_save(buf.getvalue(), path)
+    atomic_save(csv_text(rows, columns), path)
 
 
 @dataclass
