@@ -2858,17 +2858,22 @@ def plan_sweep(base: TrainConfig, out_dir: str, settings: list, seeds: list) -> 
             names.add(run.name)
             run.config = dataclasses.replace(base, **setting, seed=seed,
                                              out_dir=os.path.join(out_dir, "runs", run.name))
-            try:
-                run.config.validate()
-            except UserError as e:
-                raise UserError(f"run {run.name}: {e}") from None
-            saved = RunFolder(run.config.out_dir).saved_config()
-            changed = _changed_settings(saved, run.config) if saved else []
-            if changed:
-                raise UserError(f"{run.config.out_dir} holds a run with other settings: {', '.join(changed)}; the "
-                                f"base settings of a sweep cannot change, choose another --out-dir")
+            _check_sweep_run(run)
             runs.append(run)
     return runs
+
+
+def _check_sweep_run(run: SweepRun) -> None:
+    """Refuse invalid settings, and a run folder that holds a run with other settings."""
+    try:
+        run.config.validate()
+    except UserError as e:
+        raise UserError(f"run {run.name}: {e}") from None
+    saved = RunFolder(run.config.out_dir).saved_config()
+    changed = _changed_settings(saved, run.config) if saved else []
+    if changed:
+        raise UserError(f"{run.config.out_dir} holds a run with other settings: {', '.join(changed)}; the base "
+                        f"settings of a sweep cannot change, choose another --out-dir")
 
 
 def sweep(base: TrainConfig, out_dir: str, grid: Optional[dict] = None, space: Optional[dict] = None,
@@ -3091,11 +3096,7 @@ def _optuna_loop(base: TrainConfig, out_dir: str, space: dict, trials: int, stor
         setting = {k: _suggest(trial, k, space[k]) for k in space}
         run = SweepRun(setting, base.seed, dataclasses.replace(base, **setting,
                                                                out_dir=os.path.join(out_dir, "runs", name)), name)
-        run.config.validate()
-        saved = RunFolder(run.config.out_dir).saved_config()
-        if saved and _changed_settings(saved, run.config):
-            raise UserError(f"{run.config.out_dir} holds a run with other settings: "
-                            f"{', '.join(_changed_settings(saved, run.config))}")
+        _check_sweep_run(run)
         pruned = []
 
         def on_epoch(row):
