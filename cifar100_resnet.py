@@ -2411,14 +2411,19 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     return result
 
 
+def _add_data_flags(p: argparse.ArgumentParser, data_dir_help: str) -> None:
+    """--data-dir, --no-download and --device, for the commands that read a checkpoint (eval, report, ...)."""
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download (default: download when missing)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
 def eval_main(argv: list) -> int:
     """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
     p = _Parser(prog=f"{_program()} eval", description="test top-1/top-5 and loss of saved weights")
     p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
-    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (default: the run's --data-dir)")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download (default: download when missing)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
     p.add_argument("--tta", action="store_true", help="also with flip test-time augmentation (default: off)")
     p.add_argument("--limit-test", type=int, help="the first N test images (0: all; default: as the run did)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's --eval-batch-size)")
@@ -3313,6 +3318,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str, dpi: int = 110) -> str:
+    """Write the figure (its folder created if need be), close it, return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
 def plot_schedule(config: TrainConfig, out_path: str) -> dict:
     """Draw the learning rate a run with these settings will set at every step, before any training: the
     restarts and the run's end marked. Returns where the run ends: {"end_fraction": rate at the end / peak,
@@ -3408,9 +3423,7 @@ def plot_lr_find(result: LRFindResult, out_path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def _number(text: str):
@@ -3483,9 +3496,7 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     for ax in axes[0]:
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_main(argv: list) -> int:
@@ -3542,8 +3553,8 @@ def per_class_metrics(confusion: torch.Tensor) -> list:
     """For each class: support (its images), recall = accuracy on its images, precision = the share of the
     images predicted as it that are it (0 when never predicted)."""
     hits, support, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
-    return [{"class": i, "support": int(support[i]), "accuracy": float(hits[i] / max(int(support[i]), 1)),
-             "recall": float(hits[i] / max(int(support[i]), 1)),
+    recall = [float(hits[i] / max(int(support[i]), 1)) for i in range(len(confusion))]
+    return [{"class": i, "support": int(support[i]), "accuracy": recall[i], "recall": recall[i],
              "precision": float(hits[i] / predicted[i]) if predicted[i] else 0.0} for i in range(len(confusion))]
 
 
@@ -3616,15 +3627,6 @@ def _show_image(ax, image: torch.Tensor, title: str, fontsize: float = 7) -> Non
     ax.imshow(image.detach().float().cpu().permute(1, 2, 0).numpy() / 255, interpolation="nearest")
     ax.set_title(title, fontsize=fontsize)
     ax.axis("off")
-
-
-def _save(fig, path: str, dpi: int = 110) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 def _report_figures(analysis: dict, images: torch.Tensor, labels: torch.Tensor, data: CifarData, split: str,
@@ -4034,13 +4036,6 @@ def plot_network_view(model: ResNet, image: torch.Tensor, normalize: Normalizer,
     return _save(fig, out_path)
 
 
-def _add_data_flags(p: argparse.ArgumentParser, data_dir_help: str) -> None:
-    p.add_argument("--data-dir", help=data_dir_help)
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download (default: download when missing)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-
-
 def report_main(argv: list) -> int:
     """`report CHECKPOINT|RUN_DIR [--out-dir DIR]`: what saved weights get right and wrong."""
     p = _Parser(prog=f"{_program()} report", description="What saved weights get right and wrong on the test set "
@@ -4098,10 +4093,13 @@ def _read_image_file(path: str) -> torch.Tensor:
     side = min(image.shape[1:])
     top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
     image = image[:, top:top + side, left:left + side]
-    if side > 128:
-        image = torch.nn.functional.interpolate(image[None].float(), size=(128, 128), mode="bilinear",
-                                                antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
-    return image
+    return _resize(image, 128) if side > 128 else image
+
+
+def _resize(image: torch.Tensor, side: int) -> torch.Tensor:
+    """A uint8 (3, H, W) image resized to side x side (bilinear, antialiased)."""
+    return F.interpolate(image[None].float(), size=(side, side), mode="bilinear",
+                         antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def conv_demo_main(argv: list) -> int:
@@ -4150,8 +4148,7 @@ def conv_demo_main(argv: list) -> int:
     written = [plot_conv_demo(demo, label, args.out)]
     if run:
         if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            image = torch.nn.functional.interpolate(image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
-                                                    antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+            image = _resize(image, IMAGE_SIZE)
         written.append(plot_network_view(run.model, image.to(run.device), run.normalize,
                                          os.path.join(os.path.dirname(os.path.abspath(args.out)), "network.png")))
     print(f"wrote {' and '.join(written)}")
