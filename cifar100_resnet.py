@@ -1588,9 +1588,10 @@ class Trainer:
         return images, train_labels[order]
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
-        """A step line: loss so far, images/s in this epoch, and the time left in the epoch and in the run."""
-        cfg, rate = self.config, state.seen / max(seconds, 1e-9)
-        epoch_left = (self.n_train - state.seen) / rate
+        """A step line: loss so far, images/s in this epoch, and the time left in the epoch and in the run. With
+        several processes, images/s and the times count every process's images (this one's times the count)."""
+        cfg, rate = self.config, state.seen * self.world / max(seconds, 1e-9)
+        epoch_left = (self.n_train - state.seen * self.world) / rate
         run_left = epoch_left + (cfg.epochs - self.epoch - 1) * self.n_train / rate
         self.progress(f"epoch {self.epoch + 1}/{cfg.epochs} step {state.step}/{self.steps_per_epoch} "
                       f"({state.step / self.steps_per_epoch:.0%}) lr {lr:.4f} loss "
