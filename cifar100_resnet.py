@@ -781,9 +781,9 @@ _XYZ_TO_RGB = ((3.240479, -1.53715, -0.498535), (-0.969256, 1.875991, 0.041556),
 def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
     """uint8 RGB (N, 3, H, W) -> uint8 L*a*b* as OpenCV stores it (L x 255/100, a + 128, b + 128)."""
     tables = _lab_tables(images.device)
-    r, g, b = (tables["gamma"][images[:, k].long()] for k in range(3))
+    red, green, blue = (tables["gamma"][images[:, k].long()] for k in range(3))
     coefficients = [[round(4096 * _RGB_TO_XYZ[i][j] / _D65[i]) for j in range(3)] for i in range(3)]
-    fx, fy, fz = (tables["cbrt"][(r * c[0] + g * c[1] + b * c[2] + 2048) >> 12] for c in coefficients)
+    fx, fy, fz = (tables["cbrt"][(red * c[0] + green * c[1] + blue * c[2] + 2048) >> 12] for c in coefficients)
     lightness = (296 * fy - 1336934 + (1 << 14)) >> 15
     a = (500 * (fx - fy) + (128 << 15) + (1 << 14)) >> 15
     b = (200 * (fy - fz) + (128 << 15) + (1 << 14)) >> 15
