@@ -1571,6 +1571,17 @@ class Trainer:
             self._vote = None
         return stop
 
+    def close(self) -> None:
+        """With several processes: wait for the stop vote still in flight, then free the group that carries the
+        votes. A process must not end with a collective in flight (gloo then aborts it as it exits); call this
+        where every process stops at the same step, as train() does."""
+        if self._vote is not None:
+            self._vote[1].wait()
+            self._vote = None
+        if self.control is not None:
+            torch.distributed.destroy_process_group(self.control)
+            self.control = None
+
     def augmented_epoch(self, details: bool = False) -> tuple:
         """The training images of one epoch in the order drawn for it, cropped and flipped, and their labels:
         the steps of the epoch take their batches from these, in order, and mix each (draws from data_rng).
@@ -2204,8 +2215,11 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
     writer = CheckpointWriter()
     try:
-        return _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop, board_class, on_epoch)
+        result = _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop, board_class, on_epoch)
+        trainer.close()
+        return result
     except TrainingDiverged as e:
+        trainer.close()  # every process diverged at the same step: its check was agreed by all
         try:
             writer.wait()
         except WriteFailed:
