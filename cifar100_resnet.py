@@ -29,6 +29,7 @@ import copy
 import csv
 import dataclasses
 import difflib
+import importlib.metadata
 import io
 import json
 import math
@@ -2096,9 +2097,11 @@ class TrainResult:
 
 
 def _environment(device: torch.device) -> dict:
-    import torchvision  # imported here: only the run's record needs its version
-
-    env = {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+    try:  # from the installed package's metadata: importing torchvision would cost a second per run
+        torchvision_version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        torchvision_version = None  # only downloading needs it
+    env = {"torch_version": torch.__version__, "torchvision_version": torchvision_version,
            "numpy_version": np.__version__, "python_version": sys.version.split()[0],
            "module_version": __version__, "device_resolved": str(device)}
     if device.type == "cuda":
