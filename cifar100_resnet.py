@@ -2588,6 +2588,8 @@ def lr_find(config: TrainConfig, data: Optional[CifarData] = None, start: float 
         raise UserError(f"the rates must satisfy 0 < --start < --end, got --start {start} --end {end}")
     if steps < 2:
         raise UserError(f"--steps must be at least 2, got {steps}")
+    if process_group()[1] > 1:  # its early stop and its copy of the model are one process's
+        raise UserError("lr_find runs in one process, not inside a torch.distributed group")
     config = dataclasses.replace(config, out_dir=None)
     env = resolve(config)  # validates the settings
     if data is None:
@@ -3375,8 +3377,7 @@ def plot_schedule(config: TrainConfig, out_path: str) -> dict:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    _save(fig, out_path)
     return {"end_fraction": end, "restarts": restarts, "into_cycle": into, "cycle": cycle}
 
 
@@ -3420,9 +3421,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_lr_find(result: LRFindResult, out_path: str) -> str:
@@ -4338,6 +4337,9 @@ def _main(argv: list) -> int:
     command = argv.pop(0) if argv and argv[0] in ("train", *commands) else "train"
     try:
         if command != "train":
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would do the same work, into one folder
+                raise UserError(f"{command} runs in one process: start it with python, not torchrun (training is "
+                                f"what runs data-parallel; a sweep spreads its runs over GPUs with --devices)")
             return commands[command](argv)
         args = build_parser().parse_args(argv)
         given = _given_flags(argv)

@@ -45,7 +45,8 @@ def tiny(batch_size: int, **overrides) -> "cr.TrainConfig":
 
 def _process(rank: int, world: int, folder: str) -> None:
     """One process of the data-parallel runs the tests start: joins the group, trains a BatchNorm-free network
-    (saving what it trained), then trains it again with a non-finite loss planted in process 1's third step."""
+    (saving what it trained), then trains it again with a non-finite loss planted in process 1's third step,
+    then asks for the learning-rate range test (refused in a group)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                                          world_size=world)
@@ -66,6 +67,11 @@ def _process(rank: int, world: int, folder: str) -> None:
             cr.train(tiny(16, log_every=2), data)
         except cr.TrainingDiverged as e:
             Path(f"{folder}/rank{rank}.txt").write_text(str(e))
+        cr.mixed_cross_entropy = real
+        try:  # the range test's early stop is one process's: refused inside a group
+            cr.lr_find(tiny(16), data, steps=5)
+        except cr.UserError as e:
+            Path(f"{folder}/lr_find{rank}.txt").write_text(str(e))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -98,6 +104,11 @@ def test_a_non_finite_loss_in_one_process_stops_every_process_at_the_same_step(t
     # the processes ended (the fixture returned): none waited for another that had stopped
     messages = [(two_processes / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert messages[0] == messages[1] and "non-finite at epoch 1, step 3" in messages[0]
+
+
+def test_lr_find_refuses_to_run_inside_a_process_group(two_processes):
+    for r in (0, 1):
+        assert "lr_find runs in one process" in (two_processes / f"lr_find{r}.txt").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,3 +213,14 @@ def test_with_several_processes_one_of_them_speaks(monkeypatch, capsys):
         assert cr.main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith(printed) and err.count("error:") == (1 if printed else 0), (environment, err)
+
+
+@pytest.mark.parametrize("command", ["lr-find", "sweep", "eval", "report", "preview-aug", "plot"])
+def test_under_torchrun_only_training_runs_and_every_other_command_says_so(command, monkeypatch, capsys, tmp_path):
+    # lr-find (say) in N processes would run N times into one folder: refused before reading anything
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.chdir(tmp_path)
+    assert cr.main([command, "--data-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{command} runs in one process" in err and "not torchrun" in err
+    assert list(tmp_path.iterdir()) == []
