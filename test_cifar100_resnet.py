@@ -715,7 +715,7 @@ def test_compiled_step_matches_eager_step_on_cpu():
 def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
     data = synthetic_data(n_train=200, n_test=40)
     common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=32, device="cpu", quiet=True)
-    straight = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "a")), data=data)
+    cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "a")), data=data)
 
     # 7 steps per epoch: 6 calls after epoch 1's steps, 1 after the epoch, the 10th after epoch 2's step 3
     first = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "b")), data=data, should_stop=stop_on_call(10))

@@ -298,7 +298,7 @@ def test_non_finite_batchnorm_statistics_are_never_checkpointed(data_dir, tmp_pa
     assert cr.main(run_args(data_dir, out, "--quiet")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "weights became non-finite in epoch 3 (layer2.0.bn1.running_var)" in err[0], err
-    assert f"last.pt holds epoch 2" in err[0]
+    assert "last.pt holds epoch 2" in err[0]
     last = load(out / "last.pt")
     assert last["epoch"] == 2 and all(torch.isfinite(t).all() for t in last["model"].values()
                                       if t.is_floating_point())
