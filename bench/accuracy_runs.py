@@ -2,11 +2,14 @@
 """Every training run behind the README's accuracy results, with its exact command, in one place.
 
     python bench/accuracy_runs.py PART [PART ...] --data-dir DIR [--runs DIR] [--results DIR] [--budget SECONDS]
+                                  [--only NAME ...]
 
 Parts, each sized for one 10-minute command on an H100 (batch 512, lr 0.4 = the notebook's 0.1 x 512/128):
   short    30-epoch runs at batch 512 (the target: >= 76 % top-1), and the time to 75 % top-1
   compare  the notebook's choices at 100 epochs each (--compare-epochs): MixUp/CutMix on vs off, its
-           schedule (--t0 50 --t-mult 2) vs the default that fits whole cycles
+           schedule (--t0 50 --t-mult 2) vs the default that fits whole cycles, --aug advanced, the
+           notebook's own mixing with its bugs (bench/notebook_mixing.py), and the baseline's seed 1 (the
+           run-to-run spread the others are read against)
   full400  the notebook's recipe for 400 epochs, the user's main job
   report   results.md (a table of every run with its command) and the learning curves of each part
 
@@ -41,6 +44,7 @@ PLAIN = B512 + ["--nesterov", "--weight-decay", "5e-4", "--no-mixup", "--no-cutm
 # the notebook's recipe (momentum 0.9, weight decay 1e-3 on every parameter, label smoothing 0.1,
 # MixUp + CutMix with alpha 1, cosine warm restarts) at batch 512; compiled, since these runs are long
 NOTEBOOK = B512 + ["--compile", "on"]
+NOTEBOOK_MIXING = "bench/notebook_mixing.py"  # the notebook's MixUp-then-CutMix, its bugs kept
 
 RUNS = [  # (part, name, flags): the exact commands, in the order they run
     # short: no --compile, whose 30-75 s would count against the time to 75 %; the most telling runs first,
@@ -55,6 +59,10 @@ RUNS = [  # (part, name, flags): the exact commands, in the order they run
     ("compare", "notebook{E}", NOTEBOOK + ["--epochs", "{E}"]),
     ("compare", "notebook{E}-nomix", NOTEBOOK + ["--epochs", "{E}", "--no-mixup", "--no-cutmix"]),
     ("compare", "notebook{E}-t0-50", NOTEBOOK + ["--epochs", "{E}", "--t0", "50", "--t-mult", "2"]),
+    ("compare", "notebook{E}-advanced", NOTEBOOK + ["--epochs", "{E}", "--aug", "advanced"]),
+    # a run whose flags start with a script runs that script (the same train flags) instead of the module
+    ("compare", "notebook{E}-notebook-mixing", [NOTEBOOK_MIXING, *NOTEBOOK, "--epochs", "{E}"]),
+    ("compare", "notebook{E}-seed1", NOTEBOOK + ["--epochs", "{E}", "--seed", "1"]),
     # full400: the main job at batch 512
     ("full400", "notebook400", NOTEBOOK + ["--epochs", "400"]),
 ]
@@ -78,8 +86,15 @@ SMOKE_EPOCHS = 3
 KEPT_FILES = ("metrics.csv", "config.json", "train.log", "eval_tta.json")
 
 
+def program(flags: list) -> tuple:
+    """(the script a run's flags name, relative to the repository, and the train flags)."""
+    if flags and flags[0].endswith(".py"):
+        return flags[0], list(flags[1:])
+    return "cifar100_resnet.py", list(flags)
+
+
 def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool) -> list:
-    flags = list(flags)
+    script, flags = program(flags)
     if smoke:  # fewer epochs (and warm-up to match), no compilation, a toy model and data
         if "--compile" in flags:
             at = flags.index("--compile")
@@ -88,8 +103,8 @@ def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool)
             if flag in flags:
                 flags[flags.index(flag) + 1] = str(value)
         flags += SMOKE
-    return [sys.executable, MODULE, *flags, "--data-dir", data_dir, "--no-download", "--out-dir", run_dir,
-            *(["--resume"] if resume else [])]
+    return [sys.executable, os.path.normpath(os.path.join(HERE, "..", script)), *flags, "--data-dir", data_dir, "--no-download",
+            "--out-dir", run_dir, *(["--resume"] if resume else [])]
 
 
 def planned_epochs(cmd: list) -> int:
@@ -168,7 +183,8 @@ def summarize(part: str, name: str, flags: list, args) -> dict:
     run_dir = os.path.join(args.runs, name)
     rows = read_rows(run_dir)
     cmd = command(flags, run_dir, args.data_dir, args.smoke, resume=False)
-    result = {"part": part, "name": name, "command": "python cifar100_resnet.py " + " ".join(flags),
+    script, train_flags = program(flags)
+    result = {"part": part, "name": name, "command": f"python {script} " + " ".join(train_flags),
               "epochs_planned": planned_epochs(cmd), "epochs_done": len(rows)}
     if not rows:
         return result
@@ -253,16 +269,21 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-epochs", type=int, default=COMPARE_EPOCHS,
                     help="epochs of each compare run (fewer, to fit beside the short part in one session)")
     ap.add_argument("--min-start", type=float, default=60, help="start no run with fewer seconds of --budget left")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the parts (names as in "
+                    "the report); the report still lists every run")
     ap.add_argument("--smoke", action="store_true", help="toy size on the CPU, to test this script")
     args = ap.parse_args(argv)
     args.results = args.results or args.runs
+    unknown = set(args.only or ()) - {name for _, name, _ in planned_runs(args.compare_epochs)}
+    if unknown:
+        ap.error(f"--only: no run named {', '.join(sorted(unknown))}")
     deadline = time.monotonic() + args.budget
     status = {}
     for part in args.parts:
         if part == "report":
             continue
         for run_part, name, flags in planned_runs(args.compare_epochs):
-            if run_part == part:
+            if run_part == part and (args.only is None or name in args.only):
                 status[name] = run_one(name, flags, args, deadline)
                 print(f"{name}: {status[name]}", flush=True)
     if "report" in args.parts:

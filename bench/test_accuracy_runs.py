@@ -41,15 +41,19 @@ def test_accuracy_script_resumes_a_stopped_run_and_never_reruns_a_finished_one(t
 
 def test_accuracy_script_report_tables_every_run_with_its_command(tiny_data_dir, tmp_path):
     ar = accuracy_runs()
+    only = ["notebook100", "notebook100-notebook-mixing"]  # the module, and a run through another script
     assert ar.main(["compare", "report", "--data-dir", str(tiny_data_dir), "--runs", str(tmp_path / "runs"),
-                    "--results", str(tmp_path / "results"), "--smoke"]) == 0
+                    "--results", str(tmp_path / "results"), "--smoke", "--only", *only]) == 0
     table = (tmp_path / "results" / "results.md").read_text()
     results = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in results] == [name for _, name, _ in ar.planned_runs()]
     assert "notebook100-nomix" in table and "--epochs 100 --no-mixup" in table
+    assert "`python bench/notebook_mixing.py --batch-size 512" in table
+    log = (tmp_path / "runs" / "notebook100-notebook-mixing" / "train.log").read_text()
+    assert "notebook_mixing.py" in log.splitlines()[0] and "mixing: the original notebook's" in log
     for r in results:
         assert f"`{r['command']}`" in table
-        if r["part"] == "compare":
+        if r["name"] in only:
             rows = metric_rows(tmp_path / "runs" / r["name"])
             assert r["epochs_done"] == len(rows) == ar.SMOKE_EPOCHS and r["device"] == "cpu"
             assert r["top1"] == float(rows[-1]["test_top1"]) and r["wall_seconds"] == float(rows[-1]["elapsed_seconds"])
@@ -67,8 +71,13 @@ def test_accuracy_script_compare_epochs_sets_epochs_and_names():
     ar = accuracy_runs()
     runs = ar.planned_runs(60)
     compare = [(name, flags) for part, name, flags in runs if part == "compare"]
-    assert [name for name, _ in compare] == ["notebook60", "notebook60-nomix", "notebook60-t0-50"]
+    assert [name for name, _ in compare] == ["notebook60", "notebook60-nomix", "notebook60-t0-50",
+                                             "notebook60-advanced", "notebook60-notebook-mixing", "notebook60-seed1"]
     assert all(flags[flags.index("--epochs") + 1] == "60" for _, flags in compare)
+    # each differs from the baseline in one thing only
+    baseline = compare[0][1]
+    assert compare[3][1] == baseline + ["--aug", "advanced"] and compare[5][1] == baseline + ["--seed", "1"]
+    assert compare[4][1] == [ar.NOTEBOOK_MIXING] + baseline
     assert [r for r in runs if r[0] != "compare"] == [r for r in ar.planned_runs() if r[0] != "compare"]
     assert not any("{E}" in name or "{E}" in " ".join(flags) for _, name, flags in runs)
 
