@@ -4219,6 +4219,13 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "preset", None):  # parse again with the preset's values as the defaults
+            self.set_defaults(**PRESETS[parsed.preset])
+            parsed = super().parse_args(args, namespace)
+        return parsed
+
     def error(self, message: str):
         if message.startswith("unrecognized arguments: "):
             flags = [option for action in self._actions for option in action.option_strings]
@@ -4238,6 +4245,13 @@ def _t0_arg(text: str) -> Optional[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of epochs or 'auto', got {text!r}") from None
 
+
+# Named recipes for --preset: settings that replace the defaults (flags given beside --preset still win).
+PRESETS = {
+    # the plain short-budget recipe: 74.29 % top-1 (last epoch) in 30 epochs on one H100 (README, Accuracy)
+    "plain30": dict(epochs=30, batch_size=512, lr=0.4, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
+                    warmup_epochs=2.0, mixup=False, cutmix=False),
+}
 
 PARSER_GROUPS = {"recipe": "recipe", "schedule": "schedule (cosine annealing with warm restarts, set every step)",
                  "model": "model", "data": "data", "running": "running", "output": "output"}
@@ -4276,6 +4290,16 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
         if m["choices"]:
             kwargs["choices"] = list(m["choices"])
         groups[m["group"]].add_argument(flag, dest=f.name, **kwargs)
+    def describe(values: dict) -> str:  # the flags a preset stands for (a switch's flag flips its default)
+        return " ".join(_flag_of(field) if isinstance(value, bool) else
+                        f"{_flag_of(field)} {value:g}" if isinstance(value, float) else f"{_flag_of(field)} {value}"
+                        for field, value in ((fields[name], value) for name, value in values.items())
+                        if value != field.default)
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    groups["recipe"].add_argument("--preset", choices=list(PRESETS), default=None,
+                                  help="a named recipe, as if its flags were given (flags given beside it win): "
+                                       + "; ".join(f"{name} = {describe(values)}" for name, values in PRESETS.items()))
     groups["output"].add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                                   help="continue a run: --out-dir's, or the run folder or checkpoint PATH")
     if bench:
@@ -4299,6 +4323,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, ResumePoint]:
     """The run's saved settings plus the flags a resume may change (refusing flags that would alter the run),
     and the point it resumes from."""
+    if getattr(args, "preset", None):  # its epochs, say, would extend the run
+        raise UserError("--preset chooses a new run's settings; a resumed run keeps its own (drop --preset)")
     point = find_resume(args.resume, args.out_dir)
     saved, fields = point.settings, {f.name for f in dataclasses.fields(TrainConfig)}
     try:

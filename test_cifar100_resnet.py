@@ -1033,13 +1033,35 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
             assert shown == str(value), (field.name, shown)
         if field.metadata["choices"]:
             assert list(action.choices) == list(field.metadata["choices"]) and value in action.choices
-    assert set(actions) - {f.name for f in cr.dataclasses.fields(cr.TrainConfig)} == {"help", "resume"}
+    assert set(actions) - {f.name for f in cr.dataclasses.fields(cr.TrainConfig)} == {"help", "resume", "preset"}
     assert "extended_from" in cr.TrainConfig().saved()  # a library-only setting is still saved with the run
     text = cr.build_parser().format_help()
     assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
     assert "(0: only the line per epoch)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
     r = run_cli("--help")
     assert r.returncode == 0 and "--mixup-alpha" in r.stdout
+
+
+def test_a_preset_is_the_flags_its_help_names_and_flags_beside_it_win(tmp_path, capsys):
+    def config(*argv):
+        return cr.TrainConfig.from_dict(vars(cr.build_parser().parse_args(list(argv))))
+
+    # plain30: the command of the README's 30-epoch H100 run, less --compile (a speed setting, not the recipe)
+    measured = ("--epochs 30 --batch-size 512 --lr 0.4 --nesterov --weight-decay 5e-4 --no-decay-norm-bias "
+                "--warmup-epochs 2 --no-mixup --no-cutmix").split()
+    assert config("--preset", "plain30") == config(*measured) != config()
+    for name in cr.PRESETS:  # what --help says a preset stands for is what it sets
+        said = flag_actions()["preset"].help.split(f"{name} = ")[1].split(";")[0].split()
+        assert config("--preset", name) == config(*said)
+    mine = config("--preset", "plain30", "--epochs", "5", "--lr", "0.2")
+    assert (mine.epochs, mine.lr, mine.batch_size, mine.mixup) == (5, 0.2, 512, False)
+    assert config("--epochs", "5", "--preset", "plain30").epochs == 5  # wherever the flag stands
+    for argv, said in ((["--preset", "fast"], "invalid choice: 'fast'"),
+                       (["--preset", "plain30", "--resume", "--out-dir", str(tmp_path)], "a resumed run keeps")):
+        assert cr.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and said in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_validation_comes_from_the_same_declarations():
