@@ -28,6 +28,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import datetime
 import difflib
 import importlib.metadata
 import io
@@ -1572,12 +1573,19 @@ class Trainer:
             self._vote = None
         return stop
 
-    def close(self) -> None:
+    def close(self, timeout: Optional[float] = None) -> None:
         """With several processes: wait for the stop vote still in flight, then free the group that carries the
-        votes. A process must not end with a collective in flight (gloo then aborts it as it exits); call this
-        where every process stops at the same step, as train() does."""
+        votes. A process must not end with a collective in flight (gloo then aborts it as it exits). Every
+        process that reached a step sent its vote, so where all stop at the same step, as train() does, the
+        wait is short. timeout: where this process stops alone (a failed write), give up after that many
+        seconds and leave the group as it is."""
         if self._vote is not None:
-            self._vote[1].wait()
+            try:
+                self._vote[1].wait(*(() if timeout is None else (datetime.timedelta(seconds=timeout),)))
+            except RuntimeError:
+                if timeout is None:
+                    raise
+                return
             self._vote = None
         if self.control is not None:
             torch.distributed.destroy_process_group(self.control)
@@ -2230,6 +2238,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
         raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
     except WriteFailed as e:
+        trainer.close(timeout=60)  # process 0 alone: the others learn it when its group closes
         if folder is None:
             raise
         again = f"resume with --resume --out-dir {folder.path}" if folder.holds_run() else "run the same command again"

@@ -46,7 +46,8 @@ def tiny(batch_size: int, **overrides) -> "cr.TrainConfig":
 def _process(rank: int, world: int, folder: str) -> None:
     """One process of the data-parallel runs the tests start: joins the group, trains a BatchNorm-free network
     (saving what it trained), then trains it again with a non-finite loss planted in process 1's third step,
-    then asks for the learning-rate range test (refused in a group)."""
+    then asks for the learning-rate range test (refused in a group), then trains with process 0's first
+    checkpoint write failing."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                                          world_size=world)
@@ -72,6 +73,16 @@ def _process(rank: int, world: int, folder: str) -> None:
             cr.lr_find(tiny(16), data, steps=5)
         except cr.UserError as e:
             Path(f"{folder}/lr_find{rank}.txt").write_text(str(e))
+
+        def full_disk(self, state):
+            raise cr.WriteFailed("could not write last.pt: no space left on device")
+
+        if rank == 0:  # the only process that writes: its checkpoint at the end of epoch 1 fails
+            cr.CheckpointWriter.snapshot = full_disk
+        try:
+            cr.train(tiny(16, out_dir=f"{folder}/run"), data)
+        except (cr.WriteFailed, RuntimeError) as e:
+            Path(f"{folder}/write{rank}.txt").write_text(f"{type(e).__name__}: {e}")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -104,6 +115,14 @@ def test_a_non_finite_loss_in_one_process_stops_every_process_at_the_same_step(t
     # the processes ended (the fixture returned): none waited for another that had stopped
     messages = [(two_processes / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert messages[0] == messages[1] and "non-finite at epoch 1, step 3" in messages[0]
+
+
+def test_a_write_failing_in_process_0_ends_both_processes_cleanly(two_processes):
+    # process 0 stops with the write's error while process 1 waits for its vote after the epoch: process 1
+    # learns it from the closed connection, and neither is left with a message in flight (which aborts at exit)
+    assert (two_processes / "write0.txt").read_text().startswith("WriteFailed: could not write last.pt")
+    lost = (two_processes / "write1.txt").read_text()
+    assert lost.startswith("RuntimeError") and "gloo" in lost.splitlines()[0]  # what main() says it lost
 
 
 def test_lr_find_refuses_to_run_inside_a_process_group(two_processes):
