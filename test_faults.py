@@ -488,6 +488,8 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{R}"], "would overwrite them"),
     (["--resume", "--out-dir", "{R}", "--lr", "0.5"], "a resumed run keeps its settings"),
     (["--resume", "--out-dir", "{R}", "--arch", "resnet34"], "a resumed run keeps its settings"),
+    (["--preset", "fast"], "invalid choice: 'fast'"),
+    (["--resume", "--out-dir", "{R}", "--preset", "plain30"], "a resumed run keeps its own (drop --preset)"),
     (["eval"], "required: checkpoint"), (["eval", "{S}/nowhere.pt"], "no checkpoint at"),
     (["eval", "{R}", "--batch-size", "0"], "--batch-size"), (["eval", "{R}", "--device", "tpu"], "--device"),
     (["eval", "{R}", "--limit-test", "-1"], "--limit-test"), (["eval", "{S}/a_file.txt"], "not a readable"),
