@@ -1050,6 +1050,7 @@ def test_a_preset_is_the_flags_its_help_names_and_flags_beside_it_win():
     measured = ("--epochs 30 --batch-size 512 --lr 0.4 --nesterov --weight-decay 5e-4 --no-decay-norm-bias "
                 "--warmup-epochs 2 --no-mixup --no-cutmix").split()
     assert config("--preset", "plain30") == config(*measured) != config()
+    assert cr.TrainConfig(**cr.PRESETS["plain30"]) == config(*measured)  # the same recipe from Python
     for name in cr.PRESETS:  # what --help says a preset stands for is what it sets
         said = flag_actions()["preset"].help.split(f"{name} = ")[1].split(";")[0].split()
         assert config("--preset", name) == config(*said)
