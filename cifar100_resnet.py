@@ -1581,7 +1581,10 @@ class Trainer:
         seconds and leave the group as it is."""
         if self._vote is not None:
             try:
-                self._vote[1].wait(*(() if timeout is None else (datetime.timedelta(seconds=timeout),)))
+                if timeout is None:
+                    self._vote[1].wait()
+                else:
+                    self._vote[1].wait(datetime.timedelta(seconds=timeout))
             except RuntimeError:
                 if timeout is None:
                     raise
@@ -4262,6 +4265,19 @@ PRESETS = {
                     warmup_epochs=2.0, mixup=False, cutmix=False),
 }
 
+
+def _preset_flags(name: str) -> str:
+    """The flags a preset stands for (a switch's flag flips its default)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    flags = []
+    for setting, value in PRESETS[name].items():
+        flag = _flag_of(fields[setting])
+        if value != fields[setting].default:
+            flags.append(flag if isinstance(value, bool) else f"{flag} {value:g}" if isinstance(value, float)
+                         else f"{flag} {value}")
+    return " ".join(flags)
+
+
 PARSER_GROUPS = {"recipe": "recipe", "schedule": "schedule (cosine annealing with warm restarts, set every step)",
                  "model": "model", "data": "data", "running": "running", "output": "output"}
 
@@ -4299,16 +4315,9 @@ def build_parser(bench: bool = False) -> argparse.ArgumentParser:
         if m["choices"]:
             kwargs["choices"] = list(m["choices"])
         groups[m["group"]].add_argument(flag, dest=f.name, **kwargs)
-    def describe(values: dict) -> str:  # the flags a preset stands for (a switch's flag flips its default)
-        return " ".join(_flag_of(field) if isinstance(value, bool) else
-                        f"{_flag_of(field)} {value:g}" if isinstance(value, float) else f"{_flag_of(field)} {value}"
-                        for field, value in ((fields[name], value) for name, value in values.items())
-                        if value != field.default)
-
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     groups["recipe"].add_argument("--preset", choices=list(PRESETS), default=None,
                                   help="a named recipe, as if its flags were given (flags given beside it win): "
-                                       + "; ".join(f"{name} = {describe(values)}" for name, values in PRESETS.items()))
+                                       + "; ".join(f"{name} = {_preset_flags(name)}" for name in PRESETS))
     groups["output"].add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                                   help="continue a run: --out-dir's, or the run folder or checkpoint PATH")
     if bench:
