@@ -4335,7 +4335,13 @@ def _given_flags(argv: list, bench: bool = False) -> dict:
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig.from_dict(vars(args))
+    config = TrainConfig.from_dict(vars(args))
+    if getattr(args, "preset", None):  # a value the user did not type: say where it came from
+        try:
+            config.validate()
+        except UserError as e:
+            raise UserError(f"{e} (--preset {args.preset} sets {_preset_flags(args.preset)})") from None
+    return config
 
 
 def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, ResumePoint]:

@@ -489,6 +489,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--resume", "--out-dir", "{R}", "--lr", "0.5"], "a resumed run keeps its settings"),
     (["--resume", "--out-dir", "{R}", "--arch", "resnet34"], "a resumed run keeps its settings"),
     (["--preset", "fast"], "invalid choice: 'fast'"),
+    (["--preset", "plain30", "--epochs", "1"], "got 2.0 with 1 epochs (--preset plain30 sets --epochs 30 --batch"),
     (["--resume", "--out-dir", "{R}", "--preset", "plain30"], "a resumed run keeps its own (drop --preset)"),
     (["eval"], "required: checkpoint"), (["eval", "{S}/nowhere.pt"], "no checkpoint at"),
     (["eval", "{R}", "--batch-size", "0"], "--batch-size"), (["eval", "{R}", "--device", "tpu"], "--device"),
