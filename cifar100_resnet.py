@@ -3409,30 +3409,46 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     def column(rows, name):
         return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
 
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
+    # one colour per run, named once in a legend under the panels (however many runs); each panel's own
+    # legend says only what its line styles mean
+    legend_columns = min(len(runs), 4)
+    legend_height = 0.1 + 0.25 * math.ceil(len(runs) / legend_columns)
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height))
+    colours, per_epoch_rate = [], False
     for run_dir, rows, label in zip(run_dirs, runs, labels):
         epochs = column(rows, "epoch")
-        (line,) = ax_loss.plot(epochs, column(rows, "test_loss"), label=f"{label} test")
-        ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color(), label=f"{label} train")
-        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color(), label=f"{label} top-1")
-        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color(),
-                    label=f"{label} top-5")
+        (line,) = ax_loss.plot(epochs, column(rows, "test_loss"))
+        colours.append(line.get_color())
+        ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color())
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color())
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color())
         schedule = _run_schedule(run_dir, max(epochs))
         if schedule is not None:
-            ax_lr.plot(*schedule, color=line.get_color(), label=label)
-        else:
-            ax_lr.plot(epochs, column(rows, "lr"), "o-", color=line.get_color(), label=f"{label} (at epoch starts)")
+            ax_lr.plot(*schedule, color=line.get_color())
+        else:  # no config.json to compute it from
+            ax_lr.plot(epochs, column(rows, "lr"), "o-", color=line.get_color())
+            per_epoch_rate = True
     losses = [v for rows in runs for k in ("test_loss", "train_loss") for v in column(rows, k) if v > 0]
     wide = bool(losses) and max(losses) > 10 * min(losses)  # a spike would flatten the rest on a linear axis
     ax_loss.set(title="loss" + (" (log scale)" if wide else ""), xlabel="epoch", ylabel="cross-entropy",
                 yscale="log" if wide else "linear")
     ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="%")
     ax_lr.set(title="learning rate (per step)", xlabel="epoch", ylabel="rate")
+
+    def key(ax, styles):
+        ax.legend([plt.Line2D([], [], color="dimgrey", linestyle=style, marker=marker) for style, marker, _ in styles],
+                  [text for _, _, text in styles], fontsize=8)
+
+    key(ax_loss, [("-", None, "test"), ("--", None, "train")])
+    key(ax_acc, [("-", None, "top-1"), (":", None, "top-5")])
+    if per_epoch_rate:
+        key(ax_lr, [("-", None, "per step"), ("-", "o", "at epoch starts (a run without config.json)")])
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
+    fig.legend([plt.Line2D([], [], color=c, linewidth=2.5) for c in colours], labels, loc="lower center",
+               ncol=legend_columns, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / (4.5 + legend_height), 1, 1))
     return _save(fig, out_path)
 
 

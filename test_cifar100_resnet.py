@@ -1293,7 +1293,29 @@ def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path):
     import matplotlib.image
 
     height, width, _ = matplotlib.image.imread(str(png)).shape
-    assert (width, height) == (1760, 495)  # 16 x 4.5 inches at 110 dpi
+    assert (width, height) == (1760, 533)  # 16 x (4.5 + 0.35 for one row of run names) inches at 110 dpi
+
+
+@pytest.mark.parametrize("runs", [1, 6])
+def test_plot_names_each_run_once_under_the_panels_whatever_their_number(tiny_run, tmp_path, monkeypatch, runs):
+    pytest.importorskip("matplotlib")
+    figures = []
+    monkeypatch.setattr(cr, "_save", lambda fig, path: figures.append(fig) or path)
+    labels = [f"run {i}" for i in range(runs)]
+    cr.plot_runs([str(tiny_run)] * runs, str(tmp_path / "curves.png"), labels)
+    (fig,) = figures
+    (names,) = fig.legends  # the runs, once each, in their colours
+    assert [t.get_text() for t in names.get_texts()] == labels
+    loss, accuracy, lr = fig.axes
+    assert [line.get_color() for line in names.get_lines()] == [line.get_color() for line in loss.lines[::2]]
+    # each panel's own legend says what its line styles mean, not which run is which
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["test", "train"]
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["top-1", "top-5"]
+    assert lr.get_legend() is None  # every rate is per step (each run has its config.json)
+    assert fig.get_size_inches()[1] == pytest.approx(4.5 + 0.1 + 0.25 * (1 if runs <= 4 else 2))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_plotted_schedule_is_the_rate_of_every_step(tiny_data_dir, tiny_run):
