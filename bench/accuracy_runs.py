@@ -83,7 +83,7 @@ def planned_runs(compare_epochs: int = COMPARE_EPOCHS) -> list:
 SMOKE = ["--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256", "--limit-test", "128",
          "--batch-size", "32", "--eval-batch-size", "128", "--log-every", "0"]
 SMOKE_EPOCHS = 3
-KEPT_FILES = ("metrics.csv", "config.json", "train.log", "eval_tta.json")
+KEPT_FILES = ("metrics.csv", "config.json", "train.log", "eval_tta.json", "commands.jsonl")
 
 
 def program(flags: list) -> tuple:
@@ -134,16 +134,21 @@ def run_one(name: str, flags: list, args, deadline: float) -> str:
             if os.path.exists(os.path.join(run_dir, stale)):
                 os.remove(os.path.join(run_dir, stale))
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    epochs_before = len(read_rows(run_dir))
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         log.write(f"$ {' '.join(cmd[1:])}\n")
         log.flush()
+        started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.join(HERE, ".."))
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                proc.send_signal(signal.SIGTERM)  # finish the step, write last.pt, exit 143
-                proc.wait()
-                break
-            time.sleep(0.5)
+        try:
+            proc.wait(timeout=None if deadline == float("inf") else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # finish the step, write last.pt, exit 143
+            proc.wait()
+        seconds = time.monotonic() - started
+    with open(os.path.join(run_dir, "commands.jsonl"), "a") as f:  # the wall time of each command, startup too
+        f.write(json.dumps({"seconds": seconds, "exit": proc.returncode, "epochs_before": epochs_before,
+                            "epochs_after": len(read_rows(run_dir))}) + "\n")
     if proc.returncode == 0 and "--tta" not in flags:  # the final weights with flip TTA (a few seconds)
         ev = subprocess.run([sys.executable, MODULE, "eval", run_dir, "--tta", "--no-download", "--data-dir",
                              args.data_dir, *(["--device", "cpu"] if args.smoke else [])],
@@ -179,6 +184,17 @@ def first_reaching(rows: list, column: str, threshold: float):
     return None, None
 
 
+def from_command_start(rows: list, commands: list, epoch) -> "float | None":
+    """Seconds from the start of the training command to the end of `epoch`, for a run that one command
+    trained from its first epoch to its last: the epoch's elapsed_seconds (counted from the first step) plus
+    what the command spent outside its epochs (startup, reading the data, the last checkpoint's write, exiting;
+    the last two make it an upper bound). None for a run trained over several commands, or not finished."""
+    if epoch is None or len(commands) != 1 or commands[0]["epochs_before"] != 0 or commands[0]["exit"] != 0:
+        return None
+    outside = max(0.0, commands[0]["seconds"] - float(rows[-1]["elapsed_seconds"]))
+    return outside + float(rows[epoch - 1]["elapsed_seconds"])
+
+
 def summarize(part: str, name: str, flags: list, args) -> dict:
     run_dir = os.path.join(args.runs, name)
     rows = read_rows(run_dir)
@@ -202,6 +218,11 @@ def summarize(part: str, name: str, flags: list, args) -> dict:
             final = json.load(f)["test"]
     epoch75, seconds75 = first_reaching(rows, "test_top1", 0.75)
     tta_epoch75, tta_seconds75 = first_reaching(rows, "test_tta_top1", 0.75)
+    commands_path = os.path.join(run_dir, "commands.jsonl")
+    commands = []
+    if os.path.exists(commands_path):
+        with open(commands_path) as f:
+            commands = [json.loads(line) for line in f if line.strip()]
     result.update(
         device=config.get("device_name", config.get("device_resolved")), torch=config.get("torch_version"),
         wall_seconds=float(last["elapsed_seconds"]), first_epoch_seconds=float(rows[0]["epoch_seconds"]),
@@ -209,7 +230,10 @@ def summarize(part: str, name: str, flags: list, args) -> dict:
         best_top1=float(best["test_top1"]), best_epoch=int(best["epoch"]),
         tta_top1=float(last["test_tta_top1"]) if last.get("test_tta_top1") else final.get("tta_top1"),
         tta_top5=float(last["test_tta_top5"]) if last.get("test_tta_top5") else final.get("tta_top5"),
-        epoch_to_75=epoch75, seconds_to_75=seconds75, tta_epoch_to_75=tta_epoch75, tta_seconds_to_75=tta_seconds75)
+        epoch_to_75=epoch75, seconds_to_75=seconds75, tta_epoch_to_75=tta_epoch75, tta_seconds_to_75=tta_seconds75,
+        command_seconds=sum(c["seconds"] for c in commands) or None,
+        start_to_75=from_command_start(rows, commands, epoch75),
+        tta_start_to_75=from_command_start(rows, commands, tta_epoch75))
     return result
 
 
@@ -223,22 +247,32 @@ def report(args) -> None:
     kind = "--smoke: toy size, numbers mean nothing" if args.smoke else "real data"
     lines = [f"Runs of `bench/accuracy_runs.py` ({kind}), "
              f"report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| part | run | epochs | device | wall s | top-1 % | top-5 % | best top-1 % (epoch) | TTA top-1 % | "
-             "s to 75 % (epoch) | s to 75 % with TTA |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| part | run | epochs | device | wall s | command s | top-1 % | top-5 % | best top-1 % (epoch) | "
+             "TTA top-1 % | s to 75 % (epoch) | s to 75 % with TTA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if not r["epochs_done"]:
             lines.append(f"| {r['part']} | {r['name']} | 0/{r['epochs_planned']} | not run |")
             continue
-        to75 = f"{r['seconds_to_75']:.1f} ({r['epoch_to_75']})" if r["epoch_to_75"] else "not reached"
-        tta75 = f"{r['tta_seconds_to_75']:.1f} ({r['tta_epoch_to_75']})" if r["tta_epoch_to_75"] else (
-            "not reached" if r["tta_top1"] is not None else "")
+        def to75(seconds, epoch, from_start):
+            if not epoch:
+                return "not reached"
+            return f"{seconds:.1f} ({epoch})" + (f", {from_start:.1f} from start" if from_start is not None else "")
+
+        tta75 = to75(r["tta_seconds_to_75"], r["tta_epoch_to_75"], r["tta_start_to_75"]) \
+            if r["tta_top1"] is not None else ""
+        command_s = f"{r['command_seconds']:.0f}" if r["command_seconds"] else ""
         lines.append(f"| {r['part']} | {r['name']} | {r['epochs_done']}/{r['epochs_planned']} | {r['device']} | "
-                     f"{r['wall_seconds']:.0f} | {pct(r['top1'])} | {pct(r['top5'])} | "
-                     f"{pct(r['best_top1'])} ({r['best_epoch']}) | {pct(r['tta_top1'])} | {to75} | {tta75} |")
+                     f"{r['wall_seconds']:.0f} | {command_s} | {pct(r['top1'])} | {pct(r['top5'])} | "
+                     f"{pct(r['best_top1'])} ({r['best_epoch']}) | {pct(r['tta_top1'])} | "
+                     f"{to75(r['seconds_to_75'], r['epoch_to_75'], r['start_to_75'])} | {tta75} |")
     lines += ["", "wall s: the run's elapsed_seconds (training and per-epoch evaluation from its first step, "
               "first-epoch compilation and CUDA-graph capture included; startup and data loading before it not "
-              "included). top-1/top-5: the last epoch; best: chosen on the test set, so optimistic. TTA top-1: with "
+              "included). command s: the wall time of the training commands that ran it, startup, data loading and "
+              "exit included. s to 75 %: the wall s at the end of the first epoch reaching 75 % top-1; \"from start\" "
+              "adds what its one training command spent outside its epochs (startup and data loading, but also the "
+              "last checkpoint's write and exit: an upper bound), for a run one command trained whole. "
+              "top-1/top-5: the last epoch; best: chosen on the test set, so optimistic. TTA top-1: with "
               "flip test-time augmentation, from the run's --tta columns or, for a run without them, from "
               "`cifar100_resnet.py eval --tta` of its final weights.", "",
               "Commands (each also takes --data-dir DIR --no-download --out-dir DIR):", ""]

@@ -34,6 +34,10 @@ def test_accuracy_script_resumes_a_stopped_run_and_never_reruns_a_finished_one(t
     assert [int(r["epoch"]) for r in metric_rows(run_dir)] == [1, 2, 3]
     log = (run_dir / "train.log").read_text()
     assert log.count("$ ") == 1 and " --resume" in log
+    (command,) = [json.loads(line) for line in (run_dir / "commands.jsonl").read_text().splitlines()]
+    assert command["exit"] == 0 and (command["epochs_before"], command["epochs_after"]) == (1, 3)
+    assert command["seconds"] > float(metric_rows(run_dir)[-1]["elapsed_seconds"]) - \
+        float(metric_rows(run_dir)[0]["elapsed_seconds"])  # it trained epochs 2 and 3, and started up
     assert ar.main(argv) == 0  # finished: not run again
     assert (run_dir / "train.log").read_text() == log
     assert (tmp_path / "runs" / f"{name}_metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
@@ -58,6 +62,7 @@ def test_accuracy_script_report_tables_every_run_with_its_command(tiny_data_dir,
             assert r["epochs_done"] == len(rows) == ar.SMOKE_EPOCHS and r["device"] == "cpu"
             assert r["top1"] == float(rows[-1]["test_top1"]) and r["wall_seconds"] == float(rows[-1]["elapsed_seconds"])
             assert r["best_top1"] == max(float(row["test_top1"]) for row in rows)
+            assert r["command_seconds"] > r["wall_seconds"]  # startup and data loading too
             final = json.loads((tmp_path / "results" / f"{r['name']}_eval_tta.json").read_text())
             assert final["epoch"] == ar.SMOKE_EPOCHS and r["tta_top1"] == final["test"]["tta_top1"]
             assert final["test"]["top1"] == pytest.approx(r["top1"], rel=1e-7)  # eval agrees with the run
@@ -91,3 +96,11 @@ def test_accuracy_script_time_to_target_is_the_first_epoch_reaching_it():
     assert ar.first_reaching(rows, "test_top1", 0.75) == (2, 20.0)
     assert ar.first_reaching(rows, "test_top1", 0.9) == (None, None)
     assert ar.first_reaching(rows, "test_tta_top1", 0.75) == (None, None)
+    # from the command's start: what the one command spent outside its 40 s of epochs comes first
+    whole = [{"seconds": 47.5, "exit": 0, "epochs_before": 0, "epochs_after": 4}]
+    assert ar.from_command_start(rows, whole, 2) == pytest.approx(7.5 + 20)
+    assert ar.from_command_start(rows, whole, None) is None
+    resumed = [{**whole[0], "exit": 143, "epochs_after": 2}, {"seconds": 30, "exit": 0, "epochs_before": 2,
+                                                              "epochs_after": 4}]
+    for commands in (resumed, [{**whole[0], "exit": 1}], []):  # several commands, a failed one, or none known
+        assert ar.from_command_start(rows, commands, 2) is None
