@@ -3496,7 +3496,10 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         groups.setdefault(setting_name({k: _number(row[k]) for k in varied}), []).append(row)
 
     shown = varied[:3]
-    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(7 + 4.2 * len(shown), 4.8), squeeze=False)
+    # more than 4 settings: their names go under the panels, where they cover no curve
+    legend_columns, below = 3, len(groups) > 4
+    legend_height = 0.1 + 0.25 * math.ceil(len(groups) / legend_columns) if below else 0.0
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(7 + 4.2 * len(shown), 4.8 + legend_height), squeeze=False)
     ax = axes[0][0]
     for setting, members in groups.items():
         curves = [[100 * float(r["val_top1"]) for r in read_metrics(os.path.join(sweep_dir, "runs", m["run"],
@@ -3514,7 +3517,13 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     ax.set(title="validation top-1 per epoch" + (" (mean over seeds, band: lowest to highest)"
                                                  if any(len(m) > 1 for m in groups.values()) else ""),
            xlabel="epoch", ylabel="val top-1 (%)")
-    ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if below:
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=legend_columns, fontsize=8,
+                   frameon=False)
+    else:
+        ax.legend(fontsize=8)
     for ax, name in zip(axes[0][1:], shown):
         values = [_number(r[name]) for r in rows]
         finals = [100 * float(r["final_val_top1"]) for r in rows]
@@ -3540,7 +3549,7 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         ax.legend(fontsize=8)
     for ax in axes[0]:
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_height / (4.8 + legend_height), 1, 1))
     return _save(fig, out_path)
 
 

@@ -337,6 +337,36 @@ def test_an_optuna_study_interrupted_and_continued_keeps_its_trials(data, tmp_pa
 # Figures
 
 
+def test_a_sweep_of_many_settings_names_them_under_the_panels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+
+    rates = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]  # a sweep folder written by hand: plot_sweep only reads files
+    (tmp_path / "sweep.json").write_text(json.dumps({"varied": ["lr"]}))
+    with open(tmp_path / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["run", "lr", "final_val_top1"])
+        writer.writeheader()
+        for i, lr in enumerate(rates):
+            writer.writerow({"run": f"lr={lr},seed=0", "lr": lr, "final_val_top1": 0.1 * i})
+            (tmp_path / "runs" / f"lr={lr},seed=0").mkdir(parents=True)
+            (tmp_path / "runs" / f"lr={lr},seed=0" / "metrics.csv").write_text(
+                "epoch,val_top1\n" + "".join(f"{e},{0.01 * e * i}\n" for e in (1, 2, 3)))
+    (tmp_path / "summary.csv").write_text("setting,chosen\nlr=0.5,yes\n")
+    figures = []
+    monkeypatch.setattr(cr, "_save", lambda fig, path: figures.append(fig) or path)
+    cr.plot_sweep(str(tmp_path), str(tmp_path / "sweep.png"))
+    (fig,) = figures
+    curves, against_lr = fig.axes
+    assert curves.get_legend() is None  # six names would cover the curves: they are under the panels
+    (names,) = fig.legends
+    assert [t.get_text() for t in names.get_texts()] == [f"lr={lr}" for lr in rates[:-1]] + ["lr=0.5 - chosen on val"]
+    assert fig.get_size_inches()[1] == pytest.approx(4.8 + 0.1 + 0.25 * 2)  # two rows of three names
+    assert all(float(t).is_integer() for t in curves.get_xticks())  # whole epochs
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_plot_of_a_sweep_folder_draws_its_curves_and_final_accuracy_per_setting(grid_sweep, tmp_path, capsys):
     plt = pytest.importorskip("matplotlib.pyplot")
     out, _, _ = grid_sweep
