@@ -103,8 +103,8 @@ def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool)
             if flag in flags:
                 flags[flags.index(flag) + 1] = str(value)
         flags += SMOKE
-    return [sys.executable, os.path.normpath(os.path.join(HERE, "..", script)), *flags, "--data-dir", data_dir, "--no-download",
-            "--out-dir", run_dir, *(["--resume"] if resume else [])]
+    return [sys.executable, os.path.normpath(os.path.join(HERE, "..", script)), *flags, "--data-dir", data_dir,
+            "--no-download", "--out-dir", run_dir, *(["--resume"] if resume else [])]
 
 
 def planned_epochs(cmd: list) -> int:
@@ -130,7 +130,7 @@ def run_one(name: str, flags: list, args, deadline: float) -> str:
         return "skipped"
     os.makedirs(run_dir, exist_ok=True)
     if not resume:  # stopped before its first checkpoint: nothing to resume, so start afresh (the log stays)
-        for stale in ("config.json", "metrics.csv"):
+        for stale in ("config.json", "metrics.csv", "commands.jsonl"):
             if os.path.exists(os.path.join(run_dir, stale)):
                 os.remove(os.path.join(run_dir, stale))
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
