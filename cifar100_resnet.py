@@ -1244,10 +1244,15 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several (WORLD_SIZE > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def join_torchrun(device: str) -> bool:
     """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group: NCCL between GPUs, gloo
     between CPUs. Returns whether it joined (the caller leaves the group at the end)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or process_group()[1] > 1:
+    if not _under_torchrun() or process_group()[1] > 1:
         return False
     gpus = device != "cpu" and device != "mps" and torch.cuda.is_available()
     if gpus:
@@ -3350,6 +3355,19 @@ def _pyplot():
     return plt
 
 
+def _names_height(count: int, columns: int) -> float:
+    """Inches a legend of `count` names in `columns` columns takes under a figure's panels."""
+    return 0.1 + 0.25 * math.ceil(count / columns)
+
+
+def _lay_out_above_names(fig, handles: list, labels: list, columns: int, height: float, fontsize: int) -> None:
+    """Lay the panels out above a legend of the runs (or settings) of `height` inches, one name per colour,
+    where it covers no curve; height 0: no such legend."""
+    if height:
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=fontsize, frameon=False)
+    fig.tight_layout(rect=(0, height / fig.get_size_inches()[1], 1, 1))
+
+
 def _save(fig, path: str, dpi: int = 110) -> str:
     """Write the figure (its folder created if need be), close it, return the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -3412,7 +3430,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     # one colour per run, named once in a legend under the panels (however many runs); each panel's own
     # legend says only what its line styles mean
     legend_columns = min(len(runs), 4)
-    legend_height = 0.1 + 0.25 * math.ceil(len(runs) / legend_columns)
+    legend_height = _names_height(len(runs), legend_columns)
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height))
     colours, per_epoch_rate = [], False
     for run_dir, rows, label in zip(run_dirs, runs, labels):
@@ -3446,9 +3464,8 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.legend([plt.Line2D([], [], color=c, linewidth=2.5) for c in colours], labels, loc="lower center",
-               ncol=legend_columns, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, legend_height / (4.5 + legend_height), 1, 1))
+    _lay_out_above_names(fig, [plt.Line2D([], [], color=c, linewidth=2.5) for c in colours], labels,
+                         legend_columns, legend_height, fontsize=9)
     return _save(fig, out_path)
 
 
@@ -3498,7 +3515,7 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     shown = varied[:3]
     # more than 4 settings: their names go under the panels, where they cover no curve
     legend_columns, below = 3, len(groups) > 4
-    legend_height = 0.1 + 0.25 * math.ceil(len(groups) / legend_columns) if below else 0.0
+    legend_height = _names_height(len(groups), legend_columns) if below else 0.0
     fig, axes = plt.subplots(1, 1 + len(shown), figsize=(7 + 4.2 * len(shown), 4.8 + legend_height), squeeze=False)
     ax = axes[0][0]
     for setting, members in groups.items():
@@ -3519,10 +3536,8 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
            xlabel="epoch", ylabel="val top-1 (%)")
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if below:
-        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=legend_columns, fontsize=8,
-                   frameon=False)
-    else:
+    handles, labels = ax.get_legend_handles_labels()
+    if not below:
         ax.legend(fontsize=8)
     for ax, name in zip(axes[0][1:], shown):
         values = [_number(r[name]) for r in rows]
@@ -3549,7 +3564,7 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         ax.legend(fontsize=8)
     for ax in axes[0]:
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout(rect=(0, legend_height / (4.8 + legend_height), 1, 1))
+    _lay_out_above_names(fig, handles, labels, legend_columns, legend_height, fontsize=8)
     return _save(fig, out_path)
 
 
@@ -4412,7 +4427,7 @@ def _main(argv: list) -> int:
     command = argv.pop(0) if argv and argv[0] in ("train", *commands) else "train"
     try:
         if command != "train":
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would do the same work, into one folder
+            if _under_torchrun():  # each process would do the same work, into one folder
                 raise UserError(f"{command} runs in one process: start it with python, not torchrun (training is "
                                 f"what runs data-parallel; a sweep spreads its runs over GPUs with --devices)")
             return commands[command](argv)
@@ -4443,7 +4458,7 @@ def _main(argv: list) -> int:
         return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
     except RuntimeError as e:  # with several processes: another one failed (it, or torchrun, says why)
         first_line = (str(e).strip().splitlines() or [""])[0]
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not any(
+        if not _under_torchrun() or not any(
                 word in first_line for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
             raise
         return _fail(f"another process of this run stopped, and this one lost it ({first_line[:160]})", 1)
@@ -4453,7 +4468,7 @@ def _speaker() -> Optional[str]:
     """Which processes of a torchrun job print: process 0 (""), and the first process of each other machine,
     for errors only, prefixed with its machine's number (a missing data folder may be missing on one machine
     only). None: this process prints nothing. Alone: ""."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
+    if not _under_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         return ""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         return f"[machine {os.environ.get('GROUP_RANK', '?')}] "
