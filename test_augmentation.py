@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import cifar100_resnet as cr
-from conftest import SHARED
-from test_cifar100_resnet import assert_same_tensors, synthetic_data
+from conftest import SHARED, assert_same_tensors, synthetic_data
 
 A = pytest.importorskip("albumentations", reason="Albumentations is the reference: pip install -e '.[test]'")
 cv2 = pytest.importorskip("cv2")

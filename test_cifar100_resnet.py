@@ -3,7 +3,6 @@
 Run: python -m pytest -q test_cifar100_resnet.py   (CPU only, a few minutes on 2 cores)
 """
 
-import csv
 import dataclasses
 import errno
 import importlib.util
@@ -26,112 +25,13 @@ import torch
 import torch.nn.functional as F
 
 import cifar100_resnet as cr
-
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared"
-MODULE = str(HERE / "cifar100_resnet.py")
+from conftest import (DETERMINISTIC_COLUMNS, HERE, MODULE, SHARED, assert_same_tensors, metric_rows,
+                      model_tensors, run_cli, stop_on_call, synthetic_data, tiny_args, write_official_layout)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers: a small dataset in the official "python version" layout, with a learnable signal
-
-
-def make_images(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (N, 3072) rows: noise plus a class-specific colour and a class-specific bright square."""
-    n = len(labels)
-    images = rng.integers(0, 96, (n, 3, 32, 32)).astype(np.int64)
-    palette = np.random.default_rng(1234).integers(0, 160, (num_classes, 3))
-    images += palette[labels][:, :, None, None]
-    for i, y in enumerate(labels):
-        r, c = (y * 7) % 24, (y * 13) % 24
-        images[i, :, r:r + 8, c:c + 8] = 255
-    return images.clip(0, 255).astype(np.uint8).reshape(n, 3072)
-
-
-def write_official_layout(root: Path, n_train: int = 200, n_test: int = 100, dataset: str = "cifar100",
-                          seed: int = 0, protocol: int = 2) -> Path:
-    """Write root/<official folder>/ the way the official release is laid out; returns that folder."""
-    info = cr.DATASETS[dataset]
-    folder = root / info.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    per_file = {"train": np.array_split(np.arange(n_train), len(info.train_files)),
-                "test": [np.arange(n_test)]}
-    for split, files in (("train", info.train_files), ("test", info.test_files)):
-        n = n_train if split == "train" else n_test
-        labels = np.arange(n) % info.num_classes
-        rng.shuffle(labels)
-        images = make_images(labels, info.num_classes, rng)
-        for name, idx in zip(files, per_file[split]):
-            batch = {"data": images[idx], info.label_key: labels[idx].astype(int).tolist(),
-                     "filenames": [f"{split}_{i}.png" for i in idx], "batch_label": split}
-            if dataset == "cifar100":
-                batch["coarse_labels"] = (labels[idx] // 5).astype(int).tolist()
-            with open(folder / name, "wb") as f:
-                pickle.dump(batch, f, protocol=protocol)
-    meta = {info.names_key: [f"class_{i}" for i in range(info.num_classes)]}
-    if dataset == "cifar100":
-        meta["coarse_label_names"] = [f"super_{i}" for i in range(20)]
-    with open(folder / info.meta_file, "wb") as f:
-        pickle.dump(meta, f, protocol=protocol)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_official_layout(root, n_train=192, n_test=64)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data_dir, tmp_path_factory) -> Path:
-    """The default tiny run (tiny_args: 2 epochs), trained once for the tests that only read it or compare
-    with it."""
-    out = tmp_path_factory.mktemp("tiny_run") / "run"
-    assert cr.main(tiny_args(tiny_data_dir, out)) == 0
-    return out
-
-
-def tiny_args(data_dir, out_dir, *extra):
-    """CLI flags for a run of seconds: resnet18 of width 4, batches of 32, 2 epochs."""
-    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--arch", "resnet18", "--width", "4",
-            "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--quiet", "--no-download", *extra]
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, MODULE, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
-
-
-def model_tensors(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_tensors(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def metric_rows(run_dir) -> list:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5"]
-
-
-def stop_on_call(n: int):
-    """A should_stop that says stop on its n-th call. train() asks after every step but an epoch's last,
-    and once after each epoch."""
-    calls = []
-
-    def should_stop():
-        calls.append(1)
-        return len(calls) == n
-
-    return should_stop
+def torchvision_or_skip():
+    """torchvision, the reference of several tests; the library itself needs it only to download."""
+    return pytest.importorskip("torchvision", reason="torchvision is this test's reference (pip install torchvision)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,8 +40,7 @@ def stop_on_call(n: int):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
 def test_imagenet_stem_loads_into_torchvision_and_gives_same_outputs(arch):
-    import torchvision
-
+    torchvision = torchvision_or_skip()
     torch.manual_seed(0)
     ours = getattr(cr, arch)(num_classes=100, stem="imagenet").eval()
     ref = getattr(torchvision.models, arch)(num_classes=100).eval()
@@ -157,8 +56,7 @@ def test_imagenet_stem_loads_into_torchvision_and_gives_same_outputs(arch):
 
 
 def test_zero_init_residual_zeroes_what_torchvision_zeroes_and_blocks_start_as_their_shortcut():
-    import torchvision
-
+    torchvision = torchvision_or_skip()
     ours = cr.resnet34(num_classes=100, stem="imagenet", zero_init_residual=True)
     ref = torchvision.models.resnet34(num_classes=100, zero_init_residual=True)
     def zero(model):
@@ -176,8 +74,7 @@ def test_zero_init_residual_zeroes_what_torchvision_zeroes_and_blocks_start_as_t
 
 
 def test_cifar_resnet34_parameter_count():
-    import torchvision
-
+    torchvision = torchvision_or_skip()
     n = sum(p.numel() for p in cr.resnet34(num_classes=100).parameters())
     reference = sum(p.numel() for p in torchvision.models.resnet34(num_classes=100).parameters())
     assert n == reference - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3  # only the stem's conv differs
@@ -319,7 +216,7 @@ def test_augmentation_is_deterministic_with_a_generator_and_varies_without_resee
 
 
 def test_normalizer_matches_torchvision_transforms():
-    import torchvision.transforms as T
+    T = torchvision_or_skip().transforms
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     info = cr.DATASETS["cifar100"]
@@ -450,6 +347,7 @@ def test_reader_reads_the_official_layout(tmp_path):
 
 
 def test_reader_matches_torchvision_on_cifar10_layout(tmp_path, monkeypatch):
+    torchvision_or_skip()
     import torchvision.datasets.cifar
     from torchvision.datasets import CIFAR10
 
@@ -511,31 +409,22 @@ def test_missing_data_without_network_is_one_clear_error(tmp_path, monkeypatch):
         cr.load_dataset(str(tmp_path), download=False)
     message = str(e.value)
     assert "cifar-100-python" in message and "train, test, meta" in message and str(tmp_path) in message
-    # a download that cannot connect ends the same way (port 9 on localhost refuses at once)
+    # a download that cannot connect ends the same way (port 9 on localhost refuses at once); without
+    # torchvision, which downloads, one line says so
+    failed = "download failed" if importlib.util.find_spec("torchvision") else "downloading it needs torchvision"
     info = cr.DATASETS["cifar100"]
     monkeypatch.setitem(cr.DATASETS, "cifar100", cr.dataclasses.replace(info, url="http://127.0.0.1:9/c.tar.gz"))
-    with pytest.raises(cr.DataError, match="download failed"):
+    with pytest.raises(cr.DataError, match=failed):
         cr.load_dataset(str(tmp_path), download=True)
     # and leaves no folder behind when it created it; a folder that was there stays
     fresh = tmp_path / "data"
-    with pytest.raises(cr.DataError, match="download failed") as e:
+    with pytest.raises(cr.DataError, match=failed) as e:
         cr.load_dataset(str(fresh), download=True)
     assert not fresh.exists() and tmp_path.exists() and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
-
-
-def synthetic_data(n_train=512, n_test=256, dataset="cifar10", seed=0) -> "cr.CifarData":
-    info = cr.DATASETS[dataset]
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in (n_train, n_test):
-        labels = rng.integers(0, info.num_classes, n)
-        images = make_images(labels, info.num_classes, rng).reshape(n, 3, 32, 32)
-        out += [torch.from_numpy(images), torch.from_numpy(labels)]
-    return cr.CifarData(*out, [str(i) for i in range(info.num_classes)], info)
 
 
 def test_a_tiny_model_learns_a_small_problem():
@@ -637,7 +526,8 @@ def test_compile_auto_is_on_only_for_long_cuda_runs_and_flags_parse(monkeypatch)
     parse = cr.build_parser().parse_args
     assert parse([]).compile == "auto" and parse(["--compile"]).compile == "on"
     assert parse(["--compile", "off"]).compile == "off"
-    assert cr.TrainConfig(compile=True).compile == "on" and cr.TrainConfig(compile=False).compile == "off"
+    with pytest.raises(cr.UserError, match="setting compile must be str, got True"):  # True meant "on" before 0.2
+        cr.TrainConfig(compile=True).validate()
 
 
 def test_compile_auto_trains_on_uncompiled_when_compiling_fails(monkeypatch, capsys):
@@ -776,9 +666,12 @@ def test_cli_writes_every_output(tiny_data_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 4 and config["arch"] == "resnet18" and config["lr"] == 0.1
     assert config["torch_version"] == torch.__version__
-    import torchvision
+    try:  # read from the package's metadata, or None where torchvision is not installed
+        import torchvision
 
-    assert config["torchvision_version"].split("+")[0] == torchvision.__version__.split("+")[0]
+        assert config["torchvision_version"].split("+")[0] == torchvision.__version__.split("+")[0]
+    except ImportError:
+        assert config["torchvision_version"] is None
     assert config["device_resolved"] == "cpu" and config["t0_resolved"] == 4
     rows = metric_rows(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
@@ -872,7 +765,7 @@ def test_console_rewrites_step_lines_in_place_on_a_terminal_only(tmp_path):
             return True
 
     for stream, tty in ((Terminal(), True), (io.StringIO(), False)):
-        console = cr._Console(stream)
+        console = cr.Console(stream)
         console.progress("step 1")
         console.progress("step 2")
         console.log("epoch 1 done")
@@ -891,7 +784,7 @@ def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tiny_run, tm
     # ... so stop a 2-epoch run after epoch 1 (6 steps: the 6th call comes after the epoch), then resume it
     split2 = tmp_path / "split2"
     args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, split2))
-    result = cr.train(cr._config_from_args(args), should_stop=stop_on_call(6))
+    result = cr.train(cr.config_from_args(args), should_stop=stop_on_call(6))
     assert result.interrupted and len(result.history) == 1
     assert torch.load(split2 / "last.pt", weights_only=True)["partial_epoch"] is None
     r = run_cli(*tiny_args(tiny_data_dir, split2, "--resume"))  # the command itself, in its own process
@@ -963,29 +856,26 @@ def test_resume_with_more_epochs_extends_a_run_with_a_cycle_of_its_own(tiny_data
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
 
 
-def test_a_run_of_version_0_1_resumes(tiny_data_dir, tmp_path):
-    out = tmp_path / "run"
-    assert cr.main(tiny_args(tiny_data_dir, out, "--epochs", "3", "--compile", "off")) == 0
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    ckpt["version"], ckpt["epoch"] = "0.1.0", 2  # as 0.1.0 wrote it: compile a bool, no tta or zero_init_residual
-    ckpt["config"]["compile"] = False
-    del ckpt["config"]["tta"], ckpt["config"]["zero_init_residual"], ckpt["history"], ckpt["run_id"]
+def test_a_checkpoint_from_before_0_3_is_refused_in_one_line(tiny_data_dir, tiny_run, tmp_path, capsys):
+    # 0.4 reads 0.3's files (which hold the metrics history and a run id), not older ones
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    ckpt["version"] = "0.2.0"
+    del ckpt["history"], ckpt["run_id"]
     old = tmp_path / "old"
     old.mkdir()
     torch.save(ckpt, old / "last.pt")
-    branch = tmp_path / "branch"
-    assert cr.main(tiny_args(tiny_data_dir, branch, "--epochs", "3", "--resume", str(old / "last.pt"))) == 0
-    assert [int(r["epoch"]) for r in metric_rows(branch)] == [3]
-    # and in its own folder, which has no run id: known by its path, resumed and resumable again
-    assert cr.main(tiny_args(tiny_data_dir, old, "--epochs", "3", "--resume")) == 0
-    assert torch.load(old / "last.pt", weights_only=True)["epoch"] == 3
-    assert cr.main(tiny_args(tiny_data_dir, old, "--epochs", "3", "--resume")) == 0  # complete: nothing to do
+    before = (old / "last.pt").read_bytes()
+    branch = tiny_args(tiny_data_dir, tmp_path / "branch", "--epochs", "3", "--resume", str(old / "last.pt"))
+    assert cr.main(branch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a complete cifar100_resnet checkpoint: history missing" in err
+    assert (old / "last.pt").read_bytes() == before and not (tmp_path / "branch").exists()
 
 
 def test_seed_determinism(tiny_data_dir, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, tmp_path / name, "--seed", str(seed)))
-        cr.train(cr._config_from_args(args))
+        cr.train(cr.config_from_args(args))
     a, b, c = (model_tensors(tmp_path / n / "last.pt") for n in "abc")
     assert_same_tensors(a, b)
     assert not torch.equal(a["fc.weight"], c["fc.weight"])
@@ -993,7 +883,7 @@ def test_seed_determinism(tiny_data_dir, tmp_path):
 
 def test_val_split_chooses_best_on_held_out_images(tiny_data_dir, tmp_path):
     args = cr.build_parser().parse_args(tiny_args(tiny_data_dir, tmp_path / "run", "--val-split", "32"))
-    result = cr.train(cr._config_from_args(args))
+    result = cr.train(cr.config_from_args(args))
     rows = metric_rows(tmp_path / "run")
     assert all(r["val_top1"] != "" for r in rows)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
@@ -1040,6 +930,8 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
     assert "(0: only the line per epoch)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
     r = run_cli("--help")
     assert r.returncode == 0 and "--mixup-alpha" in r.stdout
+    described = " ".join(r.stdout.split())  # every command is named
+    assert all(re.search(rf"'(\S+ )?{command}[ ']", described) for command in ("eval", *cr.LAB_COMMANDS)), described
 
 
 def test_a_preset_is_the_flags_its_help_names_and_flags_beside_it_win():
@@ -1183,31 +1075,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Speed: the bench command and background checkpoints (FLOPs and profiles: bench/test_profile.py)
-
-
-def test_bench_command_times_training_and_evaluation_on_cpu(capsys):
-    code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256",
-                    "--limit-test", "64", "--batch-size", "64", "--bench-epochs", "2"])
-    out = capsys.readouterr().out
-    assert code == 0
-    for text in ("warm-up (one epoch and one evaluation)", "s per epoch of 256 images", "scaled to 50,000 images",
-                 "s for 64 images; scaled to 10,000", "random data"):
-        assert text in out, text
-    assert "TFLOP" not in out and "capture" not in out  # nothing claimed that a CPU run does not do
-    r = json.loads(out.split("BENCH_JSON ")[1])
-    assert len(r["train_epoch_seconds_each"]) == 2 and r["warmup_seconds"] > 0
-    assert r["images_per_s"] == pytest.approx(256 / r["measured_train_epoch_seconds"])
-    assert r["train_epoch_seconds"] == pytest.approx(r["measured_train_epoch_seconds"] * 50_000 / 256)
-    assert r["eval_seconds_per_10k"] == pytest.approx(r["measured_eval_seconds"] * 10_000 / 64)
-    assert r["epoch_with_eval_seconds"] == pytest.approx(r["train_epoch_seconds"] + r["eval_seconds_per_10k"])
-    assert r["cuda_graphs"] is False and r["peak_memory_gib"] is None
-
-
-def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):
-    code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--data-dir", str(tiny_data_dir),
-                    "--no-download", "--batch-size", "64", "--bench-epochs", "1"])
-    assert code == 0 and "real data" in capsys.readouterr().out
+# Background checkpoints, and the CUDA graph (the bench command: test_cifar100_lab.py)
 
 
 def test_snapshot_is_a_cpu_copy_that_training_cannot_change():
@@ -1266,7 +1134,7 @@ def test_cuda_graph_epoch_matches_eager_epoch_on_gpu(monkeypatch):
     # missed input copy would not
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    data = cr.random_cifar("cifar100", 512 * 8 + 100, 200)
+    data = synthetic_data(512 * 8 + 100, 200, dataset="cifar100")
     runs = {}
     for graphs in ("off", "on"):
         trainer = cr.Trainer(cr.TrainConfig(batch_size=512, lr=0.4, epochs=1, device="cuda", cuda_graphs=graphs,
@@ -1280,50 +1148,7 @@ def test_cuda_graph_epoch_matches_eager_epoch_on_gpu(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Learning curves
-
-
-def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path):
-    pytest.importorskip("matplotlib")
-    for name in ("a", "b"):
-        assert cr.main(tiny_args(tiny_data_dir, tmp_path / name, "--epochs", "3", "--seed", str(ord(name)))) == 0
-    assert cr.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "first", "second"]) == 0
-    png = tmp_path / "a" / "curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    import matplotlib.image
-
-    height, width, _ = matplotlib.image.imread(str(png)).shape
-    assert (width, height) == (1760, 533)  # 16 x (4.5 + 0.35 for one row of run names) inches at 110 dpi
-
-
-@pytest.mark.parametrize("runs", [1, 6])
-def test_plot_names_each_run_once_under_the_panels_whatever_their_number(tiny_run, tmp_path, monkeypatch, runs):
-    pytest.importorskip("matplotlib")
-    figures = []
-    monkeypatch.setattr(cr, "_save", lambda fig, path: figures.append(fig) or path)
-    labels = [f"run {i}" for i in range(runs)]
-    cr.plot_runs([str(tiny_run)] * runs, str(tmp_path / "curves.png"), labels)
-    (fig,) = figures
-    (names,) = fig.legends  # the runs, once each, in their colours
-    assert [t.get_text() for t in names.get_texts()] == labels
-    loss, accuracy, lr = fig.axes
-    assert [line.get_color() for line in names.get_lines()] == [line.get_color() for line in loss.lines[::2]]
-    # each panel's own legend says what its line styles mean, not which run is which
-    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["test", "train"]
-    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["top-1", "top-5"]
-    assert lr.get_legend() is None  # every rate is per step (each run has its config.json)
-    assert fig.get_size_inches()[1] == pytest.approx(4.5 + 0.1 + 0.25 * (1 if runs <= 4 else 2))
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def test_plotted_schedule_is_the_rate_of_every_step(tiny_data_dir, tiny_run):
-    # the tiny run: 192 images in batches of 32, 2 epochs, one cycle (t0 auto = 2): 12 steps, the cosine
-    points, rates = cr._run_schedule(str(tiny_run), 2)
-    assert points == [i / 6 for i in range(12)]  # every step, not the epoch's end (it belongs to the next cycle)
-    assert rates == [pytest.approx(0.05 * (1 + math.cos(math.pi * x / 2))) for x in points]
-    assert [float(r["lr"]) for r in metric_rows(tiny_run)] == [pytest.approx(rates[0]), pytest.approx(rates[6])]
+# TensorBoard (an optional extra: skipped without it)
 
 
 def test_tensorboard_holds_the_epoch_metrics_and_the_rate_of_every_step(tiny_data_dir, tiny_run, tmp_path):
@@ -1338,7 +1163,8 @@ def test_tensorboard_holds_the_epoch_metrics_and_the_rate_of_every_step(tiny_dat
     for tag, column in (("test/top1", "test_top1"), ("test/loss", "test_loss"), ("train/loss", "train_loss")):
         assert [(e.step, e.value) for e in board.Scalars(tag)] == [
             (int(r["epoch"]), pytest.approx(float(r[column]), rel=1e-6)) for r in rows]
-    points, rates = cr._run_schedule(str(out), 2)
+    config = cr.TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    rates = [cr.learning_rate(step / 6, config, 2.0) for step in range(12)]  # 6 steps per epoch, t0 auto = 2
     assert [e.step for e in board.Scalars("lr/step")] == list(range(12))
     assert [e.value for e in board.Scalars("lr/step")] == [pytest.approx(r, rel=1e-6) for r in rates]
     # the same run without --tensorboard: the same numbers
@@ -1354,29 +1180,6 @@ def test_tensorboard_without_the_package_is_one_line_and_creates_nothing(tiny_da
     assert err == ['error: --tensorboard needs the tensorboard package: pip install "cifar100_resnet[tensorboard]" '
                    '(or pip install tensorboard)']
     assert not (tmp_path / "run").exists()
-
-
-def test_plot_schedule_shows_that_the_notebooks_400_epochs_end_at_96_percent_of_the_peak(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "schedule.png"
-    assert cr.main(["plot", "--schedule", "--epochs", "400", "--t0", "50", "--t-mult", "2", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == (f"wrote {out}: the run ends 50 epochs into a 400-epoch cycle, at "
-                                               f"96% of the peak rate; restarts at epochs 50, 150, 350")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    notebook = cr.plot_schedule(cr.TrainConfig(epochs=400, t0=50), str(out))
-    assert notebook["end_fraction"] == pytest.approx((1 + math.cos(math.pi * 50 / 400)) / 2)  # 0.962
-    auto = cr.plot_schedule(cr.TrainConfig(epochs=400, warmup_epochs=2, lr=0.4, batch_size=512), str(out))
-    assert auto["end_fraction"] == 0 and auto["restarts"] == pytest.approx([2 + 398 / 7, 2 + 3 * 398 / 7])
-    assert cr.main(["plot", "--schedule", "--epochs", "0"]) == 2  # the same checks as the training flags
-
-
-def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
-    assert cr.main(["plot", str(tmp_path)]) == 2
-    assert "has no metrics.csv rows" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    (tmp_path / "metrics.csv").write_text("epoch,lr,train_loss,test_loss,test_top1,test_top5\n1,0.1,4,4,0.1,0.2\n")
-    assert cr.main(["plot", str(tmp_path)]) == 2
-    assert "figures need matplotlib" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1407,10 +1210,6 @@ print(repr((before == after, others)), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# bench/accuracy_runs.py: the script behind the README's accuracy results, at toy size
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Real data: a subset of the real CIFAR-100, written in the official layout by the shared tool
 
 
@@ -1427,6 +1226,38 @@ def test_real_cifar100_subset_learns_well_above_chance(real_cifar100_subset, tmp
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The file people copy: its public names, its size, and what it does without the lab beside it
+
+
+def test_all_names_exactly_the_public_api():
+    public = {name for name, value in vars(cr).items() if not name.startswith("_") and not isinstance(
+        value, type(cr)) and getattr(value, "__module__", cr.__name__) == cr.__name__}
+    assert sorted(public) == sorted(cr.__all__) and len(set(cr.__all__)) == len(cr.__all__)
+
+
+def test_a_copied_library_alone_trains_and_a_lab_command_is_one_line_naming_the_file_it_needs(tmp_path):
+    alone = tmp_path / "vendored"
+    alone.mkdir()
+    shutil.copy(MODULE, alone)
+    probe = """
+import sys
+sys.modules["cifar100_lab"] = None  # as where only cifar100_resnet.py was copied (the clone's lab is installed here)
+import cifar100_resnet
+assert cifar100_resnet.__file__.startswith(sys.argv[1])
+for argv in (["plot", "runs/a"], ["sweep", "--help"], ["eval"]):
+    print(cifar100_resnet.main(argv))
+"""
+    r = subprocess.run([sys.executable, "-c", probe, str(alone)], capture_output=True, text=True, cwd=alone,
+                       timeout=120)
+    assert r.stdout.split() == ["2", "2", "2"], r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[:2] == [f"error: {c} is a command of the lab: it needs cifar100_lab.py beside cifar100_resnet.py "
+                         f"(pip install cifar100_resnet installs both)" for c in ("plot", "sweep")]
+    assert lines[2:] == ["error: the following arguments are required: checkpoint; see cifar100_resnet.py eval --help"]
+    assert sorted(p.name for p in alone.iterdir()) == ["cifar100_resnet.py"]  # nothing written
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Outside the clone: the console command and python -m, after pip install
 
 
@@ -1439,4 +1270,8 @@ def test_installed_commands_work_from_any_folder_and_name_themselves(tmp_path):
         r = subprocess.run([*argv, "eval"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert r.returncode == 2 and r.stderr.strip() == (
             f"error: the following arguments are required: checkpoint; see {usage} eval --help")
+    # a command of the lab, installed beside the library, through the same console command
+    r = subprocess.run([str(command), "plot"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: the following arguments are required: run_dirs; see cifar100-resnet plot --help")
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran

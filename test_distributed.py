@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import cifar100_lab as lab
 import cifar100_resnet as cr
-from test_cifar100_resnet import HERE, MODULE, synthetic_data, tiny_args
+from conftest import HERE, MODULE, synthetic_data, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                 not torch.distributed.is_backend_available("gloo"),
@@ -70,7 +71,7 @@ def _process(rank: int, world: int, folder: str) -> None:
             Path(f"{folder}/rank{rank}.txt").write_text(str(e))
         cr.mixed_cross_entropy = real
         try:  # the range test's early stop is one process's: refused inside a group
-            cr.lr_find(tiny(16), data, steps=5)
+            lab.lr_find(tiny(16), data, steps=5)
         except cr.UserError as e:
             Path(f"{folder}/lr_find{rank}.txt").write_text(str(e))
 

@@ -18,20 +18,26 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cifar100_lab as lab  # noqa: E402
 import cifar100_resnet as cr  # noqa: E402
 
 BATCH = 512
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(function, repeats: int, device) -> float:
     """The median seconds of `repeats` calls (after one warm-up call)."""
     function()
-    cr._sync(device)
+    sync(device)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         function()
-        cr._sync(device)
+        sync(device)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
@@ -88,7 +94,7 @@ def main() -> None:
 
     config = cr.TrainConfig(arch="resnet34", batch_size=BATCH, lr=0.4, device=args.device, quiet=True,
                             mixup=False, cutmix=False, compile="off")
-    data = cr.random_cifar("cifar100", BATCH, 10)
+    data = lab.random_cifar("cifar100", BATCH, 10)
     trainer = cr.Trainer(config, data, log=lambda m: None)
     step_s = timed(lambda: trainer.train_epoch(), args.step_repeats, device)  # one epoch = one 512-image step
     rows.append(("one ResNet-34 training step (forward, backward, SGD)", step_s))

@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cifar100_lab as lab  # noqa: E402
 import cifar100_resnet as cr  # noqa: E402
 
 # Kernel (GPU) or operator (CPU) names -> what they do; the first group with a matching substring wins.
@@ -50,16 +51,21 @@ def forward_flops(model: torch.nn.Module, image_size: int = cr.IMAGE_SIZE) -> in
     return counter.get_total_flops()
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
     """FLOP/s of an n x n x n matrix product on random data, the median of `repeats` after a warm-up."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     times = []
     for i in range(repeats + 2):
-        cr._sync(device)
+        sync(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        cr._sync(device)
+        sync(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
     return 2 * n ** 3 / sorted(times)[len(times) // 2]
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
         if "--data-dir" in argv:
             data = cr.load_dataset(config.data_dir, config.dataset, config.download)
         else:
-            data = cr.random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000)
+            data = lab.random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000)
     except cr.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import cifar100_resnet as cr
-from test_cifar100_resnet import metric_rows, stop_on_call, tiny_data_dir  # noqa: F401 (a fixture)
+from conftest import metric_rows, stop_on_call
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,7 +26,7 @@ def test_accuracy_script_resumes_a_stopped_run_and_never_reruns_a_finished_one(t
     run_dir = tmp_path / "runs" / name
     cmd = ar.command(flags, str(run_dir), str(tiny_data_dir), smoke=True, resume=False)
     assert cmd[1] == ar.MODULE and "--compile" not in cmd and ar.planned_epochs(cmd) == ar.SMOKE_EPOCHS
-    config = cr._config_from_args(cr.build_parser().parse_args(cmd[2:]))
+    config = cr.config_from_args(cr.build_parser().parse_args(cmd[2:]))
     assert config.batch_size == 32 and config.lr == 0.4 and config.epochs == ar.SMOKE_EPOCHS and config.mixup
     assert cr.train(config, should_stop=stop_on_call(9)).interrupted  # as if stopped by --budget mid-epoch 2
     argv = ["full400", "--data-dir", str(tiny_data_dir), "--runs", str(tmp_path / "runs"), "--smoke"]

@@ -1,0 +1,1818 @@
+"""The lab beside cifar100_resnet: tools for experimenting with the recipe and for understanding a run.
+
+    python cifar100_lab.py lr-find [train flags]          # the learning-rate range test
+    python cifar100_lab.py sweep [train flags] --grid lr=0.05,0.1,0.2 --out-dir sweeps/lr
+    python cifar100_lab.py plot runs/a runs/b             # learning curves (needs matplotlib)
+    python cifar100_lab.py report runs/a                  # what saved weights get right and wrong
+    python cifar100_lab.py preview-aug [train flags]      # what the network sees
+    python cifar100_lab.py conv-demo                      # what a convolution does
+    python cifar100_lab.py bench [train flags]            # time the training step on this device
+
+The same commands run as `cifar100-resnet COMMAND` and `python cifar100_resnet.py COMMAND`. Everything here is
+built on the library's public API (`import cifar100_resnet as cr`); matplotlib (figures) and optuna
+(`sweep --search optuna`) are optional and imported only when a command needs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cifar100_resnet as cr
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a CSV file this project wrote (metrics.csv, sweep.csv, ...) as dicts of text; [] without one."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: the real training step and evaluation, timed on this device
+
+
+def random_cifar(dataset: str, n_train: int, n_test: int, seed: int = 0) -> cr.CifarData:
+    """Random uint8 images and labels of CIFAR's shape: the cost of a step does not depend on pixel values."""
+    info = cr.DATASETS[dataset]
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for n in (n_train, n_test):
+        tensors.append(torch.randint(0, 256, (n, 3, cr.IMAGE_SIZE, cr.IMAGE_SIZE), dtype=torch.uint8, generator=g))
+        tensors.append(torch.randint(0, info.num_classes, (n,), generator=g))
+    return cr.CifarData(*tensors, [str(i) for i in range(info.num_classes)], info)
+
+
+def benchmark(config: cr.TrainConfig, data: cr.CifarData, epochs: int = 2, eval_repeats: int = 3,
+              env: Optional[cr.Environment] = None, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Time whole training epochs (augmentation, mixing, forward, backward, optimiser) and evaluation.
+
+    One full epoch first is the warm-up, timed and reported apart: it holds cuDNN's autotuning, compilation
+    (both batch shapes) and graph capture. Returns the measured seconds per epoch and per evaluation, and the
+    same scaled to CIFAR's 50,000 training and 10,000 test images; images/s and peak memory. (FLOPs, MFU and
+    a kernel profile: bench/profile_epoch.py.)
+    """
+    trainer = cr.Trainer(config, data, log=log, env=env)  # log: its timed progress lines
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    trainer.train_epoch()
+    trainer.evaluate("test")
+    warmup_seconds = time.perf_counter() - start
+
+    epoch_seconds = [trainer.train_epoch()["train_seconds"] for _ in range(epochs)]
+    eval_seconds = []
+    for _ in range(eval_repeats):
+        start = time.perf_counter()
+        trainer.evaluate("test")  # ends in a host sync
+        eval_seconds.append(time.perf_counter() - start)
+
+    n_train, n_test = trainer.n_train, len(trainer.splits["test"][0])
+    train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2]
+    evaluation = sorted(eval_seconds)[len(eval_seconds) // 2]
+    train_50k, eval_10k = train_epoch * 50_000 / n_train, evaluation * 10_000 / max(n_test, 1)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__, "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch,
+        "stem": config.stem, "width": config.width, "amp": str(trainer.amp_dtype or "off"),
+        "cuda_graphs": trainer.use_graphs, "compile": trainer.use_compile,
+        "train_images": n_train, "test_images": n_test, "warmup_seconds": warmup_seconds,
+        "measured_train_epoch_seconds": train_epoch, "measured_eval_seconds": evaluation,
+        "train_epoch_seconds": train_50k, "train_epoch_seconds_each": [s * 50_000 / n_train for s in epoch_seconds],
+        "images_per_s": n_train / train_epoch, "eval_seconds_per_10k": eval_10k,
+        "epoch_with_eval_seconds": train_50k + eval_10k,  # a 50,000-image epoch and its 10,000-image evaluation
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+    }
+
+
+def bench_main(argv: list) -> int:
+    """`bench [train flags]`: time the training step and evaluation on random data (or --data-dir's data)."""
+    parser = cr.command_parser("bench", "Time the training step and evaluation on this device, on random data of "
+                               "CIFAR's shape (or the real data with --data-dir). Takes every train flag; "
+                               "--limit-train and --limit-test time fewer images, and the output says what it "
+                               "measured and what it scaled to CIFAR's 50,000 and 10,000.", train_flags=True)
+    parser.add_argument_group("bench").add_argument("--bench-epochs", type=int, default=2, help="timed epochs, "
+                                                    "after one warm-up epoch (default: 2)")
+    args = parser.parse_args(argv)
+    config = cr.config_from_args(args)
+    config.out_dir = None
+    env = cr.resolve(config)
+    if args.bench_epochs < 1:
+        raise cr.UserError(f"--bench-epochs must be at least 1, got {args.bench_epochs}")
+    cr.set_backend_flags()
+    if any(a == "--data-dir" or a.startswith("--data-dir=") for a in argv):
+        data, source = cr.load_dataset(config.data_dir, config.dataset, config.download), "real data"
+    else:
+        data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
+        source = "random data"
+    print(f"bench: one warm-up epoch, then {args.bench_epochs} timed, then {3} evaluations", flush=True)
+    r = benchmark(config, data, epochs=args.bench_epochs, env=env, log=lambda m: print(m, flush=True))
+    print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
+          f"amp {r['amp']}, batch {r['batch_size']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
+          f"compile {'on' if r['compile'] else 'off'}, {source}")
+    print("warm-up (one epoch and one evaluation"
+          + (": autotuning, compilation, capture" if r["compile"] or r["cuda_graphs"] else "")
+          + f"): {r['warmup_seconds']:.2f} s")
+    scaled = r["train_images"] != 50_000 or r["test_images"] != 10_000
+    print(f"train: {r['measured_train_epoch_seconds']:.3f} s per epoch of {r['train_images']:,} images "
+          f"({r['images_per_s']:,.0f} images/s, the median of {len(r['train_epoch_seconds_each'])} epochs)"
+          + (f"; scaled to 50,000 images: {r['train_epoch_seconds']:.3f} s" if scaled else ""))
+    print(f"eval: {r['measured_eval_seconds']:.3f} s for {r['test_images']:,} images"
+          + (f"; scaled to 10,000: {r['eval_seconds_per_10k']:.3f} s" if scaled else ""))
+    print(f"a 50,000-image epoch with its evaluation: {r['epoch_with_eval_seconds']:.3f} s"
+          + (" (scaled)" if scaled else "") + f"; {config.epochs} epochs: "
+          f"{cr.format_duration(config.epochs * r['epoch_with_eval_seconds'])}")
+    if r["peak_memory_gib"] is not None:
+        print(f"peak GPU memory: {r['peak_memory_gib']:.2f} GiB")
+    print("BENCH_JSON " + json.dumps(r))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiments: the learning-rate range test, and sweeps that choose on held-out training images
+
+
+@dataclass
+class LRFindResult:
+    rates: list  # the rate of each step taken, growing exponentially
+    losses: list  # each step's training loss (the mixed, label-smoothed loss that training minimises)
+    smoothed: list  # an exponential moving average of the losses, bias-corrected as in Adam
+    suggestion: float  # a peak learning rate to try
+    rule: str  # how the suggestion was chosen, in words
+    stopped_early: Optional[str]  # why the test ended before its last step, or None
+
+
+def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: float = 1e-5, end: float = 10.0,
+            steps: int = 100, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+            smoothing: float = 0.98, diverge_factor: float = 4.0,
+            log: Callable[[str], None] = lambda message: None) -> LRFindResult:
+    """The learning-rate range test (Smith 2015, "Cyclical learning rates"; fastai's lr_find): `steps`
+    mini-batches of real training (the configured augmentation, mixing, loss, momentum and weight decay) while
+    the rate grows exponentially from `start` to `end`. It stops early once the smoothed loss exceeds
+    `diverge_factor` times its lowest value, or a loss is not finite.
+
+    It trains a copy: of `model` and `optimizer` when given (their weights and momentum are left untouched),
+    else of the model a run with `config` starts from. Suggestion: a tenth of the rate at the lowest smoothed
+    loss, where the loss still falls steadily (fastai's `lr_min` rule).
+    """
+    if not (0 < start < end and math.isfinite(end)):
+        raise cr.UserError(f"the rates must satisfy 0 < --start < --end, got --start {start} --end {end}")
+    if steps < 2:
+        raise cr.UserError(f"--steps must be at least 2, got {steps}")
+    if cr.process_group()[1] > 1:  # its early stop and its copy of the model are one process's
+        raise cr.UserError("lr_find runs in one process, not inside a torch.distributed group")
+    config = dataclasses.replace(config, out_dir=None)
+    env = cr.resolve(config)  # validates the settings
+    if data is None:
+        data = cr.load_dataset(config.data_dir, config.dataset, config.download)
+    trainer = cr.Trainer(config, data, log=log, env=env)
+    if model is not None:
+        trainer.model = copy.deepcopy(model).to(trainer.device)  # _forward_loss reads trainer.model
+        trainer.optimizer = cr.build_optimizer(trainer.model, config, fused=trainer.device.type == "cuda")
+        if optimizer is not None:  # deep-copied: load_state_dict may keep the very tensors it is given
+            trainer.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            cr.match_param_layout(trainer.optimizer)
+    rates = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
+    result = LRFindResult([], [], [], float("nan"), "", None)
+    average, lowest = 0.0, float("inf")
+    trainer.model.train()
+    for i, rate in enumerate(rates):
+        step = i % trainer.steps_per_epoch
+        if step == 0:
+            images, labels = trainer.augmented_epoch()
+        first, last = trainer.batches[step]
+        trainer.set_lr(rate)
+        loss = float(trainer.train_batch(images[first:last], labels[first:last])[0])
+        if not math.isfinite(loss):
+            result.stopped_early = f"the loss became non-finite at rate {rate:.3g}"
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (i + 1))
+        result.rates.append(rate)
+        result.losses.append(loss)
+        result.smoothed.append(smoothed)
+        lowest = min(lowest, smoothed)
+        if smoothed > diverge_factor * lowest:
+            result.stopped_early = (f"the smoothed loss passed {diverge_factor:g} x its lowest value at rate "
+                                    f"{rate:.3g}")
+            break
+    if not result.rates:
+        raise cr.UserError(f"the loss was not finite at the first rate, {start:g}: lower --start")
+    lowest_at = result.smoothed.index(min(result.smoothed))
+    at_lowest = result.rates[lowest_at]
+    result.suggestion = max(at_lowest / 10, start)
+    result.rule = (f"a tenth of {at_lowest:.3g}, the rate at the lowest smoothed loss "
+                   f"({min(result.smoothed):.3f}), where the loss still falls steadily")
+    if result.stopped_early is None and lowest_at >= 0.9 * (len(result.rates) - 1):
+        result.rule += (f"; but the loss was still falling at {end:g}, so the test saw no rise: a larger --end, or "
+                        f"more --steps (a network learning from scratch needs a few hundred before its loss "
+                        f"moves), would place it better")
+    return result
+
+
+def write_lr_find(result: LRFindResult, folder: str) -> list:
+    """lr_find.csv (step, rate, loss, smoothed loss), then lr_find.png; returns their paths. Without
+    matplotlib the CSV is written and UserError says how to install it."""
+    csv_path = os.path.join(folder, "lr_find.csv")
+    rows = [{"step": i + 1, "lr": r, "loss": loss, "smoothed_loss": s}
+            for i, (r, loss, s) in enumerate(zip(result.rates, result.losses, result.smoothed))]
+    _write_csv(csv_path, rows, ["step", "lr", "loss", "smoothed_loss"])
+    try:
+        return [csv_path, plot_lr_find(result, os.path.join(folder, "lr_find.png"))]
+    except cr.UserError as e:
+        raise cr.UserError(f"wrote {csv_path}; the figure: {e}") from None
+
+
+SWEEP_VAL_SPLIT = 5000  # a sweep's default --val-split: the training images it chooses on
+
+
+def _sweepable() -> dict:
+    """The settings a sweep may vary: those that change what a run computes (the seed has --seeds)."""
+    return {f.name: f for f in dataclasses.fields(cr.TrainConfig)
+            if not (f.metadata["resumable"] or f.metadata["library_only"] or f.name == "seed")}
+
+
+def _parse_setting(field: dataclasses.Field, text: str):
+    """One value of a setting, from text, with the setting's own type and checks."""
+    if field.name == "t0":
+        return None if text == "auto" else float(text)
+    kind = type(field.default)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "on", "1")
+    return kind(text)
+
+
+def parse_sweep_specs(specs: list, ranges: bool = False) -> dict:
+    """{setting: values} from NAME=V1,V2,... specs (the flag's name, dashes or underscores). With ranges, a
+    spec may instead be NAME=LOW:HIGH (uniform) or NAME=log:LOW:HIGH (log-uniform): {setting: ("log"|"uniform",
+    low, high)}; a list is then a uniform choice."""
+    fields, space = _sweepable(), {}
+    for spec in specs:
+        name, _, text = spec.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if name not in fields or not text:
+            if name == "seed":
+                raise cr.UserError("vary the seed with --seeds 0,1,2, not in the grid")
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            raise cr.UserError(f"{spec!r} is not NAME=VALUES for a setting a sweep can vary"
+                            + (f" (did you mean {close[0]}?)" if close else "")
+                            + f"; those are: {', '.join(sorted(fields))}")
+        if name in space:
+            raise cr.UserError(f"{name} is given twice")
+        field = fields[name]
+        try:
+            parts = text.split(":")
+            if ranges and ":" in text:
+                kind = "log" if parts[0] == "log" else "uniform"
+                low, high = (parts[1:] if kind == "log" else parts)
+                low, high = _parse_setting(field, low), _parse_setting(field, high)
+                if type(field.default) not in (int, float) or not low < high or (kind == "log" and low <= 0):
+                    positive = " and LOW > 0" if kind == "log" else ""
+                    raise ValueError(f"a range needs a numeric setting and LOW < HIGH{positive}")
+                space[name] = (kind, low, high)
+            else:
+                values = [_parse_setting(field, v) for v in text.split(",")]
+                if len(set(map(repr, values))) != len(values):
+                    raise ValueError("a value is repeated")
+                space[name] = values
+        except ValueError as e:
+            raise cr.UserError(f"cannot read {spec!r}: {e}") from None
+    return space
+
+
+def _round(value, digits: int = 3):
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
+def sample_settings(space: dict, n: int, seed: int = 0) -> list:
+    """n settings drawn from `space` (parse_sweep_specs with ranges); floats to 3 significant digits, so that
+    the folder name shows the value exactly. The first n of a larger n are the same: a sweep grows."""
+    import random
+
+    rng, points = random.Random(seed), []
+    for _ in range(n):
+        point = {}
+        for name in sorted(space):
+            spec = space[name]
+            if isinstance(spec, list):
+                point[name] = spec[rng.randrange(len(spec))]
+                continue
+            kind, low, high = spec
+            u = rng.random()
+            value = math.exp(math.log(low) + u * (math.log(high) - math.log(low))) if kind == "log" \
+                else low + u * (high - low)
+            point[name] = round(value) if isinstance(low, int) and isinstance(high, int) else _round(value)
+        points.append(point)
+    return points
+
+
+def grid_settings(grid: dict) -> list:
+    """Every combination of the grid's values, the first setting varying slowest."""
+    points = [{}]
+    for name, values in grid.items():
+        points = [{**p, name: v} for p in points for v in values]
+    return points
+
+
+def _show(value) -> str:
+    return "auto" if value is None else str(value).lower() if isinstance(value, bool) else \
+        f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_name(setting: dict) -> str:
+    """A setting as text, also its runs' folder name: lr=0.1,weight_decay=0.0005."""
+    return ",".join(f"{k}={_show(v)}" for k, v in setting.items()) or "base"
+
+
+@dataclass
+class SweepRun:
+    setting: dict  # the varied settings
+    seed: int
+    config: Optional[cr.TrainConfig] = None  # everything, its out_dir the run's folder: out_dir/runs/<name>
+    name: str = ""  # default: the setting and seed, lr=0.1,seed=0 (an Optuna trial: trial-0007)
+
+    def __post_init__(self):
+        self.name = self.name or ",".join(filter(None, [setting_name(self.setting) * bool(self.setting),
+                                                        f"seed={self.seed}"]))
+
+
+def _changed_settings(saved: dict, config: cr.TrainConfig) -> list:
+    return [f"--{k.replace('_', '-')} {_show(v)} (the run has {_show(saved.get(k))})"
+            for k, v in config.saved().items()
+            if k not in cr.RESUMABLE_OVERRIDES and k in saved and saved[k] != v and
+            not (isinstance(v, tuple) and list(v) == saved[k])]
+
+
+DIVERGED_FILE = "diverged.txt"  # in a run folder: the run diverged; a re-run leaves it as it is
+
+
+def run_status(folder: str, epochs: int) -> str:
+    """done, diverged, partial (has epochs or a checkpoint, not all) or pending (nothing yet)."""
+    run = cr.RunFolder(folder)
+    if os.path.exists(run.file(DIVERGED_FILE)):
+        return "diverged"
+    if len(read_metrics(run.file("metrics.csv"))) >= epochs:  # metrics.csv is written after last.pt
+        return "done"
+    return "partial" if run.holds_run() else "pending"
+
+
+def _train_sweep_run(run: SweepRun, data: cr.CifarData, log: Callable[[str], None], should_stop,
+                     on_epoch=None, device: Optional[str] = None) -> str:
+    """Train (or continue) one run of a sweep in its folder; returns its status afterwards."""
+    config = dataclasses.replace(run.config, device=device or run.config.device)
+    folder = cr.RunFolder(config.out_dir)
+    status = run_status(folder.path, config.epochs)
+    if status in ("done", "diverged"):
+        return status
+    try:
+        result = cr.train(config, data, log=log, resume=folder.path if folder.holds_run() else None,
+                       should_stop=should_stop, on_epoch=on_epoch)
+    except cr.TrainingDiverged as e:
+        log(f"diverged: {e}")
+        cr.atomic_save(f"{e}\n", folder.file(DIVERGED_FILE))
+        return "diverged"
+    return "partial" if result.interrupted else "done"
+
+
+def _sweep_row(run: SweepRun) -> dict:
+    """The row of sweep.csv for one run, read from its folder: final and best validation top-1, final test."""
+    rows = read_metrics(os.path.join(run.config.out_dir, "metrics.csv"))
+    row = {"run": run.name, **{k: _show(v) for k, v in run.setting.items()}, "seed": run.seed,
+           "status": run_status(run.config.out_dir, run.config.epochs), "epochs": len(rows)}
+    if rows:
+        val = [float(r["val_top1"]) for r in rows]
+        best = max(range(len(val)), key=val.__getitem__)
+        row.update(final_val_top1=val[-1], best_val_top1=val[best], best_val_epoch=best + 1,
+                   final_test_top1=float(rows[-1]["test_top1"]), wall_seconds=float(rows[-1]["elapsed_seconds"]))
+    return row
+
+
+def _run_line(run: SweepRun) -> str:
+    row = _sweep_row(run)
+    if "final_val_top1" not in row:
+        return f"{run.name}: {row['status']}"
+    return (f"{run.name}: {row['status']} after {row['epochs']} epochs, val top-1 {row['final_val_top1']:.2%}, "
+            f"test top-1 {row['final_test_top1']:.2%}, {cr.format_duration(row['wall_seconds'])}")
+
+
+def _mean_std(values: list) -> tuple:
+    """The mean and the sample standard deviation (n - 1; nan for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def summarize_sweep(rows: list, varied: list) -> list:
+    """One row per setting: mean and std over its seeds of the final val and test top-1. The setting with the
+    best mean final val top-1, among those whose runs all finished, is chosen; test is reported, never used."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in varied), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "done"]
+        entry = {**dict(zip(varied, key)), "setting": setting_name(dict(zip(varied, key))),
+                 "runs": len(members), "done": len(done), "chosen": ""}
+        if done:
+            for metric in ("final_val_top1", "final_test_top1"):
+                entry[metric + "_mean"], entry[metric + "_std"] = _mean_std([r[metric] for r in done])
+        summary.append(entry)
+    complete = [e for e in summary if e["done"] == e["runs"]]
+    if complete:
+        max(complete, key=lambda e: e["final_val_top1_mean"])["chosen"] = "yes"
+    return summary
+
+
+def _write_csv(path: str, rows: list, columns: list) -> None:
+    cr.atomic_save(cr.csv_text(rows, columns), path)
+
+
+@dataclass
+class SweepResult:
+    rows: list  # one per run (the columns of sweep.csv)
+    summary: list  # one per setting (summary.csv)
+    chosen: Optional[dict]  # the summary row chosen on validation; None until a setting has all its runs
+    out_dir: str
+    interrupted: bool = False
+
+
+def plan_sweep(base: cr.TrainConfig, out_dir: str, settings: list, seeds: list) -> list:
+    """The runs of a sweep, each checked: valid settings, and a folder that holds nothing or the same run."""
+    if base.val_split < 1:
+        raise cr.UserError("a sweep chooses on held-out training images: --val-split must be at least 1 (default "
+                        f"{SWEEP_VAL_SPLIT}), never 0, which would leave only the test set to choose on")
+    if not seeds:
+        raise cr.UserError("--seeds needs at least one seed")
+    runs, names = [], set()
+    for setting in settings:
+        for seed in seeds:
+            run = SweepRun(setting, seed)
+            if run.name in names:
+                continue
+            names.add(run.name)
+            run.config = dataclasses.replace(base, **setting, seed=seed,
+                                             out_dir=os.path.join(out_dir, "runs", run.name))
+            _check_sweep_run(run)
+            runs.append(run)
+    return runs
+
+
+def _check_sweep_run(run: SweepRun) -> None:
+    """Refuse invalid settings, and a run folder that holds a run with other settings."""
+    try:
+        run.config.validate()
+    except cr.UserError as e:
+        raise cr.UserError(f"run {run.name}: {e}") from None
+    saved = cr.RunFolder(run.config.out_dir).saved_config()
+    changed = _changed_settings(saved, run.config) if saved else []
+    if changed:
+        raise cr.UserError(f"{run.config.out_dir} holds a run with other settings: {', '.join(changed)}; the base "
+                        f"settings of a sweep cannot change, choose another --out-dir")
+
+
+def sweep(base: cr.TrainConfig, out_dir: str, grid: Optional[dict] = None, space: Optional[dict] = None,
+          trials: int = 0, seeds: tuple = (0,), devices: Optional[list] = None, sample_seed: int = 0,
+          data: Optional[cr.CifarData] = None, log: Callable[[str], None] = print,
+          should_stop: Callable[[], bool] = lambda: False, search: str = "", storage: Optional[str] = None,
+          study_name: Optional[str] = None) -> SweepResult:
+    """Train every combination of `grid` ({setting: [values]}), or `trials` settings drawn from `space`
+    (parse_sweep_specs with ranges), once per seed, each run in out_dir/runs/<setting>,seed=<seed>/.
+
+    Runs already finished are skipped and interrupted ones continued, so the same call finishes a sweep and a
+    larger grid trains only its new runs. Selection is on the validation images (base.val_split, the last of
+    the training set), the test set reported beside it. devices: one worker process per entry (a device may
+    repeat), each reading the dataset once; default: this process, base.device. Writes sweep.csv (one row per
+    run) and summary.csv (one row per setting, mean and std over seeds), also after an interruption.
+
+    search="optuna": an Optuna study instead (TPE sampling of `space`, pruning on each epoch's val top-1) that
+    runs until it holds `trials` finished trials, stored in `storage` (a database URL; default: optuna.db in
+    out_dir), so that the same call on other machines joins it. One seed: base.seed.
+    """
+    if search == "optuna":
+        if tuple(seeds) != (base.seed,) and tuple(seeds) != (0,):
+            raise cr.UserError("--seeds is for grid and random sweeps; an Optuna trial trains one seed (--seed)")
+        return _optuna_sweep(base, out_dir, space or {}, trials, storage, study_name, sample_seed, devices, data,
+                             log, should_stop)
+    if storage or study_name:
+        raise cr.UserError("--storage and --study are for --search optuna")
+    settings = grid_settings(grid) if grid is not None else sample_settings(space or {}, trials, sample_seed)
+    runs = plan_sweep(base, out_dir, settings, list(seeds))
+    varied = list(grid or space or {})
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    cr.atomic_save(json.dumps({"base": base.saved(), "grid": grid, "space": space, "trials": trials,
+                               "seeds": list(seeds),
+                            "sample_seed": sample_seed, "varied": varied, "runs": [r.name for r in runs]},
+                           indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
+    todo = [r for r in runs if run_status(r.config.out_dir, r.config.epochs) not in ("done", "diverged")]
+    log(f"sweep: {len(runs)} runs ({len(settings)} settings x {len(seeds)} seeds), {len(runs) - len(todo)} already "
+        f"finished; choosing on the last {base.val_split} training images (validation), the test set only "
+        f"reported")
+    interrupted = False
+    if todo and devices and len(devices) > 1:
+        interrupted = _in_workers(_sweep_worker_run, todo, base, devices, data, log, should_stop)
+    elif todo:
+        if data is None:
+            data = cr.load_dataset(base.data_dir, base.dataset, base.download)
+        for i, run in enumerate(todo):
+            log(f"sweep: run {i + 1}/{len(todo)}: {run.name}")
+            status = _train_sweep_run(run, data, lambda m, n=run.name: log(f"[{n}] {m}"), should_stop,
+                                      device=devices[0] if devices else None)
+            log(f"sweep: run {i + 1}/{len(todo)}: {_run_line(run)}")
+            if status == "partial":
+                interrupted = True
+                break
+    return _finish_sweep(runs, varied, out_dir, log, interrupted)
+
+
+def _finish_sweep(runs: list, varied: list, out_dir: str, log, interrupted: bool,
+                  trials: Optional[dict] = None) -> SweepResult:
+    """Write sweep.csv and summary.csv from the run folders, and say what was chosen. trials: an Optuna
+    sweep's {run name: (trial number, trial state)}."""
+    rows = [_sweep_row(r) for r in runs]
+    for row in rows:
+        if trials:
+            row["trial"], state = trials[row["run"]]
+            if state in ("pruned", "running"):
+                row["status"] = state
+    summary = summarize_sweep(rows, varied)
+    columns = ["run", *(["trial"] if trials else []), *varied, "seed", "status", "epochs", "final_val_top1",
+               "best_val_top1", "best_val_epoch", "final_test_top1", "wall_seconds"]
+    _write_csv(os.path.join(out_dir, "sweep.csv"), rows, columns)
+    _write_csv(os.path.join(out_dir, "summary.csv"), summary,
+               ["setting", *varied, "runs", "done", "final_val_top1_mean", "final_val_top1_std",
+                "final_test_top1_mean", "final_test_top1_std", "chosen"])
+    chosen = next((e for e in summary if e["chosen"]), None)
+    log(sweep_table(summary))
+    if chosen:
+        log(f"chosen on validation: {chosen['setting']} (val top-1 {chosen['final_val_top1_mean']:.2%} over "
+            f"{chosen['done']} seed{'s' * (chosen['done'] > 1)}); its test top-1, "
+            f"{chosen['final_test_top1_mean']:.2%}, "
+            f"is reported, not used to choose")
+    log(f"wrote {os.path.join(out_dir, 'sweep.csv')} and summary.csv"
+        + ("; stopped: the same command continues the sweep" if interrupted else ""))
+    return SweepResult(rows, summary, chosen, out_dir, interrupted)
+
+
+def sweep_table(summary: list) -> str:
+    """The summary as an aligned text table, mean ± std over seeds."""
+    def pm(entry, metric):
+        if f"{metric}_mean" not in entry:
+            return "-"
+        std = entry[f"{metric}_std"]
+        return f"{entry[metric + '_mean']:.2%}" + (f" ± {std:.2%}" if math.isfinite(std) else "")
+
+    lines = [("setting", "runs done", "val top-1", "test top-1", "")]
+    lines += [(e["setting"], f"{e['done']}/{e['runs']}", pm(e, "final_val_top1"), pm(e, "final_test_top1"),
+               "<- chosen on val" if e["chosen"] else "") for e in summary]
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+_worker: dict = {}  # in a sweep's worker process: its device, the sweep's stop event, and the dataset
+
+
+def _sweep_worker_init(devices, stop_event, base: cr.TrainConfig, data: Optional[cr.CifarData], threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers through stop_event
+    if threads:
+        torch.set_num_threads(threads)
+    cr.set_backend_flags()
+    _worker.update(device=devices.get(), stop=stop_event, base=base, data=data)
+
+
+def _worker_data() -> cr.CifarData:
+    """The dataset, read once per worker, at its first run (so that a reading error reaches the parent as the
+    run's error, one message)."""
+    if _worker["data"] is None:
+        base = _worker["base"]
+        _worker["data"] = cr.load_dataset(base.data_dir, base.dataset, base.download)
+    return _worker["data"]
+
+
+def _sweep_worker_run(run: SweepRun) -> str:  # in a worker process
+    prefix = f"[{run.name} on {_worker['device']}]"
+    return _train_sweep_run(run, _worker_data(), lambda m: print(f"{prefix} {m}", flush=True),
+                            _worker["stop"].is_set, device=_worker["device"])
+
+
+def _in_workers(function, tasks: list, base: cr.TrainConfig, devices: list, data: Optional[cr.CifarData], log,
+                should_stop) -> bool:
+    """function(task) for each task, in one process per device, each reading the dataset once (or given
+    `data`, copied to each); returns True when stopped early. function returns "partial" or True for a task
+    that stopped before its end."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    queue, stop = context.Queue(), context.Event()
+    for device in devices:
+        queue.put(device)
+    threads = max(1, (os.cpu_count() or 1) // len(devices)) if all(d == "cpu" for d in devices) else 0
+    log(f"sweep: {len(devices)} worker processes ({', '.join(devices)})")
+    interrupted = False
+    with concurrent.futures.ProcessPoolExecutor(len(devices), context, _sweep_worker_init,
+                                                (queue, stop, base, data, threads)) as pool:
+        futures = {pool.submit(function, task): task for task in tasks}
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                if not future.cancelled():
+                    interrupted |= future.result() in ("partial", True)  # a worker's error is raised here
+                    if isinstance(tasks[0], SweepRun):
+                        log(f"sweep: {_run_line(futures[future])}")
+            if should_stop() and not stop.is_set():
+                stop.set()  # running tasks stop after their step, with last.pt written
+                interrupted = True
+                for future in pending:
+                    future.cancel()
+    return interrupted
+
+
+class _SweepStopped(Exception):
+    """Raised out of an Optuna objective when the sweep was asked to stop: the trial is marked failed, and
+    the next invocation continues its run folder."""
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise cr.UserError('--search optuna needs optuna: pip install "cifar100_resnet[optuna]" (or pip install '
+                        'optuna)') from None
+    return optuna
+
+
+def _suggest(trial, name: str, spec):
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    kind, low, high = spec
+    if isinstance(low, int) and isinstance(high, int):
+        return trial.suggest_int(name, low, high, log=kind == "log")
+    return trial.suggest_float(name, low, high, log=kind == "log")
+
+
+def _open_study(out_dir: str, storage: Optional[str], study_name: Optional[str], sample_seed: int):
+    optuna = _optuna()
+    url = storage or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "optuna.db"))
+    # a heartbeat, so that a trial whose process was killed is marked failed and queued again (its user
+    # attributes, the run folder among them, copied) by the next worker that opens the study
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9
+    with warnings.catch_warnings():  # the heartbeat is "experimental" in optuna's terms since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry else
+                        {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **retry_kwargs)
+        study = optuna.create_study(storage=rdb, study_name=study_name or os.path.basename(os.path.abspath(out_dir)),
+                                    direction="maximize", sampler=optuna.samplers.TPESampler(seed=sample_seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+                                    load_if_exists=True)
+        optuna.storages.fail_stale_trials(study)
+    return study
+
+
+def _run_of_trial(trial) -> str:
+    """The run folder name of a trial: its own, or that of the interrupted trial it continues (whose user
+    attributes it was given)."""
+    return trial.user_attrs.get("run") or f"trial-{trial.number:04d}"
+
+
+def _optuna_loop(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, storage: Optional[str],
+                 study_name: Optional[str], sample_seed: int, data: cr.CifarData, log, should_stop,
+                 device: Optional[str] = None) -> bool:
+    """Run trials until the study holds `trials` complete or pruned ones; returns True when stopped early."""
+    optuna = _optuna()
+    study = _open_study(out_dir, storage, study_name, sample_seed)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def objective(trial):
+        name = _run_of_trial(trial)
+        trial.set_user_attr("run", name)
+        setting = {k: _suggest(trial, k, space[k]) for k in space}
+        run = SweepRun(setting, base.seed, dataclasses.replace(base, **setting,
+                                                               out_dir=os.path.join(out_dir, "runs", name)), name)
+        _check_sweep_run(run)
+        pruned = []
+
+        def on_epoch(row):
+            trial.report(row["val_top1"], row["epoch"])
+            if trial.should_prune():
+                pruned.append(row["epoch"])
+
+        log(f"sweep: trial {trial.number} ({name}): {setting_name(setting)}")
+        status = _train_sweep_run(run, data, lambda m: log(f"[{name}] {m}"), lambda: bool(pruned) or should_stop(),
+                                  on_epoch, device)
+        row = _sweep_row(run)
+        if "final_test_top1" in row:
+            trial.set_user_attr("test_top1", row["final_test_top1"])
+        if pruned:
+            raise optuna.TrialPruned(f"val top-1 below the median of earlier trials at epoch {pruned[0]}")
+        if status == "partial":
+            trial.set_user_attr("interrupted", True)  # optuna marks it failed; the next invocation continues it
+            raise _SweepStopped()
+        if status == "diverged":
+            raise cr.TrainingDiverged(f"trial {trial.number} diverged")
+        return row["final_val_top1"]
+
+    # an interrupted trial (marked failed) continues its run folder in a trial with the same settings
+    resumed = {t.user_attrs.get("resumes") for t in study.trials}
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.number not in resumed and t.user_attrs.get("interrupted"):
+            study.enqueue_trial(t.params, user_attrs={"resumes": t.number, "run": _run_of_trial(t)})
+    if sum(t.state in finished for t in study.trials) >= trials:
+        return False
+    try:
+        study.optimize(objective, catch=(cr.TrainingDiverged,),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
+    except _SweepStopped:
+        return True
+    return False
+
+
+def _optuna_worker_run(args: tuple) -> bool:
+    return _optuna_loop(*args, _worker_data(), lambda m: print(f"[{_worker['device']}] {m}", flush=True),
+                        _worker["stop"].is_set, _worker["device"])
+
+
+def _optuna_sweep(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, storage: Optional[str],
+                  study_name: Optional[str], sample_seed: int, devices: Optional[list], data: Optional[cr.CifarData],
+                  log, should_stop) -> SweepResult:
+    """The sweep as an Optuna study: TPE sampling, median pruning on each epoch's val top-1, trials stored in
+    `storage` (default: optuna.db in out_dir), so that workers on other machines can join the same study."""
+    _optuna()  # installed?
+    if not space or trials < 1:
+        raise cr.UserError("--search optuna needs --random N (the trials the study should hold) and what to vary")
+    plan_sweep(base, out_dir, [{}], [base.seed])  # checks --val-split and the base settings
+    for name, spec in space.items():  # each end of a range must be a valid value
+        for value in (spec if isinstance(spec, list) else spec[1:]):
+            dataclasses.replace(base, **{name: value}).validate()
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    study = _open_study(out_dir, storage, study_name, sample_seed)
+    cr.atomic_save(json.dumps({"base": base.saved(), "search": "optuna", "space": space, "trials": trials,
+                            "study": study.study_name, "storage": storage or "optuna.db", "varied": list(space)},
+                           indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
+    log(f"sweep: Optuna study {study.study_name!r} ({storage or os.path.join(out_dir, 'optuna.db')}), {trials} "
+        f"trials wanted, {len(study.trials)} in it; choosing on the last {base.val_split} training images "
+        f"(validation), the test set only reported")
+    loop = (base, out_dir, space, trials, storage, study_name, sample_seed)
+    if devices and len(devices) > 1:  # each worker its own sampler seed, or they would propose the same trials
+        loops = [loop[:-1] + (sample_seed + 1000 * i,) for i in range(len(devices))]
+        interrupted = _in_workers(_optuna_worker_run, loops, base, devices, data, log, should_stop)
+    else:
+        if data is None:
+            data = cr.load_dataset(base.data_dir, base.dataset, base.download)
+        interrupted = _optuna_loop(*loop, data, log, should_stop, devices[0] if devices else None)
+    latest = {t.user_attrs["run"]: t for t in study.trials if "run" in t.user_attrs}
+    runs, states = [], {}
+    for name, t in sorted(latest.items()):
+        setting = {k: t.params[k] for k in space if k in t.params}
+        runs.append(SweepRun(setting, base.seed, dataclasses.replace(
+            base, **setting, out_dir=os.path.join(out_dir, "runs", name)), name))
+        states[name] = (t.number, t.state.name.lower())
+    return _finish_sweep(runs, list(space), out_dir, log, interrupted, states)
+
+
+def lr_find_main(argv: list) -> int:
+    """`lr-find [train flags] [--start R] [--end R] [--steps N]`: the learning-rate range test."""
+    parser = cr.command_parser("lr-find", "The learning-rate range test: real training steps of the configured "
+                                  "recipe while the rate grows exponentially; prints a suggested peak rate and "
+                                  "writes lr_find.csv and lr_find.png into --out-dir. Takes every train flag.",
+                                  train_flags=True)
+    group = parser.add_argument_group("lr-find")
+    group.add_argument("--start", type=float, default=1e-5, help="the first rate (default: 1e-05)")
+    group.add_argument("--end", type=float, default=10.0, help="the last rate (default: 10)")
+    group.add_argument("--steps", type=int, default=100, help="mini-batches, one rate each (default: 100)")
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        raise cr.UserError("lr-find starts from the initial weights of its settings; --resume is for training")
+    config = cr.config_from_args(args)
+    out = config.out_dir or os.path.join("runs", "lr-find-" + time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(out, "lr_find.csv")):
+        raise cr.UserError(f"{out} already holds an lr_find.csv; pass another --out-dir")
+    cr.RunFolder(out).check_writable()
+    cr.set_backend_flags()
+    data = cr.load_dataset(config.data_dir, config.dataset, config.download)
+    print(f"lr-find: up to {args.steps} steps of batch {config.batch_size}, rate {args.start:g} to {args.end:g}",
+          flush=True)
+    result = lr_find(config, data, args.start, args.end, args.steps)
+    print(f"lr-find: {len(result.rates)} steps" + (f"; stopped early: {result.stopped_early}"
+                                                   if result.stopped_early else ""))
+    print(f"suggested peak learning rate: {result.suggestion:.3g} ({result.rule}); for batch {config.batch_size}, "
+          f"with this recipe's augmentation and mixing")
+    os.makedirs(out, exist_ok=True)
+    print(f"wrote {' and '.join(write_lr_find(result, out))}")
+    return 0
+
+
+def sweep_main(argv: list) -> int:
+    """`sweep [train flags] --grid NAME=V1,V2 ... | --random N NAME=RANGE ... [--seeds 0,1] [--devices ...]`."""
+    parser = cr.command_parser("sweep", "Train many runs from one command, each in "
+                               "--out-dir/runs/<setting>,seed=<seed>/, and choose the setting on held-out training "
+                               "images (--val-split), reporting its test top-1 beside it. Running the same command "
+                               "again skips finished runs and continues an interrupted one. Takes every train flag "
+                               "as the base of every run.", train_flags=True)
+    for action in parser._actions:
+        if action.dest == "val_split":
+            action.default = SWEEP_VAL_SPLIT
+            action.help = action.help.replace("(default: 0)", f"(default: {SWEEP_VAL_SPLIT} in a sweep)")
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", help="every combination of these values "
+                       "(any train setting: lr=0.05,0.1 weight_decay=5e-4,1e-3)")
+    group.add_argument("--random", nargs="+", metavar="N NAME=RANGE", help="N settings drawn from ranges: "
+                       "lr=log:0.01:1 (log-uniform), momentum=0.8:0.95 (uniform), arch=resnet18,resnet34 (choice)")
+    group.add_argument("--seeds", default="0", help="train each setting once per seed (default: 0)")
+    group.add_argument("--devices", help="cuda:0,cuda:1,...: one worker process per device, side by side "
+                       "(default: --device, one run at a time)")
+    group.add_argument("--search", choices=["optuna"], help="optuna: an Optuna study instead, of --random N "
+                       "trials (TPE sampling, pruning on each epoch's val top-1); needs pip install optuna")
+    group.add_argument("--storage", help="with --search optuna: the study's database URL, shared by workers on "
+                       "several machines (default: sqlite in --out-dir)")
+    group.add_argument("--study", help="with --search optuna: the study's name (default: --out-dir's name)")
+    group.add_argument("--sample-seed", type=int, default=0, help="seeds the drawing of --random settings "
+                       "(default: 0)")
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        raise cr.UserError("a sweep continues when the same command runs again; --resume is for training")
+    if not args.out_dir:
+        raise cr.UserError("sweep needs --out-dir: the folder of its runs (the same command continues it later)")
+    if bool(args.grid) == bool(args.random):
+        raise cr.UserError("sweep needs --grid NAME=V1,V2 ... or --random N NAME=RANGE ..., one of the two")
+    grid = space = None
+    trials = 0
+    if args.grid:
+        grid = parse_sweep_specs(args.grid)
+    else:
+        if not args.random[0].isdigit() or int(args.random[0]) < 1:
+            raise cr.UserError(f"--random needs the number of settings first, then NAME=RANGE specs; got "
+                            f"{args.random[0]!r}")
+        trials, space = int(args.random[0]), parse_sweep_specs(args.random[1:], ranges=True)
+    if args.search and grid is not None:
+        raise cr.UserError("--search optuna samples ranges: use --random N NAME=RANGE ...")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise cr.UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    for device in devices or []:
+        cr.resolve_device(device)
+    config = cr.config_from_args(args)
+    cr.set_backend_flags()
+    console = cr.Console(sys.stdout)
+    with cr.StopSignals("stopping the sweep: each running run writes last.pt after its step") as stop:
+        result = sweep(config, args.out_dir, grid, space, trials, seeds, devices, args.sample_seed,
+                       log=console.log, should_stop=stop.requested, search=args.search or "",
+                       storage=args.storage, study_name=args.study)
+    return stop.exit_code if result.interrupted and stop.requested() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning curves from metrics.csv (matplotlib, an optional extra: pip install "cifar100_resnet[plot]")
+
+
+def schedule_per_step(config: cr.TrainConfig, t0: float, steps_per_epoch: int, epochs: float) -> tuple:
+    """(fractional epochs, rates) at every step of the first `epochs` epochs: the rate the run sets."""
+    points = [i / steps_per_epoch for i in range(int(round(epochs * steps_per_epoch)))]
+    return points, [cr.learning_rate(x, config, t0) for x in points]
+
+
+def _cifar_steps_per_epoch(config: cr.TrainConfig) -> int:
+    """Steps per epoch of a run on the full CIFAR training set (50,000 images), before any data is read."""
+    return math.ceil((min(config.limit_train or 50_000, 50_000) - config.val_split) / config.batch_size)
+
+
+def _run_schedule(run_dir: str, epochs: float):
+    """The per-step schedule of a run folder, from its config.json; None without one."""
+    saved = cr.RunFolder(run_dir).saved_config()
+    if saved is None or "t0_resolved" not in saved:
+        return None
+    config = cr.TrainConfig.from_dict(saved)
+    steps = saved.get("steps_per_epoch") or _cifar_steps_per_epoch(config)  # runs before 0.3 did not record it
+    return schedule_per_step(config, saved["t0_resolved"], steps, epochs)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise cr.UserError('the figures need matplotlib: pip install "cifar100_resnet[plot]" (or pip install '
+                        'matplotlib)') from None
+    return plt
+
+
+def _names_height(count: int, columns: int) -> float:
+    """Inches a legend of `count` names in `columns` columns takes under a figure's panels."""
+    return 0.1 + 0.25 * math.ceil(count / columns)
+
+
+def _lay_out_above_names(fig, handles: list, labels: list, columns: int, height: float, fontsize: int) -> None:
+    """Lay the panels out above a legend of the runs (or settings) of `height` inches, one name per colour,
+    where it covers no curve; height 0: no such legend."""
+    if height:
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=fontsize, frameon=False)
+    fig.tight_layout(rect=(0, height / fig.get_size_inches()[1], 1, 1))
+
+
+def _save(fig, path: str, dpi: int = 110) -> str:
+    """Write the figure (its folder created if need be), close it, return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
+    """Draw the learning rate a run with these settings will set at every step, before any training: the
+    restarts and the run's end marked. Returns where the run ends: {"end_fraction": rate at the end / peak,
+    "restarts": [epochs], "into_cycle": epochs into the last cycle, "cycle": its length}."""
+    plt = _pyplot()
+    config.validate()
+    t0 = cr.resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0)
+    points, rates = schedule_per_step(config, t0, _cifar_steps_per_epoch(config), config.epochs)
+    restarts, start, length = [], config.warmup_epochs + t0, t0
+    while start < config.planned_epochs - 1e-9:
+        restarts.append(start)
+        length *= config.t_mult
+        start += length
+    into, cycle, end = cr.schedule_end(config, t0)
+    if config.extended_from:  # the run ends with the extension's own cycle, at its bottom
+        end = config.min_lr / config.lr
+
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    ax.plot(points, rates, label="learning rate at each step")
+    for i, x in enumerate(restarts):
+        ax.axvline(x, color="grey", linestyle=":", label="warm restart" if i == 0 else None)
+    ax.plot([config.epochs], [end * config.lr], "o", color="tab:red",
+            label=f"the run ends (epoch {config.epochs}): {end:.0%} of the peak rate")
+    ax.set(title=f"planned learning rate: {config.epochs} epochs, t0 {'auto = ' if config.t0 is None else ''}"
+                 f"{t0:.4g}, t_mult {config.t_mult:g}, warm-up {config.warmup_epochs:g}, peak {config.lr:g}",
+           xlabel="epoch", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    fig.tight_layout()
+    _save(fig, out_path)
+    return {"end_fraction": end, "restarts": restarts, "into_cycle": into, "cycle": cycle}
+
+
+def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> str:
+    """Draw loss, accuracy and learning rate of one or more runs into one PNG; returns its path. The rate is
+    drawn per step from each run's config.json (per epoch from metrics.csv without one)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    runs = []
+    for run_dir in run_dirs:
+        rows = read_metrics(os.path.join(run_dir, "metrics.csv"))
+        if not rows:
+            raise cr.UserError(f"{run_dir} has no metrics.csv rows to plot")
+        runs.append(rows)
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+
+    def column(rows, name):
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    # one colour per run, named once in a legend under the panels (however many runs); each panel's own
+    # legend says only what its line styles mean
+    legend_columns = min(len(runs), 4)
+    legend_height = _names_height(len(runs), legend_columns)
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height))
+    colours, per_epoch_rate = [], False
+    for run_dir, rows, label in zip(run_dirs, runs, labels):
+        epochs = column(rows, "epoch")
+        (line,) = ax_loss.plot(epochs, column(rows, "test_loss"))
+        colours.append(line.get_color())
+        ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color())
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color())
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color())
+        schedule = _run_schedule(run_dir, max(epochs))
+        if schedule is not None:
+            ax_lr.plot(*schedule, color=line.get_color())
+        else:  # no config.json to compute it from
+            ax_lr.plot(epochs, column(rows, "lr"), "o-", color=line.get_color())
+            per_epoch_rate = True
+    losses = [v for rows in runs for k in ("test_loss", "train_loss") for v in column(rows, k) if v > 0]
+    wide = bool(losses) and max(losses) > 10 * min(losses)  # a spike would flatten the rest on a linear axis
+    ax_loss.set(title="loss" + (" (log scale)" if wide else ""), xlabel="epoch", ylabel="cross-entropy",
+                yscale="log" if wide else "linear")
+    ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="%")
+    ax_lr.set(title="learning rate (per step)", xlabel="epoch", ylabel="rate")
+
+    def key(ax, styles):
+        ax.legend([plt.Line2D([], [], color="dimgrey", linestyle=style, marker=marker) for style, marker, _ in styles],
+                  [text for _, _, text in styles], fontsize=8)
+
+    key(ax_loss, [("-", None, "test"), ("--", None, "train")])
+    key(ax_acc, [("-", None, "top-1"), (":", None, "top-5")])
+    if per_epoch_rate:
+        key(ax_lr, [("-", None, "per step"), ("-", "o", "at epoch starts (a run without config.json)")])
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _lay_out_above_names(fig, [plt.Line2D([], [], color=c, linewidth=2.5) for c in colours], labels,
+                         legend_columns, legend_height, fontsize=9)
+    return _save(fig, out_path)
+
+
+def plot_lr_find(result: LRFindResult, out_path: str) -> str:
+    """The range test's loss against the rate (log axis), the suggestion marked; returns the path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    ax.plot(result.rates, result.losses, color="tab:blue", alpha=0.25, linewidth=1, label="loss of each step")
+    ax.plot(result.rates, result.smoothed, color="tab:blue", label="smoothed loss")
+    ax.axvline(result.suggestion, color="tab:red", linestyle="--",
+               label=f"suggested peak rate {result.suggestion:.3g}")
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss (mixed, label-smoothed)",
+           title=f"learning-rate range test: {len(result.rates)} steps, "
+                 f"{result.rates[0]:.2g} to {result.rates[-1]:.2g}")
+    low, high = min(result.losses), max(result.losses[:max(1, len(result.losses) // 10)] + [result.smoothed[0]])
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))  # a divergence would flatten the rest
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def plot_sweep(sweep_dir: str, out_path: str) -> str:
+    """A sweep's validation top-1 per epoch (the mean over seeds, a band from lowest to highest seed), and the
+    final val top-1 of each run against each varied setting (log axis for a range spanning 10x or more)."""
+    plt = _pyplot()
+    try:
+        with open(os.path.join(sweep_dir, "sweep.json")) as f:
+            varied = json.load(f)["varied"]
+    except (OSError, ValueError, KeyError):
+        raise cr.UserError(f"{sweep_dir} holds no sweep (sweep.json)") from None
+    rows = [r for r in read_metrics(os.path.join(sweep_dir, "sweep.csv")) if r.get("final_val_top1")]
+    if not rows:
+        raise cr.UserError(f"{sweep_dir} has no finished epochs to plot yet")
+    chosen = {r["setting"] for r in read_metrics(os.path.join(sweep_dir, "summary.csv")) if r["chosen"]}
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(setting_name({k: _number(row[k]) for k in varied}), []).append(row)
+
+    shown = varied[:3]
+    # more than 4 settings: their names go under the panels, where they cover no curve
+    legend_columns, below = 3, len(groups) > 4
+    legend_height = _names_height(len(groups), legend_columns) if below else 0.0
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(7 + 4.2 * len(shown), 4.8 + legend_height), squeeze=False)
+    ax = axes[0][0]
+    for setting, members in groups.items():
+        curves = [[100 * float(r["val_top1"]) for r in read_metrics(os.path.join(sweep_dir, "runs", m["run"],
+                                                                                  "metrics.csv"))]
+                  for m in members]
+        length = min(len(c) for c in curves)
+        epochs = list(range(1, length + 1))
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+        label = (setting if setting != "base" else "run") + (f" ({len(curves)} seeds)" if len(curves) > 1 else "") \
+            + (" - chosen on val" if setting in chosen else "")
+        (line,) = ax.plot(epochs, mean, linewidth=2.5 if setting in chosen else 1.5, label=label)
+        if len(curves) > 1:
+            ax.fill_between(epochs, [min(c[i] for c in curves) for i in range(length)],
+                            [max(c[i] for c in curves) for i in range(length)], color=line.get_color(), alpha=0.2)
+    ax.set(title="validation top-1 per epoch" + (" (mean over seeds, band: lowest to highest)"
+                                                 if any(len(m) > 1 for m in groups.values()) else ""),
+           xlabel="epoch", ylabel="val top-1 (%)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = ax.get_legend_handles_labels()
+    if not below:
+        ax.legend(fontsize=8)
+    for ax, name in zip(axes[0][1:], shown):
+        values = [_number(r[name]) for r in rows]
+        finals = [100 * float(r["final_val_top1"]) for r in rows]
+        numeric = all(isinstance(v, float) for v in values)
+        if not numeric:
+            categories = sorted(set(map(str, values)))
+            values = [categories.index(str(v)) for v in values]
+            ax.set_xticks(range(len(categories)), categories)
+        ax.plot(values, finals, "o", alpha=0.6, label="each run")
+        means = {}
+        for v, final in zip(values, finals):
+            means.setdefault(v, []).append(final)
+        xs = sorted(means)
+        ax.plot(xs, [sum(means[x]) / len(means[x]) for x in xs], "-", color="tab:red", label="mean over runs")
+        if numeric and min(xs) > 0 and max(xs) >= 10 * min(xs):
+            ax.set_xscale("log")
+        if numeric and len(xs) <= 8:  # the values swept, as written, instead of the axis' own ticks
+            from matplotlib.ticker import NullFormatter
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(title=f"final val top-1 against {name}", xlabel=name + (" (log scale)" if ax.get_xscale() == "log"
+                                                                       else ""), ylabel="final val top-1 (%)")
+        ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3, which="both")
+    _lay_out_above_names(fig, handles, labels, legend_columns, legend_height, fontsize=8)
+    return _save(fig, out_path)
+
+
+def plot_main(argv: list) -> int:
+    """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared; of a sweep
+    when RUN_DIR is a sweep folder.
+    `plot --schedule [train flags] [--out FILE]`: the learning rate those flags would set, before training."""
+    if "--schedule" in argv:
+        parser = cr.command_parser("plot --schedule", "the learning rate a run with these train flags would set "
+                                   "at every step, before training", train_flags=True)
+        argv = [a for a in argv if a != "--schedule"]
+        out = "schedule.png"
+        if "--out" in argv:
+            at = argv.index("--out")
+            if at + 1 >= len(argv):
+                raise cr.UserError(f"--out needs a file name; see {parser.prog} --help")
+            out = argv[at + 1]
+            del argv[at:at + 2]
+        config = cr.config_from_args(parser.parse_args(argv))
+        r = plot_schedule(config, out)
+        where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
+                 else "at the end of a cycle")
+        print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
+              f"{', '.join(f'{x:.4g}' for x in r['restarts']) or 'none'}")
+        return 0
+    p = cr.command_parser("plot", "learning curves of one run, or several compared; the runs of a sweep (a sweep "
+                          "folder); or, with --schedule and train flags, the planned learning rate")
+    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv, or one sweep folder")
+    p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder, sweep.png in a "
+                                 "sweep folder)")
+    p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
+    args = p.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.run_dirs):
+        raise cr.UserError(f"--labels needs one label per run folder ({len(args.run_dirs)}), got {len(args.labels)}")
+    if len(args.run_dirs) == 1 and os.path.exists(os.path.join(args.run_dirs[0], "sweep.json")):
+        print(f"wrote {plot_sweep(args.run_dirs[0], args.out or os.path.join(args.run_dirs[0], 'sweep.png'))}")
+        return 0
+    out = args.out or os.path.join(args.run_dirs[0], "curves.png")
+    print(f"wrote {plot_runs(args.run_dirs, out, args.labels)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Understanding a run: what it gets wrong (report), what the network sees (preview-aug), what a convolution
+# does (conv-demo). Numbers are computed without matplotlib; the figures need it.
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted] (int64)."""
+    flat = labels.long().cpu() * num_classes + predictions.long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_metrics(confusion: torch.Tensor) -> list:
+    """For each class: support (its images), recall = accuracy on its images, precision = the share of the
+    images predicted as it that are it (0 when never predicted)."""
+    hits, support, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    recall = [float(hits[i] / max(int(support[i]), 1)) for i in range(len(confusion))]
+    return [{"class": i, "support": int(support[i]), "accuracy": recall[i], "recall": recall[i],
+             "precision": float(hits[i] / predicted[i]) if predicted[i] else 0.0} for i in range(len(confusion))]
+
+
+def most_confused_pairs(confusion: torch.Tensor, k: int = 20) -> list:
+    """The k largest off-diagonal counts: [(true class, predicted class, count)], most first."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(min(k, off.numel()))
+    n = len(confusion)
+    return [(int(i) // n, int(i) % n, int(c)) for c, i in zip(counts, flat) if c > 0]
+
+
+def calibration(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error (Guo et al. 2017): images binned by their confidence (the top probability)
+    into `bins` equal intervals of (0, 1]; ECE = sum over bins of (images in it / N) x |accuracy - mean
+    confidence|. Returns {"ece", "bins": [{"low", "high", "count", "confidence", "accuracy"}]}."""
+    confidence, predicted = probabilities.float().max(1)
+    correct = (predicted == labels).float()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # (low, high]: 1.0 falls in the last bin
+    table, ece, n = [], 0.0, len(labels)
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        row = {"low": b / bins, "high": (b + 1) / bins, "count": count, "confidence": float("nan"),
+               "accuracy": float("nan")}
+        if count:
+            row.update(confidence=float(confidence[members].mean()), accuracy=float(correct[members].mean()))
+            ece += count / n * abs(row["accuracy"] - row["confidence"])
+        table.append(row)
+    return {"ece": ece, "bins": table}
+
+
+def analyse_predictions(logits: torch.Tensor, labels: torch.Tensor, data: cr.CifarData) -> dict:
+    """Everything `report` shows, as numbers: top-1/top-5, per-class metrics, the confusion matrix and its
+    most confused pairs, calibration, and for CIFAR-100 the superclass accuracy and the share of errors that
+    stay inside the right superclass."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    probabilities = logits.softmax(1)
+    predictions = logits.argmax(1)
+    confusion = confusion_matrix(predictions, labels, len(data.classes))
+    result = {"n": len(labels), **cr.classification_metrics(logits, labels), "per_class": per_class_metrics(confusion),
+              "confusion": confusion, "confused_pairs": most_confused_pairs(confusion),
+              "calibration": calibration(probabilities, labels), "predictions": predictions,
+              "confidence": probabilities.max(1).values}
+    if data.superclass_of is not None:
+        true_super, predicted_super = data.superclass_of[labels], data.superclass_of[predictions]
+        wrong = predictions != labels
+        result["superclass_top1"] = float((true_super == predicted_super).float().mean())
+        result["errors_in_right_superclass"] = (float((true_super == predicted_super)[wrong].float().mean())
+                                                if wrong.any() else float("nan"))
+        result["per_superclass"] = [
+            {"superclass": s, "name": data.superclasses[s], "support": int((true_super == s).sum()),
+             "top1": float((predictions == labels)[true_super == s].float().mean()) if (true_super == s).any()
+             else float("nan"),
+             "superclass_top1": float((predicted_super == s)[true_super == s].float().mean())
+             if (true_super == s).any() else float("nan")}
+            for s in range(len(data.superclasses))]
+    return result
+
+
+def _denormalize(x: torch.Tensor, data: cr.CifarData) -> torch.Tensor:
+    """Normalised float images back to uint8-range floats (0..255) for display."""
+    mean = torch.tensor(data.info.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.info.std, device=x.device).view(1, 3, 1, 1)
+    return ((x.float() * std + mean) * 255).clamp(0, 255)
+
+
+def _show_image(ax, image: torch.Tensor, title: str, fontsize: float = 7) -> None:
+    """One (3, H, W) image, 0..255, with a title and no axes."""
+    ax.imshow(image.detach().float().cpu().permute(1, 2, 0).numpy() / 255, interpolation="nearest")
+    ax.set_title(title, fontsize=fontsize)
+    ax.axis("off")
+
+
+def _report_figures(analysis: dict, images: torch.Tensor, labels: torch.Tensor, data: cr.CifarData, split: str,
+                    folder: str, prefix: str) -> dict:
+    """The figures of one split's analysis; returns {name: path}."""
+    plt = _pyplot()
+    classes, figures = data.classes, {}
+    per_class = sorted(analysis["per_class"], key=lambda r: r["accuracy"], reverse=True)
+    n = len(per_class)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.16 * n + 1.5), 5.2))
+    ax.bar(range(n), [100 * r["accuracy"] for r in per_class], color="tab:blue")
+    ax.axhline(100 * analysis["top1"], color="tab:red", linestyle="--", label=f"overall {analysis['top1']:.1%}")
+    ax.set_xticks(range(n), [classes[r["class"]] for r in per_class], rotation=90, fontsize=7)
+    ax.set(xlim=(-0.7, n - 0.3), ylim=(0, 100), ylabel="top-1 on the class's images (%)",
+           title=f"{split}: accuracy per class, best to worst ({analysis['n']} images)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    figures["per_class"] = _save(fig, os.path.join(folder, f"{prefix}per_class.png"))
+
+    # the confusion matrix, rows normalised, classes ordered by superclass (blocks on the diagonal)
+    order = list(range(len(classes)))
+    if data.superclass_of is not None:
+        order.sort(key=lambda c: (int(data.superclass_of[c]), c))
+    confusion = analysis["confusion"][order][:, order].float()
+    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(11, 10))
+    shown = ax.imshow(rates.sqrt().numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02)
+    ticks = [0, 0.01, 0.05, 0.2, 0.5, 1]
+    bar.set_ticks([math.sqrt(v) for v in ticks], labels=[f"{v:.0%}" for v in ticks])
+    bar.set_label("share of the true class's images (square-root scale)")
+    if data.superclass_of is not None:
+        supers = [int(data.superclass_of[c]) for c in order]
+        starts = [i for i in range(len(order)) if i == 0 or supers[i] != supers[i - 1]]
+        for s in starts[1:]:
+            ax.axhline(s - 0.5, color="white", linewidth=0.4)
+            ax.axvline(s - 0.5, color="white", linewidth=0.4)
+        centres = [(a + b - 1) / 2 for a, b in zip(starts, starts[1:] + [len(order)])]
+        names = [data.superclasses[supers[s]].replace("_", " ") for s in starts]
+        ax.set_yticks(centres, names, fontsize=7)
+        ax.set_xticks(centres, names, fontsize=7, rotation=90)
+        ax.set(xlabel="predicted class, grouped by superclass", ylabel="true class, grouped by superclass")
+    else:
+        ax.set_xticks(range(len(order)), [classes[c] for c in order], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(order)), [classes[c] for c in order], fontsize=7)
+        ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"{split}: confusion matrix (each row: where that class's images went)")
+    fig.tight_layout()
+    figures["confusion"] = _save(fig, os.path.join(folder, f"{prefix}confusion.png"))
+
+    # misclassified images: the first ones in test order, and the most confident mistakes
+    predictions, confidence = analysis["predictions"], analysis["confidence"]
+    wrong = (predictions != labels.cpu()).nonzero().flatten()
+    by_confidence = wrong[confidence[wrong].argsort(descending=True)]
+    for name, chosen, what in (("mistakes", wrong[:24], "misclassified images (the first 24)"),
+                               ("confident_mistakes", by_confidence[:24], "the 24 most confident mistakes")):
+        if len(chosen) == 0:
+            continue
+        fig, axes = plt.subplots(4, 6, figsize=(12, 11))
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, i in zip(axes.flat, chosen.tolist()):
+            _show_image(ax, images[i].float(), f"true: {classes[int(labels[i])]}\n"
+                                               f"predicted: {classes[int(predictions[i])]}\n"
+                                               f"confidence {float(confidence[i]):.0%}", fontsize=8)
+        fig.suptitle(f"{split}: {what}", fontsize=12)
+        fig.tight_layout()
+        figures[name] = _save(fig, os.path.join(folder, f"{prefix}{name}.png"))
+
+    bins = analysis["calibration"]["bins"]
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6.4, 7.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = 1 / len(bins)
+    filled = [b for b in bins if b["count"]]
+    ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           edgecolor="black", color="tab:blue", label="accuracy of the images in the bin")
+    ax.bar([b["low"] for b in filled], [abs(b["confidence"] - b["accuracy"]) for b in filled], width=width,
+           bottom=[min(b["confidence"], b["accuracy"]) for b in filled], align="edge", fill=False, hatch="///",
+           edgecolor="tab:red", label="gap to their mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+           title=f"{split}: reliability diagram, ECE {analysis['calibration']['ece']:.2%}")
+    ax.legend(fontsize=8, loc="upper left")
+    ax_count.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge",
+                 edgecolor="black", color="grey")
+    ax_count.set(xlabel="confidence (the top softmax probability)", ylabel="images")
+    for a in (ax, ax_count):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    figures["calibration"] = _save(fig, os.path.join(folder, f"{prefix}calibration.png"))
+    return figures
+
+
+def _html_table(header: list, rows: list) -> str:
+    import html
+
+    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _report_html(title: str, sections: list, folder: str) -> str:
+    """report.html: one self-contained page, every figure embedded as a data: URI."""
+    import base64
+    import html
+
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "text-align:right}img{max-width:100%;display:block;margin:1em 0}</style></head><body>"
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, content in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in content:
+            if isinstance(item, str) and item.endswith(".png") and os.path.exists(item):
+                with open(item, "rb") as f:
+                    encoded = base64.b64encode(f.read()).decode()
+                parts.append(f"<img alt='{html.escape(os.path.basename(item))}' "
+                             f"src='data:image/png;base64,{encoded}'>")
+            else:
+                parts.append(item)
+    parts.append("</body></html>")
+    path = os.path.join(folder, "report.html")
+    cr.atomic_save("\n".join(parts) + "\n", path)
+    return path
+
+
+def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData] = None,
+           data_dir: Optional[str] = None, device: str = "auto", download: bool = True) -> dict:
+    """What a checkpoint gets right and wrong, on the test set (and on a --val-split run's validation images):
+    per_class.csv, confused_pairs.csv, calibration.csv and summary.json always; with matplotlib also the
+    figures (per-class accuracy, confusion matrix ordered by superclass, misclassified images, reliability
+    diagram, the run's learning curves) and report.html, all in out_dir (default: report/ beside the
+    checkpoint). Returns the analyses and the paths written."""
+    run = cr.load_run(path, data, data_dir, device, download=download)
+    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(run.path)), "report")
+    cr.RunFolder(folder).check_writable()
+    os.makedirs(folder, exist_ok=True)
+    classes, written, analyses = run.data.classes, [], {}
+    for split in ("test", "val") if run.config.val_split else ("test",):
+        images, labels = run.splits[split]
+        logits = cr.predict(run.model, images.to(run.device), run.normalize, run.config.eval_batch_size,
+                         run.amp_dtype)[""]
+        analyses[split] = analysis = analyse_predictions(logits, labels, run.data)
+        prefix = "" if split == "test" else "val_"
+        rows = [{**r, "name": classes[r["class"]],
+                 **({"superclass": run.data.superclasses[int(run.data.superclass_of[r["class"]])]}
+                    if run.data.superclass_of is not None else {})} for r in analysis["per_class"]]
+        _write_csv(os.path.join(folder, f"{prefix}per_class.csv"), rows,
+                   ["class", "name", "superclass", "support", "accuracy", "precision", "recall"]
+                   if run.data.superclass_of is not None else
+                   ["class", "name", "support", "accuracy", "precision", "recall"])
+        _write_csv(os.path.join(folder, f"{prefix}confused_pairs.csv"),
+                   [{"true": classes[a], "predicted": classes[b], "count": c,
+                     "share_of_true_class": c / max(analysis["per_class"][a]["support"], 1)}
+                    for a, b, c in analysis["confused_pairs"]], ["true", "predicted", "count", "share_of_true_class"])
+        _write_csv(os.path.join(folder, f"{prefix}calibration.csv"), analysis["calibration"]["bins"],
+                   ["low", "high", "count", "confidence", "accuracy"])
+        written += [os.path.join(folder, f"{prefix}{n}.csv") for n in ("per_class", "confused_pairs", "calibration")]
+    summary = {split: {k: a[k] for k in ("n", "top1", "top5", "loss", "superclass_top1", "errors_in_right_superclass")
+                       if k in a} | {"ece": a["calibration"]["ece"]} for split, a in analyses.items()}
+    summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"])
+    cr.atomic_save(json.dumps(summary, indent=2) + "\n", os.path.join(folder, "summary.json"))
+    written.append(os.path.join(folder, "summary.json"))
+
+    try:
+        _pyplot()
+    except cr.UserError as e:
+        raise cr.UserError(f"wrote the numbers into {folder} (CSV files, summary.json); for the figures and "
+                        f"report.html: {e}") from None
+    figures = {split: _report_figures(analyses[split], *run.splits[split], run.data, split, folder,
+                                      "" if split == "test" else "val_") for split in analyses}
+    written += [p for f in figures.values() for p in f.values()]
+    run_dir = os.path.dirname(os.path.abspath(run.path))
+    if read_metrics(os.path.join(run_dir, "metrics.csv")):
+        figures["curves"] = plot_runs([run_dir], os.path.join(folder, "curves.png"))
+        written.append(figures["curves"])
+    sections = []
+    for split, a in analyses.items():
+        lines = [f"top-1 {a['top1']:.2%}", f"top-5 {a['top5']:.2%}", f"loss {a['loss']:.4f}",
+                 f"expected calibration error {a['calibration']['ece']:.2%}"]
+        if "superclass_top1" in a:
+            lines += [f"superclass top-1 {a['superclass_top1']:.2%}",
+                      f"errors inside the right superclass {a['errors_in_right_superclass']:.1%}"]
+        pairs = _html_table(["true", "predicted as", "images", "share of the true class"],
+                            [(classes[t], classes[p], c, f"{c / max(a['per_class'][t]['support'], 1):.0%}")
+                             for t, p, c in a["confused_pairs"]])
+        content = [f"<p>{a['n']} images: " + ", ".join(lines) + "</p>", figures[split]["per_class"],
+                   figures[split]["confusion"], "<h3>The 20 most confused pairs</h3>", pairs]
+        if "per_superclass" in a:
+            content += ["<h3>Superclasses</h3>", _html_table(
+                ["superclass", "images", "top-1 (class)", "top-1 (superclass)"],
+                [(s["name"], s["support"], f"{s['top1']:.1%}", f"{s['superclass_top1']:.1%}")
+                 for s in sorted(a["per_superclass"], key=lambda s: -s["top1"])])]
+        content += [figures[split][k] for k in ("mistakes", "confident_mistakes", "calibration") if k in figures[split]]
+        sections.append((f"{split} set", content))
+    if "curves" in figures:
+        sections.append(("learning curves", [figures["curves"]]))
+    written.append(_report_html(f"report: {run.path} (epoch {run.ckpt['epoch']})", sections, folder))
+    return {"analyses": analyses, "summary": summary, "files": written, "folder": folder}
+
+
+def preview_augmentation(config: cr.TrainConfig, data: cr.CifarData, batches: int = 2, per_batch: int = 8) -> list:
+    """The first training batches of a run with these settings, through the very functions the training step
+    uses (Trainer.augmented_epoch, draw_mix, apply_mix, the normaliser): for the first `batches` batches whose
+    mixing differs (a MixUp and a CutMix one when both are on), `per_batch` images each. Returns one dict per
+    batch: step, method, lam, box, and per image the original, its crop offsets and flip, the cropped and
+    flipped image (and, with --aug advanced, the names of the operations that then ran on it), the mixed image
+    the model sees (`inputs`: normalised, as fed) and both labels."""
+    trainer = cr.Trainer(dataclasses.replace(config, out_dir=None), data, log=lambda message: None)
+    images, labels, details = trainer.augmented_epoch(details=True)
+    train_images = trainer.splits["train"][0]
+    shown, methods = [], set()
+    for step, (first, last) in enumerate(trainer.batches):
+        method, lam, box = cr.draw_mix(config, cr.IMAGE_SIZE, cr.IMAGE_SIZE, trainer.mix_rng)
+        if method in methods:
+            continue
+        methods.add(method)
+        x, labels_a, labels_b, lam = cr.apply_mix(trainer.normalize(images[first:last]), labels[first:last], method,
+                                                  lam,
+                                               box)
+        k = min(per_batch, last - first)
+        index = slice(first, first + k)
+        shown.append({"step": step + 1, "method": method, "lam": lam, "box": box, "inputs": x,
+                      "original": train_images[details["order"][index]], "augmented": images[index],
+                      "dy": details["dy"][index] - cr.CROP_PADDING, "dx": details["dx"][index] - cr.CROP_PADDING,
+                      "flipped": details["flipped"][index], "mixed": _denormalize(x[:k], data),
+                      "operations": [[cr.ADVANCED_OPERATIONS[o] for o in row if o >= 0] for row in
+                                     details["operations"][index].tolist()] if details["operations"] is not None
+                      else [[] for _ in range(k)],
+                      "labels_a": labels_a[:k], "labels_b": labels_b[:k]})
+        if len(shown) == batches:
+            break
+    return shown
+
+
+def plot_augmentation(shown: list, data: cr.CifarData, out_path: str) -> str:
+    """preview_augmentation's batches as a grid: per image the original, after crop and flip, and mixed."""
+    plt = _pyplot()
+    columns = max(len(b["augmented"]) for b in shown)
+    fig = plt.figure(figsize=(1.75 * columns, 1.95 * 3 * len(shown)), layout="constrained")
+    advanced = " and the advanced policy's operations" if any(any(b["operations"]) for b in shown) else ""
+    fig.suptitle(f"what the network sees, each column one image; top to bottom: the original, after random crop (the "
+                 f"window's shift in rows, columns of pixels)\nand flip{advanced}, then mixed with its partner in the "
+                 f"batch", fontsize=9)
+    for batch, panel in zip(shown, fig.subfigures(len(shown), 1, squeeze=False)[:, 0]):
+        box = batch["box"]
+        how = (f"CutMix, lam {batch['lam']:.2f} (the partner's rows {box[0]}-{box[1] - 1}, columns {box[2]}-"
+               f"{box[3] - 1} pasted)" if batch["method"] == "cutmix" else
+               f"MixUp, lam {batch['lam']:.2f}" if batch["method"] == "mixup" else "no mixing")
+        panel.suptitle(f"training step {batch['step']}: {how}", fontsize=9, fontweight="bold", x=0.01, ha="left")
+        axes = panel.subplots(3, columns, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(len(batch["augmented"])):
+            a, c = int(batch["labels_a"][i]), int(batch["labels_b"][i])
+            shift = f"shift {int(batch['dy'][i]):+d},{int(batch['dx'][i]):+d}" + (", flipped" if batch["flipped"][i]
+                                                                                 else "")
+            _show_image(axes[0][i], batch["original"][i].float(), f"original\n{data.classes[a]}")
+            ran = batch["operations"][i]
+            _show_image(axes[1][i], batch["augmented"][i].float(), f"crop {shift}" + (
+                "\n" + ", ".join(o.replace("_", " ") for o in ran) if ran else "\n(no advanced operation)"
+                if any(batch["operations"]) else ""))
+            mixed = (f"{data.classes[a]} {batch['lam']:.0%}\n+ {data.classes[c]} {1 - batch['lam']:.0%}"
+                     if batch["method"] != "none" else data.classes[a])
+            _show_image(axes[2][i], batch["mixed"][i], mixed)
+    return _save(fig, out_path)
+
+
+CONV_FILTERS = ("edge", "blur", "sharpen", "emboss")
+
+
+def conv_filter(name: str, size: int) -> torch.Tensor:
+    """A size x size filter: edge (a Laplacian: size^2 - 1 at the centre, -1 elsewhere), blur (the mean),
+    sharpen (twice the image minus its blur) or emboss (-1 above the anti-diagonal, +1 below, 1 at the centre)."""
+    centre = torch.zeros(size, size)
+    centre[size // 2, size // 2] = 1
+    if name == "edge":
+        return size * size * centre - torch.ones(size, size)
+    if name == "blur":
+        return torch.full((size, size), 1 / size ** 2)
+    if name == "sharpen":
+        return 2 * centre - torch.full((size, size), 1 / size ** 2)
+    if name == "emboss":
+        i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        return torch.sign(i + j - (size - 1)).float() + centre
+    raise cr.UserError(f"--filter must be one of {', '.join(CONV_FILTERS)}, got {name!r}")
+
+
+def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
+    """The output size of a convolution: floor((n + 2p - k) / s) + 1."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def conv_demo(image: torch.Tensor, filter_name: str = "edge", kernel: Optional[torch.Tensor] = None) -> dict:
+    """One image (uint8 (3, H, W)) through a filter, as its grey levels, with torch's conv2d: every kernel size
+    1/3/5/7 x stride 1/2/3 x padding 0/1/2/"same". Returns {"grey": the input, "rows": [{k, s, p, n, formula,
+    actual, output (None where torch refuses)}]}. kernel: your own square filter instead of the named one."""
+    grey = (image.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0) / 255  # ITU-R 601 luma
+    n = grey.shape[-1]
+    rows = []
+    sizes = (kernel.shape[-1],) if kernel is not None else (1, 3, 5, 7)
+    for k in sizes:
+        weight = (kernel if kernel is not None else conv_filter(filter_name, k)).float().view(1, 1, k, k)
+        for s in (1, 2, 3):
+            for p in (0, 1, 2, "same"):
+                row = {"k": k, "s": s, "p": p, "n": n,
+                       "formula": conv_output_size(n, k, s, (k - 1) // 2 if p == "same" else p) if s == 1 or
+                       p != "same" else None, "actual": None, "output": None}
+                try:
+                    out = F.conv2d(grey.view(1, 1, n, n), weight, stride=s, padding=p)
+                except (RuntimeError, ValueError) as e:
+                    row["refused"] = str(e).splitlines()[0]
+                else:
+                    row["actual"], row["output"] = out.shape[-1], out[0, 0]
+                rows.append(row)
+    return {"grey": grey, "rows": rows}
+
+
+def conv_table(demo: dict) -> str:
+    """The printed table: input size, k, s, p, the formula's output size and the one torch produced."""
+    lines = ["    n   k   s  p     floor((n + 2p - k) / s) + 1   conv2d's output"]
+    for r in demo["rows"]:
+        p = "same" if r["p"] == "same" else str(r["p"])
+        formula = "-" if r["formula"] is None else str(r["formula"])
+        if r["p"] == "same" and r["s"] == 1:
+            p += f" ({(r['k'] - 1) // 2})"
+        actual = str(r["actual"]) if r["actual"] is not None else "refused: " + r["refused"][:48]
+        lines.append(f"{r['n']:>5} {r['k']:>3} {r['s']:>3}  {p:<9} {formula:>15}                {actual}")
+    return "\n".join(lines)
+
+
+def plot_conv_demo(demo: dict, filter_label: str, out_path: str) -> str:
+    """Three rows, one thing varied in each: the kernel size (stride 1, padding 0), the stride (the middle
+    kernel, padding 1), the padding (the middle kernel, stride 1); each panel titled k, s, p and its size."""
+    plt = _pyplot()
+    sizes = sorted({r["k"] for r in demo["rows"]})
+    middle = sizes[len(sizes) // 2] if len(sizes) > 1 else sizes[0]
+    pick = lambda k, s, p: next(r for r in demo["rows"] if (r["k"], r["s"], r["p"]) == (k, s, p))  # noqa: E731
+    rows = [("kernel size (stride 1, padding 0)", [pick(k, 1, 0) for k in sizes]),
+            (f"stride (kernel {middle}, padding 1)", [pick(middle, s, 1) for s in (1, 2, 3)]),
+            (f"padding (kernel {middle}, stride 1)", [pick(middle, 1, p) for p in (0, 1, 2, "same")])]
+    columns = 1 + max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.6 * columns, 2.9 * len(rows)), squeeze=False)
+    n = demo["grey"].shape[-1]
+    for (label, panels), ax_row in zip(rows, axes):
+        for ax in ax_row:
+            ax.axis("off")
+        ax_row[0].imshow(demo["grey"].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax_row[0].set_title(f"input {n}x{n}\nvarying: {label}", fontsize=8)
+        for ax, r in zip(ax_row[1:], panels):
+            out = r["output"]
+            # the panel is drawn at the input's scale, so a smaller output looks smaller
+            ax.imshow(out.numpy(), cmap="gray", interpolation="nearest", extent=(0, out.shape[1], out.shape[0], 0))
+            ax.set_xlim(0, n + 4)
+            ax.set_ylim(n + 4, 0)
+            p = "same" if r["p"] == "same" else r["p"]
+            flat = " (all equal: this filter is 0 at this size)" if bool((out == out.flatten()[0]).all()) else ""
+            ax.set_title(f"k {r['k']}, s {r['s']}, p {p}\noutput {out.shape[0]}x{out.shape[1]}{flat}", fontsize=8)
+    fig.suptitle(f"one image through the {filter_label} filter (grey levels; each output scaled to its own "
+                 f"range, drawn at the input's pixel scale)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def feature_maps(model: cr.ResNet, image: torch.Tensor, normalize: cr.Normalizer) -> list:
+    """[(stage name, its output for `image`)]: the stem and each of the four stages."""
+    outputs = []
+    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.append((name, o[0])))
+             for name in ("relu", "layer1", "layer2", "layer3", "layer4")]
+    try:
+        with torch.no_grad():
+            model.eval()(normalize(image[None]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [("stem (conv1, bn, relu)" if name == "relu" else name, out) for name, out in outputs]
+
+
+def plot_network_view(model: cr.ResNet, image: torch.Tensor, normalize: cr.Normalizer, out_path: str,
+                      channels: int = 8) -> str:
+    """A trained model's first-layer filters (as colour patches) and the feature maps of `image` at the stem
+    and each stage (the first `channels` channels)."""
+    plt = _pyplot()
+    weights = model.conv1.weight.detach().float().cpu()
+    maps = feature_maps(model, image, normalize)
+    shown = min(len(weights), 32)
+    columns = max(channels, 8)
+    rows = math.ceil(shown / columns) + len(maps)
+    fig, axes = plt.subplots(rows, columns + 1, figsize=(1.45 * (columns + 1), 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    _show_image(axes[0][0], image.float(), "input", fontsize=8)
+    for i in range(shown):
+        w = weights[i]
+        w = (w - w.min()) / (w.max() - w.min() + 1e-12) * 255  # each filter stretched to the full range
+        _show_image(axes[i // columns][1 + i % columns], w, f"conv1 filter {i}\n{w.shape[1]}x{w.shape[2]}",
+                    fontsize=6)
+    for r, (name, out) in enumerate(maps, start=math.ceil(shown / columns)):
+        axes[r][0].text(0, 0.5, f"{name}\n{out.shape[0]} maps\nof {out.shape[1]}x{out.shape[2]}", fontsize=7,
+                        va="center")
+        for c in range(min(channels, out.shape[0])):
+            axes[r][1 + c].imshow(out[c].float().cpu().numpy(), cmap="viridis", interpolation="nearest")
+            axes[r][1 + c].set_title(f"channel {c}", fontsize=6)
+    fig.suptitle("a trained network: its first-layer filters, then the image's feature maps at each stage",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def report_main(argv: list) -> int:
+    """`report CHECKPOINT|RUN_DIR [--out-dir DIR]`: what saved weights get right and wrong."""
+    p = cr.command_parser("report", "What saved weights get right and wrong on the test set (and a --val-split "
+                          "run's validation images): per-class accuracy, superclasses, the confusion matrix, "
+                          "misclassified images, calibration and the learning curves, as CSV/JSON files, figures "
+                          "and one self-contained report.html")
+    p.add_argument("checkpoint", help="a checkpoint, or a run folder (its last.pt)")
+    p.add_argument("--out-dir", help="where to write (default: report/ in the checkpoint's folder)")
+    cr.add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
+    args = p.parse_args(argv)
+    r = report(args.checkpoint, args.out_dir, data_dir=args.data_dir, device=args.device, download=args.download)
+    for split, s in r["summary"].items():
+        if isinstance(s, dict):
+            print(f"{split} ({s['n']} images): top-1 {s['top1']:.2%}, top-5 {s['top5']:.2%}, calibration error "
+                  f"{s['ece']:.2%}" + (f", superclass top-1 {s['superclass_top1']:.2%}, errors inside the right "
+                                       f"superclass {s['errors_in_right_superclass']:.1%}"
+                                       if "superclass_top1" in s else ""))
+    print(f"wrote {len(r['files'])} files into {r['folder']}; open {os.path.join(r['folder'], 'report.html')}")
+    return 0
+
+
+def preview_aug_main(argv: list) -> int:
+    """`preview-aug [train flags] [--out FILE] [--images N]`: what the network sees."""
+    parser = cr.command_parser("preview-aug", "Draw the first training batches of a run with these flags through "
+                               "the training step's own augmentation: each image's original, its random crop and "
+                               "flip, and the MixUp or CutMix with its partner. Takes every train flag (--seed, "
+                               "--no-mixup, ...).", train_flags=True)
+    group = parser.add_argument_group("preview-aug")
+    group.add_argument("--out", default="augmentation.png", help="PNG to write (default: augmentation.png)")
+    group.add_argument("--images", type=int, default=8, help="images per batch shown (default: 8)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.images <= 16:
+        raise cr.UserError(f"--images must be in 1..16, got {args.images}")
+    config = cr.config_from_args(args)
+    _pyplot()  # before reading any data
+    data = cr.load_dataset(config.data_dir, config.dataset, config.download)
+    shown = preview_augmentation(config, data, per_batch=args.images)
+    for batch in shown:
+        print(f"step {batch['step']}: {batch['method']}, lam {batch['lam']:.3f}" +
+              (f", box rows {batch['box'][0]}-{batch['box'][1]} columns {batch['box'][2]}-{batch['box'][3]}"
+               if batch["box"] else ""))
+    print(f"wrote {plot_augmentation(shown, data, args.out)}")
+    return 0
+
+
+def _read_image_file(path: str) -> torch.Tensor:
+    """An image file as uint8 (3, S, S): the centre square, at most 128 pixels a side."""
+    from PIL import Image  # Pillow: installed with torchvision
+
+    try:
+        with Image.open(path) as file:
+            image = torch.from_numpy(np.array(file.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError) as e:
+        raise cr.UserError(f"cannot read the image {path}: {(str(e).splitlines() or [''])[0][:120]}") from None
+    side = min(image.shape[1:])
+    top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
+    image = image[:, top:top + side, left:left + side]
+    return _resize(image, 128) if side > 128 else image
+
+
+def _resize(image: torch.Tensor, side: int) -> torch.Tensor:
+    """A uint8 (3, H, W) image resized to side x side (bilinear, antialiased)."""
+    return F.interpolate(image[None].float(), size=(side, side), mode="bilinear",
+                         antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def conv_demo_main(argv: list) -> int:
+    """`conv-demo [--image FILE | --index N] [--filter NAME | --kernel V,V,...] [--checkpoint CKPT]`."""
+    p = cr.command_parser("conv-demo", "One image through a convolution filter at every kernel size 1/3/5/7, "
+                          "stride 1/2/3 and padding 0/1/2/same: a figure of the outputs and a table of each output "
+                          "size from floor((n + 2p - k) / s) + 1 beside the size torch's conv2d produced. With "
+                          "--checkpoint, also a trained model's first-layer filters and the image's feature maps.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--image", help="an image file (PNG, JPEG): its centre square, at most 128 pixels a side")
+    source.add_argument("--index", type=int, default=0, help="image N of the test set (default: 0)")
+    kernel = p.add_mutually_exclusive_group()
+    kernel.add_argument("--filter", default="edge", choices=CONV_FILTERS, help="the filter (default: edge)")
+    kernel.add_argument("--kernel", help="your own square filter, row by row; write it with = when it starts "
+                        "with a minus: --kernel=-1,0,1,-2,0,2,-1,0,1")
+    p.add_argument("--checkpoint", help="a checkpoint or run folder: also draw its network's view of the image")
+    p.add_argument("--out", default="conv_demo.png", help="PNG to write (default: conv_demo.png; with "
+                                                          "--checkpoint also network.png beside it)")
+    p.add_argument("--dataset", default="cifar100", choices=tuple(cr.DATASETS), help="(default: cifar100)")
+    cr.add_data_flags(p, "folder holding cifar-100-python/ (default: ./data, or the checkpoint's)")
+    args = p.parse_args(argv)
+    weight, label = None, f"{args.filter} ({', '.join(f'{k}x{k}' for k in (1, 3, 5, 7))})"
+    if args.kernel:
+        try:
+            values = [float(v) for v in args.kernel.split(",")]
+        except ValueError:
+            raise cr.UserError(f"--kernel must be numbers separated by commas, got {args.kernel!r}") from None
+        k = math.isqrt(len(values))
+        if k * k != len(values):
+            raise cr.UserError(f"--kernel needs a square number of values (9 for 3x3), got {len(values)}")
+        weight, label = torch.tensor(values).view(k, k), f"given {k}x{k}"
+    _pyplot()  # before reading any data
+    run = cr.load_run(args.checkpoint, data_dir=args.data_dir, device=args.device, download=args.download) \
+        if args.checkpoint else None
+    if args.image:
+        image, what = _read_image_file(args.image), args.image
+    else:
+        data = run.data if run else cr.load_dataset(args.data_dir or "./data", args.dataset, args.download)
+        if not 0 <= args.index < len(data.test_images):
+            raise cr.UserError(f"--index must be in 0..{len(data.test_images) - 1}, got {args.index}")
+        image = data.test_images[args.index]
+        what = f"test image {args.index} ({data.classes[int(data.test_labels[args.index])]})"
+    demo = conv_demo(image, args.filter, weight)
+    print(f"{what}, {image.shape[1]}x{image.shape[2]} pixels, through the {label} filter:")
+    print(conv_table(demo))
+    written = [plot_conv_demo(demo, label, args.out)]
+    if run:
+        if image.shape[1:] != (cr.IMAGE_SIZE, cr.IMAGE_SIZE):
+            image = _resize(image, cr.IMAGE_SIZE)
+        written.append(plot_network_view(run.model, image.to(run.device), run.normalize,
+                                         os.path.join(os.path.dirname(os.path.abspath(args.out)), "network.png")))
+    print(f"wrote {' and '.join(written)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The commands: also reached through cifar100_resnet's command line (cifar100-resnet COMMAND)
+
+COMMANDS = {"lr-find": lr_find_main, "sweep": sweep_main, "plot": plot_main, "report": report_main,
+            "preview-aug": preview_aug_main, "conv-demo": conv_demo_main, "bench": bench_main}
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python cifar100_lab.py COMMAND ...`: the lab's commands, with cifar100_resnet's error handling."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__.split("\n\n")[1])
+            return 0
+        print(f"error: the lab's commands are {', '.join(COMMANDS)}; got {argv[0] if argv else 'none'} (training and "
+              f"eval: cifar100_resnet.py)", file=sys.stderr)
+        return 2
+    return cr.main(argv)
+
+
+if __name__ == "__main__":
+    import cifar100_lab  # the module as cifar100_resnet imports it, not this copy named __main__
+
+    sys.exit(cifar100_lab.main())
