@@ -901,13 +901,11 @@ def _cifar_steps_per_epoch(config: cr.TrainConfig) -> int:
 
 
 def _run_schedule(run_dir: str, epochs: float):
-    """The per-step schedule of a run folder, from its config.json; None without one."""
+    """The per-step schedule of a run folder, from its config.json (0.3 or later); None without one."""
     saved = cr.RunFolder(run_dir).saved_config()
-    if saved is None or "t0_resolved" not in saved:
+    if saved is None or not {"t0_resolved", "steps_per_epoch"} <= set(saved):
         return None
-    config = cr.TrainConfig.from_dict(saved)
-    steps = saved.get("steps_per_epoch") or _cifar_steps_per_epoch(config)  # runs before 0.3 did not record it
-    return schedule_per_step(config, saved["t0_resolved"], steps, epochs)
+    return schedule_per_step(cr.TrainConfig.from_dict(saved), saved["t0_resolved"], saved["steps_per_epoch"], epochs)
 
 
 def _pyplot():

@@ -4,15 +4,12 @@
     python cifar100_resnet.py --help                     # every flag, and every command
     python cifar100_resnet.py eval runs/a/best.pt --tta  # test accuracy of saved weights
 
-One self-contained module (torch and numpy; torchvision only to download the data): its own ResNet-18/34,
-the official CIFAR files read without running pickled code, the whole dataset resident on the training
-device, crop/flip/MixUp/CutMix and the notebook's advanced policy as batch tensor functions, label-smoothed
-cross-entropy on mixed targets, SGD with per-step cosine annealing with warm restarts, mixed precision,
-exact top-1/top-5 evaluation, a run folder (config.json, metrics.csv, checkpoints) that a kill at any moment
-leaves whole, and bit-exact resume. Copy this file to train; the lab beside it, cifar100_lab.py, adds the
-learning-rate range test, sweeps, plots, reports and the bench command (its commands run from here too).
-
-Library use:
+One module (torch and numpy; torchvision only to download the data), to run, import or copy: its own
+ResNet-18/34, a reader of the official files that runs no pickled code, the dataset resident on the device,
+the augmentations and MixUp/CutMix as batch tensor functions, label-smoothed loss on mixed targets, SGD with
+per-step cosine warm restarts, mixed precision, exact evaluation, and a run folder that a kill at any moment
+leaves whole and that resumes bit-exactly. The lab beside it, cifar100_lab.py, adds lr-find, sweeps, plots,
+reports and bench; its commands run from here too.
 
     import cifar100_resnet as cr
     result = cr.train(cr.TrainConfig(epochs=30, batch_size=512, lr=0.4, data_dir="./data"))
@@ -51,7 +48,7 @@ __all__ = [  # what a vendoring user may rely on
     "evaluate_checkpoint",
     # run folder and checkpoints
     "METRIC_COLUMNS", "RunFolder", "CheckpointWriter", "atomic_save", "load_checkpoint", "load_weights",
-    "csv_text", "metrics_text",
+    "csv_text",
     # command line
     "main", "build_parser", "command_parser", "config_from_args", "add_data_flags", "LAB_COMMANDS", "Console",
     "StopSignals", "set_backend_flags", "format_duration",
@@ -63,6 +60,7 @@ import dataclasses
 import datetime
 import difflib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import math
@@ -75,7 +73,7 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -383,27 +381,29 @@ def _read_pickle(path: str) -> dict:
     return obj
 
 
-def _read_batches(folder: str, files: tuple[str, ...], label_key: str, num_classes: int,
-                  coarse_key: Optional[str] = None):
-    """(images, labels, [(fine, coarse) label pairs seen, when the files have coarse_key]) of the files."""
+def _int_list(batch: dict, key: str, n: int, path: str) -> list:
+    values = batch.get(key)
+    if not isinstance(values, list) or len(values) != n or not all(type(v) is int for v in values):
+        raise DataError(f"{path}: '{key}' must be a list of {n} ints")
+    return values
+
+
+def _read_batches(folder: str, files: tuple[str, ...], info: DatasetInfo) -> tuple:
+    """(uint8 NCHW images, labels, the set of (class, superclass) pairs seen) of the batch files."""
     images, labels, pairs = [], [], set()
     for name in files:
         path = os.path.join(folder, name)
         batch = _read_pickle(path)
-        data, lab = batch.get("data"), batch.get(label_key)
+        data = batch.get("data")
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
-        if not isinstance(lab, list) or len(lab) != len(data) or not all(type(v) is int for v in lab):
-            raise DataError(f"{path}: '{label_key}' must be a list of {len(data)} ints")
-        if lab and not 0 <= min(lab) <= max(lab) < num_classes:
-            raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}")
+        fine = _int_list(batch, info.label_key, len(data), path)
+        if fine and not 0 <= min(fine) <= max(fine) < info.num_classes:
+            raise DataError(f"{path}: labels must lie in 0..{info.num_classes - 1}")
         images.append(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))  # rows are R, G, B planes: NCHW
-        labels.append(np.asarray(lab, dtype=np.int64))
-        coarse = batch.get(coarse_key) if coarse_key else None
-        if coarse is not None:
-            if not isinstance(coarse, list) or len(coarse) != len(data) or not all(type(v) is int for v in coarse):
-                raise DataError(f"{path}: '{coarse_key}' must be a list of {len(data)} ints")
-            pairs.update(zip(lab, coarse))
+        labels.append(np.asarray(fine, dtype=np.int64))
+        if info.coarse_key and batch.get(info.coarse_key) is not None:
+            pairs.update(zip(fine, _int_list(batch, info.coarse_key, len(data), path)))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), pairs
 
 
@@ -422,24 +422,20 @@ class CifarData:
 def read_cifar(folder: str, dataset: str = "cifar100") -> CifarData:
     """Read the official layout in `folder` (e.g. ./data/cifar-100-python) into uint8 NCHW tensors."""
     info = DATASETS[dataset]
-    train_images, train_labels, pairs = _read_batches(folder, info.train_files, info.label_key, info.num_classes,
-                                                      info.coarse_key)
-    test_images, test_labels, test_pairs = _read_batches(folder, info.test_files, info.label_key, info.num_classes,
-                                                         info.coarse_key)
+    train_images, train_labels, pairs = _read_batches(folder, info.train_files, info)
+    test_images, test_labels, test_pairs = _read_batches(folder, info.test_files, info)
     meta_path = os.path.join(folder, info.meta_file)
     meta = _read_pickle(meta_path)
     names = meta.get(info.names_key)
     if not isinstance(names, list) or len(names) != info.num_classes:
         raise DataError(f"{meta_path}: '{info.names_key}' must list {info.num_classes} class names")
     data = CifarData(train_images, train_labels, test_images, test_labels, [str(n) for n in names], info)
-    pairs |= test_pairs
-    superclass_of = dict(sorted(pairs))  # the superclass labels (CIFAR-100's coarse labels)
-    if len(superclass_of) != len(pairs):
+    superclass_of = dict(sorted(pairs | test_pairs))  # CIFAR-100's coarse labels
+    if len(superclass_of) != len(pairs | test_pairs):
         raise DataError(f"{folder}: the '{info.coarse_key}' put a class in two superclasses")
     if len(superclass_of) == info.num_classes:  # (a cut-down copy may lack some classes: then no superclasses)
         data.superclass_of = torch.tensor([superclass_of[c] for c in range(info.num_classes)])
-        n_super = int(data.superclass_of.max()) + 1
-        coarse_names = meta.get(info.coarse_names_key)
+        n_super, coarse_names = int(data.superclass_of.max()) + 1, meta.get(info.coarse_names_key)
         data.superclasses = ([str(n) for n in coarse_names] if isinstance(coarse_names, list) and
                              len(coarse_names) == n_super else [f"superclass {i}" for i in range(n_super)])
     return data
@@ -462,19 +458,16 @@ def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True
     if missing:
         reason = "download switched off (--no-download)"
         if download:
-            try:
-                from torchvision.datasets.utils import download_and_extract_archive  # only needed here
-            except ImportError:
-                raise DataError(f"{dataset} is not in {os.path.abspath(folder)}, and downloading it needs "
-                                f"torchvision (pip install torchvision), or download {info.url} and extract it "
-                                f"into {os.path.abspath(data_dir)}") from None
             created = not os.path.exists(data_dir)
             try:
+                from torchvision.datasets.utils import download_and_extract_archive  # only needed here
+
                 download_and_extract_archive(info.url, download_root=data_dir, md5=info.archive_md5)
                 reason = ""
             except Exception as e:  # no network, a proxy page, a bad md5, a full disk: all end the same way
                 first_line = (str(e).strip().splitlines() or [""])[0][:160]
-                reason = f"download failed ({type(e).__name__}: {first_line})"
+                reason = ("downloading needs torchvision (pip install torchvision)" if isinstance(e, ImportError)
+                          else f"download failed ({type(e).__name__}: {first_line})")
                 if created:  # leave no empty or half-filled folder behind
                     shutil.rmtree(data_dir, ignore_errors=True)
         missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
@@ -522,10 +515,6 @@ def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
 # Augmentation and mixing: batch tensor functions, all randomness from torch (optionally a Generator)
 
 
-def _randint(high: int, n: int, generator, device) -> torch.Tensor:
-    return torch.randint(0, high, (n,), generator=generator, device=device)
-
-
 def random_crop(images: torch.Tensor, padding: int = CROP_PADDING, generator: Optional[torch.Generator] = None,
                 return_offsets: bool = False):
     """Each image: zero-pad by `padding`, then cut a same-size window at its own random offset (with
@@ -535,10 +524,9 @@ def random_crop(images: torch.Tensor, padding: int = CROP_PADDING, generator: Op
     at a time with one torch.where per possible offset: 2 * (2 * padding + 1) passes, no host sync.
     """
     n, _, h, w = images.shape
-    device = images.device
     padded = F.pad(images, (padding,) * 4)
-    dy = _randint(2 * padding + 1, n, generator, device).view(n, 1, 1, 1)
-    dx = _randint(2 * padding + 1, n, generator, device).view(n, 1, 1, 1)
+    dy, dx = (torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator, device=images.device)
+              for _ in range(2))
     rows = padded[:, :, 0:h, :]
     for s in range(1, 2 * padding + 1):
         rows = torch.where(dy == s, padded[:, :, s:s + h, :], rows)
@@ -680,25 +668,21 @@ def to_gray(images: torch.Tensor) -> torch.Tensor:
     return to_gray_uint8(images)[:, None].expand_as(images).contiguous()
 
 
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
-
-
 def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Multiply by each image's factor, clip, truncate (Albumentations' lookup table)."""
-    return (images.float() * _per_image(factor).float()).clamp(0, 255).to(torch.uint8)
+    return (images.float() * factor.view(-1, 1, 1, 1).float()).clamp(0, 255).to(torch.uint8)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend each image with its mean grey level: x * f + mean * (1 - f), clipped, truncated."""
-    mean = _per_image(to_gray_uint8(images).float().mean((1, 2)))
-    f = _per_image(factor).float()
+    mean = to_gray_uint8(images).float().mean((1, 2)).view(-1, 1, 1, 1)
+    f = factor.view(-1, 1, 1, 1).float()
     return (images.float() * f + mean * (1 - f)).clamp(0, 255).to(torch.uint8)
 
 
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend each image with its grey version: x * f + grey * (1 - f), rounded (OpenCV's addWeighted)."""
-    f = _per_image(factor).float()
+    f = factor.view(-1, 1, 1, 1).float()
     grey = to_gray_uint8(images)[:, None].float()
     return (images.float() * f + grey * (1 - f)).round().clamp(0, 255).to(torch.uint8)
 
@@ -726,7 +710,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Turn each image's hue by factor x 360 degrees (in floating point), rounded back to uint8."""
     hsv = rgb_to_hsv(images.float() / 255)
-    hsv[:, 0] = (hsv[:, 0] + _per_image(factor)[:, 0].float() * 360) % 360
+    hsv[:, 0] = (hsv[:, 0] + factor.view(-1, 1, 1).float() * 360) % 360
     return (hsv_to_rgb(hsv) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -920,14 +904,6 @@ def grid_distortion_maps(steps_x: torch.Tensor, steps_y: torch.Tensor, height: i
     return xx[:, None, :].expand(n, height, width), yy[:, :, None].expand(n, height, width)
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    """OpenCV's Gaussian kernel for a float image and ksize (0, 0): 8 sigma + 1 taps (odd), normalised."""
-    size = int(round(sigma * 4 * 2 + 1)) | 1
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return kernel / kernel.sum()
-
-
 def elastic_maps(n: int, height: int, width: int, generator=None, device=None, alpha: float = ELASTIC_ALPHA,
                  sigma: float = ELASTIC_SIGMA) -> tuple:
     """Albumentations' ElasticTransform displacement: Gaussian noise per pixel and axis, divided by its largest
@@ -938,9 +914,11 @@ def elastic_maps(n: int, height: int, width: int, generator=None, device=None, a
 
 
 def blur_displacement(fields: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A separable Gaussian blur of (N, C, H, W) fields, edges replicated (OpenCV's BORDER_REPLICATE)."""
-    kernel = _gaussian_kernel(sigma).to(fields.device, torch.float32)
-    r = len(kernel) // 2
+    """A separable Gaussian blur of (N, C, H, W) fields, edges replicated (OpenCV's BORDER_REPLICATE), with
+    OpenCV's kernel for a float image and ksize (0, 0): 8 sigma + 1 taps (odd), normalised."""
+    r = (int(round(sigma * 4 * 2 + 1)) | 1) // 2
+    kernel = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).to(fields.device)
     n, c, h, w = fields.shape
     x = fields.reshape(n * c, 1, h, w)
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
@@ -1071,19 +1049,11 @@ class ResNet(nn.Module):
             channels = out_channels
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        self.apply(self._init_weights)
-        if zero_init_residual:
-            for module in self.modules():
-                if isinstance(module, BasicBlock):
-                    nn.init.zeros_(module.bn2.weight)
-
-    @staticmethod
-    def _init_weights(module):  # torchvision's choices; nn.Linear keeps its default init
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        for module in self.modules():  # torchvision's init; BatchNorm (weight 1, bias 0) and Linear keep torch's
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, BasicBlock) and zero_init_residual:
+                nn.init.zeros_(module.bn2.weight)
 
     def forward(self, x):  # x: (B, 3, H, W) normalised images
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -1189,30 +1159,21 @@ def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
 # Devices and precision
 
 
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
 def resolve_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; anything named must exist here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if _mps_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not _mps_available():
-            raise UserError(f"--device {name}: MPS is not available on this machine")
-    elif device.type != "cpu":
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[device.type]:
+        raise UserError(f"--device {name}: {device.type.upper()} is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -1229,8 +1190,6 @@ def resolve_compile(setting: str, device: torch.device, epochs: int) -> bool:
     """Whether to torch.compile the step. auto: with CUDA (and Triton, its GPU compiler), for long runs."""
     if setting != "auto":
         return setting == "on"
-    import importlib.util
-
     return device.type == "cuda" and epochs >= COMPILE_AUTO_EPOCHS and importlib.util.find_spec("triton") is not None
 
 
@@ -1258,9 +1217,19 @@ class Environment:
     world: int = 1
 
     def record(self) -> dict:
-        return {"device_resolved": str(self.device), "amp_resolved": str(self.amp_dtype or "off"),
-                "compile_resolved": self.compile, "cuda_graphs_resolved": self.cuda_graphs, "t0_resolved": self.t0,
-                "processes": self.world}
+        """What config.json records of it, with the versions the run used."""
+        try:  # from the installed package's metadata: importing torchvision would cost a second per run
+            torchvision_version = importlib.metadata.version("torchvision")
+        except importlib.metadata.PackageNotFoundError:
+            torchvision_version = None  # only downloading needs it
+        record = {"device_resolved": str(self.device), "amp_resolved": str(self.amp_dtype or "off"),
+                  "compile_resolved": self.compile, "cuda_graphs_resolved": self.cuda_graphs, "t0_resolved": self.t0,
+                  "processes": self.world, "torch_version": torch.__version__,
+                  "torchvision_version": torchvision_version, "numpy_version": np.__version__,
+                  "python_version": sys.version.split()[0], "module_version": __version__}
+        if self.device.type == "cuda":
+            record["device_name"] = torch.cuda.get_device_name(self.device)
+        return record
 
 
 def resolve(config: TrainConfig) -> Environment:
@@ -1306,12 +1275,6 @@ def join_torchrun(device: str) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group("nccl" if gpus else "gloo")
     return True
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for the device's queued work (before reading a host clock)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1401,27 +1364,25 @@ class CapturedStep:
 
 
 class Trainer:
-    """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time."""
+    """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time.
+
+    With several processes (torchrun) each step takes one global batch of batch_size x processes images, the
+    same on every process (one permutation, one augmentation, one mixing draw); each process trains on its
+    share of it and DistributedDataParallel averages the gradients."""
 
     def __init__(self, config: TrainConfig, data: CifarData, log: Callable[[str], None] = print,
                  env: Optional[Environment] = None, progress: Optional[Callable[[str], None]] = None):
         self.env = env or resolve(config)  # train() resolves once and passes it on
-        self.config, self.log = config, log
-        self.progress = progress or log  # step lines; a terminal may rewrite them in place
+        self.config, self.log, self.progress = config, log, progress or log  # progress: the step lines
         self.next_progress = time.perf_counter() + PROGRESS_FIRST_SECONDS  # the first timed step line
         self.told_cpu_cost = False
         self.device, self.amp_dtype, self.t0 = self.env.device, self.env.amp_dtype, self.env.t0
+        self.rank, self.world = self.env.rank, self.env.world
         cuda = self.device.type == "cuda"
-
-        # "train", "val", "test": (uint8 images, labels) on the device
-        self.splits = {name: (images.to(self.device), labels.to(self.device))
+        self.splits = {name: (images.to(self.device), labels.to(self.device))  # (uint8 images, labels)
                        for name, (images, labels) in split_data(data, config).items()}
         self.n_train = len(self.splits["train"][0])
         self.normalize = Normalizer(data.info.mean, data.info.std, self.device, channels_last=cuda)
-        # With several processes (torchrun) each step takes one global batch of batch_size x processes images,
-        # the same on every process (one permutation, one augmentation, one mixing draw); each process trains
-        # on its share of it and DistributedDataParallel averages the gradients.
-        self.rank, self.world = self.env.rank, self.env.world
         global_batch = config.batch_size * self.world
         if global_batch > self.n_train:
             processes = f" x {self.world} processes" if self.world > 1 else ""
@@ -1467,6 +1428,12 @@ class Trainer:
         self.history: list = []  # one metrics row per completed epoch: metrics.csv is written from it
         self.run_id: Optional[str] = None  # names the run a checkpoint belongs to (set by train())
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batches)
+
+    # --- one step
+
     def _forward_loss(self, x, labels_a, labels_b, lam):
         # no autocast weight cache: each weight is cast once per step anyway, and a cache breaks graph replay
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype
@@ -1504,7 +1471,10 @@ class Trainer:
             try:
                 loss = self._update(*batch, weight)
             except Exception as e:  # compiling fails before the optimiser step: nothing has changed yet
-                if not (trial and _is_compile_error(e)):  # running out of memory, say, is not a compile failure
+                from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile already
+
+                if not trial or not isinstance(e, TorchDynamoException) or isinstance(
+                        e, torch.cuda.OutOfMemoryError):  # running out of memory, say, is not a compile failure
                     raise
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
                 warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training on without it "
@@ -1522,22 +1492,44 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_tensor if self.lr_tensor is not None else lr
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.batches)
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """One training step on a (global) batch of augmented uint8 images at the rate set: normalise, mix,
+        and train on this process's share. Returns the loss (a device tensor) and the share's image count."""
+        x, y_a, y_b, lam = mix_batch(self.normalize(images), labels, self.config, self.mix_rng)
+        n, weight = len(images), 1.0
+        if self.world > 1:  # this process's share of the global batch, mixed as a whole above
+            first, last = self._share(len(images))
+            x, y_a, y_b, n = x[first:last], y_a[first:last], y_b[first:last], last - first
+            weight = n * self.world / len(images)  # the gradients' average is then the batch's mean
+        return self._step(x, y_a, y_b, torch.full((), lam, device=self.device), weight), n
+
+    # --- one epoch
+
+    def augmented_epoch(self, details: bool = False) -> tuple:
+        """The training images of one epoch in the order drawn for it, cropped and flipped (and with --aug
+        advanced, through the policy), and their labels: the steps take their batches from these in order,
+        and mix each. With details, also which image each is and how it was changed ({"order", "dy", "dx",
+        "flipped", "operations"})."""
+        train_images, train_labels = self.splits["train"]
+        order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
+        cropped, (dy, dx) = random_crop(train_images[order], generator=self.data_rng, return_offsets=True)
+        images, flipped = random_flip(cropped, generator=self.data_rng, return_mask=True)
+        operations = None
+        if self.config.aug == "advanced":
+            images, operations = advanced_augment(images, self.data_rng)
+        changes = {"order": order, "dy": dy, "dx": dx, "flipped": flipped, "operations": operations}
+        return (images, train_labels[order], changes) if details else (images, train_labels[order])
 
     def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> Optional[dict]:
         """Train epoch self.epoch + 1 (or finish an interrupted one). Returns its train metrics, or None when
         should_stop() asked to stop after a step (self.partial then holds where to continue)."""
-        cfg, dev = self.config, self.device
-        state = self.partial
+        cfg, dev, state = self.config, self.device, self.partial
         if state is None:
             state = EpochState(self.data_rng.get_state(), loss_sum=torch.zeros((), device=dev),
                                first_bad_step=torch.full((), -1, dtype=torch.int64, device=dev))
         else:
             self.data_rng.set_state(state.data_rng_at_start)  # replays this epoch's order and augmentation
         self.partial = None
-
         images, labels = self.augmented_epoch()
         self.model.train()
         started = time.perf_counter() - state.seconds
@@ -1546,7 +1538,6 @@ class Trainer:
             lr = learning_rate(self.epoch + step / self.steps_per_epoch, cfg, self.t0)
             self.set_lr(lr)
             loss, n = self.train_batch(images[start:end], labels[start:end])
-
             state.loss_sum += loss * n
             bad_now = ~torch.isfinite(loss) & (state.first_bad_step < 0)
             state.first_bad_step = torch.where(bad_now, step, state.first_bad_step)
@@ -1560,102 +1551,19 @@ class Trainer:
                 self._report_progress(state, lr, time.perf_counter() - started)
                 self.next_progress = now + PROGRESS_EVERY_SECONDS
             if state.step < self.steps_per_epoch and self.agree_to_stop(should_stop()):
-                _sync(dev)
-                state.seconds = time.perf_counter() - started
-                self._check_finite(state)
-                if self.world > 1:  # the epoch so far, over every process: what any number of them resumes
-                    state.loss_sum, state.seen = self._sum(state.loss_sum, state.seen)
-                self.partial = state
-                return None
-        _sync(dev)
-        seconds = time.perf_counter() - started
+                break
+        if dev.type == "cuda":  # its queued work done, before reading the clock
+            torch.cuda.synchronize(dev)
+        state.seconds = time.perf_counter() - started
         self._check_finite(state)
-        loss_sum, seen = self._sum(state.loss_sum, state.seen) if self.world > 1 else (state.loss_sum, state.seen)
+        if self.world > 1:  # the epoch so far, over every process (what any number of them resumes)
+            state.loss_sum, state.seen = self._sum(state.loss_sum, state.seen)
+        if state.step < self.steps_per_epoch:
+            self.partial = state
+            return None
         self.epoch += 1
-        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(loss_sum) / seen,
-                "train_seconds": seconds, "images_per_s": self.n_train / seconds}
-
-    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """One training step on a (global) batch of augmented uint8 images at the rate set: normalise, mix,
-        and train on this process's share. Returns the loss (a device tensor) and the share's image count."""
-        x, y_a, y_b, lam = mix_batch(self.normalize(images), labels, self.config, self.mix_rng)
-        n, weight = len(images), 1.0
-        if self.world > 1:  # this process's share of the global batch, mixed as a whole above
-            first, last = self._share(len(images))
-            x, y_a, y_b, n = x[first:last], y_a[first:last], y_b[first:last], last - first
-            weight = n * self.world / len(images)  # the gradients' average is then the batch's mean
-        return self._step(x, y_a, y_b, torch.full((), lam, device=self.device), weight), n
-
-    def _share(self, n: int) -> tuple[int, int]:
-        """[first, last) of this process's share of n images: consecutive, sizes differing by at most one."""
-        size, extra = divmod(n, self.world)
-        first = self.rank * size + min(self.rank, extra)
-        return first, first + size + (self.rank < extra)
-
-    def _sum(self, loss_sum: torch.Tensor, seen: int) -> tuple:
-        """The summed loss and image count over every process."""
-        totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(seen), device=loss_sum.device,
-                                                                       dtype=torch.float64)])
-        torch.distributed.all_reduce(totals)
-        return totals[0], int(totals[1])
-
-    def agree_to_stop(self, asked: bool, wait: bool = False) -> bool:
-        """Whether to stop now. Alone: when asked. With several processes, every process must stop at the same
-        step, though a signal reaches each at its own moment: each call sends this process's answer to all the
-        others in the background (over the CPU) and reads the answers of the call before, so processes stop
-        together one step after the first was asked, without waiting on each other. wait: decide on this
-        call's answers too (after an epoch)."""
-        if self.world == 1:
-            return asked
-        previous = self._vote
-        mine = torch.tensor([int(asked)], dtype=torch.int32)
-        self._vote = (mine, torch.distributed.all_reduce(mine, group=self.control, async_op=True))
-        stop = False
-        if previous is not None:
-            previous[1].wait()
-            stop = bool(previous[0].item())
-        if wait or stop:
-            self._vote[1].wait()
-            stop = stop or bool(mine.item())
-            self._vote = None
-        return stop
-
-    def close(self, timeout: Optional[float] = None) -> None:
-        """With several processes: wait for the stop vote still in flight, then free the group that carries the
-        votes. A process must not end with a collective in flight (gloo then aborts it as it exits). Every
-        process that reached a step sent its vote, so where all stop at the same step, as train() does, the
-        wait is short. timeout: where this process stops alone (a failed write), give up after that many
-        seconds and leave the group as it is."""
-        if self._vote is not None:
-            try:
-                if timeout is None:
-                    self._vote[1].wait()
-                else:
-                    self._vote[1].wait(datetime.timedelta(seconds=timeout))
-            except RuntimeError:
-                if timeout is None:
-                    raise
-                return
-            self._vote = None
-        if self.control is not None:
-            torch.distributed.destroy_process_group(self.control)
-            self.control = None
-
-    def augmented_epoch(self, details: bool = False) -> tuple:
-        """The training images of one epoch in the order drawn for it, cropped and flipped, and their labels:
-        the steps of the epoch take their batches from these, in order, and mix each (draws from data_rng).
-        With details, also {"order", "dy", "dx", "flipped"}: which image, and how each was cropped and flipped."""
-        train_images, train_labels = self.splits["train"]
-        order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
-        cropped, (dy, dx) = random_crop(train_images[order], generator=self.data_rng, return_offsets=True)
-        images, flipped = random_flip(cropped, generator=self.data_rng, return_mask=True)
-        operations = None
-        if self.config.aug == "advanced":
-            images, operations = advanced_augment(images, self.data_rng)
-        if details:
-            return images, train_labels[order], {"order": order, "dy": dy, "dx": dx, "flipped": flipped,
-                                                 "operations": operations}
-        return images, train_labels[order]
+        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(state.loss_sum) / state.seen,
+                "train_seconds": state.seconds, "images_per_s": self.n_train / state.seconds}
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
         """A step line: loss so far, images/s in this epoch, and the time left in the epoch and in the run. With
@@ -1679,18 +1587,16 @@ class Trainer:
             bad = torch.where(bad < 0, self.steps_per_epoch, bad)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
             bad = torch.where(bad == self.steps_per_epoch, -1, bad)
-        bad = int(bad)
-        if bad >= 0:
-            lr = learning_rate(self.epoch + bad / self.steps_per_epoch, self.config, self.t0)
-            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {bad + 1} "
+        if int(bad) >= 0:
+            lr = learning_rate(self.epoch + int(bad) / self.steps_per_epoch, self.config, self.t0)
+            raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {int(bad) + 1} "
                                    f"(lr {lr:.4g})")
 
     def check_weights_finite(self, where: str) -> None:
         """Raise TrainingDiverged unless every weight and buffer (BatchNorm statistics too) is finite."""
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):  # one host sync
-            bad = next(name for name, t in self.model.state_dict().items()
-                       if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        tensors = {name: t for name, t in self.model.state_dict().items() if t.is_floating_point()}
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):  # one host sync
+            bad = next(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
             raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
     def evaluate(self, split: str = "test") -> dict:
@@ -1714,23 +1620,67 @@ class Trainer:
         torch.distributed.all_reduce(sums)
         return {"n": len(images), **{k: float(v) / max(len(images), 1) for k, v in zip(keys, sums)}}
 
+    # --- several processes
+
+    def _share(self, n: int) -> tuple[int, int]:
+        """[first, last) of this process's share of n images: consecutive, sizes differing by at most one."""
+        size, extra = divmod(n, self.world)
+        first = self.rank * size + min(self.rank, extra)
+        return first, first + size + (self.rank < extra)
+
+    def _sum(self, loss_sum: torch.Tensor, seen: int) -> tuple:
+        """The summed loss and image count over every process."""
+        totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(seen), device=loss_sum.device,
+                                                                       dtype=torch.float64)])
+        torch.distributed.all_reduce(totals)
+        return totals[0], int(totals[1])
+
+    def agree_to_stop(self, asked: bool, wait: bool = False) -> bool:
+        """Whether to stop now. Alone: when asked. With several processes, every process must stop at the same
+        step, though a signal reaches each at its own moment: each call sends this process's answer to all the
+        others in the background (over the CPU) and reads the answers of the call before, so processes stop
+        together one step after the first was asked, without waiting on each other. wait: decide on this
+        call's answers too (after an epoch)."""
+        if self.world == 1:
+            return asked
+        previous, mine = self._vote, torch.tensor([int(asked)], dtype=torch.int32)
+        self._vote = (mine, torch.distributed.all_reduce(mine, group=self.control, async_op=True))
+        stop = False
+        if previous is not None:
+            previous[1].wait()
+            stop = bool(previous[0].item())
+        if wait or stop:
+            self._vote[1].wait()
+            stop, self._vote = stop or bool(mine.item()), None
+        return stop
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """With several processes: wait for the stop vote still in flight (a process that ends with a gloo
+        collective in flight aborts), then free the group that carries the votes. timeout: where this process
+        stops alone (a failed write), give up after that many seconds and leave the group as it is."""
+        if self._vote is not None:
+            try:
+                self._vote[1].wait(*([datetime.timedelta(seconds=timeout)] if timeout is not None else []))
+            except RuntimeError:
+                if timeout is None:
+                    raise
+                return
+            self._vote = None
+        if self.control is not None:
+            torch.distributed.destroy_process_group(self.control)
+            self.control = None
+
     # --- checkpoints: plain dicts of tensors and Python values, loadable with torch.load(weights_only=True)
 
     def state_dict(self) -> dict:
-        partial = None
-        if self.partial is not None:
-            partial = dataclasses.asdict(self.partial)
-        return {
-            "format": "cifar100_resnet", "version": __version__, "run_id": self.run_id,
-            "config": self.config.saved(),
-            "epoch": self.epoch, "partial_epoch": partial, "best": dict(self.best), "processes": self.world,
-            "history": [dict(row) for row in self.history],
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {"data": self.data_rng.get_state(), "mix": self.mix_rng.get_state(),
-                    "data_device": self.device.type},
-        }
+        return {"format": "cifar100_resnet", "version": __version__, "run_id": self.run_id,
+                "config": self.config.saved(), "epoch": self.epoch,
+                "partial_epoch": dataclasses.asdict(self.partial) if self.partial is not None else None,
+                "best": dict(self.best), "processes": self.world, "history": [dict(row) for row in self.history],
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": {"data": self.data_rng.get_state(), "mix": self.mix_rng.get_state(),
+                        "data_device": self.device.type}}
 
     def load_state_dict(self, ckpt: dict, path: str = "the checkpoint") -> None:
         load_weights(self.model, ckpt, path)
@@ -1742,11 +1692,11 @@ class Trainer:
         self.epoch, self.best = int(ckpt["epoch"]), dict(ckpt["best"])
         self.history = [dict(row) for row in ckpt["history"]]
         self.mix_rng.set_state(ckpt["rng"]["mix"])
-        partial = ckpt.get("partial_epoch")
-        if partial is not None and ckpt.get("processes", 1) != self.world:
-            raise UserError(f"{path} was written inside an epoch by {ckpt.get('processes', 1)} process(es), whose "
-                            f"steps were batches of {ckpt.get('processes', 1)} x --batch-size: resume it with as many "
-                            f"(a checkpoint written between epochs resumes with any number)")
+        partial, processes = ckpt.get("partial_epoch"), ckpt.get("processes", 1)
+        if partial is not None and processes != self.world:
+            raise UserError(f"{path} was written inside an epoch by {processes} process(es), whose steps were "
+                            f"batches of {processes} x --batch-size: resume it with as many (a checkpoint written "
+                            f"between epochs resumes with any number)")
         if ckpt["rng"]["data_device"] == self.device.type:
             self.data_rng.set_state(ckpt["rng"]["data"])
             if partial is not None:
@@ -1763,15 +1713,6 @@ class Trainer:
         self.partial = partial
 
 
-def _is_compile_error(error: BaseException) -> bool:
-    """Whether torch.compile failed to compile (Dynamo, Inductor, the C++ or Triton compiler under them),
-    as opposed to an error in running the step (out of memory, a bad input), which compiling or not would meet
-    again."""
-    import torch._dynamo as dynamo  # loaded by torch.compile already; its exceptions' base class
-
-    return isinstance(error, dynamo.exc.TorchDynamoException) and not isinstance(error, torch.cuda.OutOfMemoryError)
-
-
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
     """Give each loaded momentum buffer its parameter's memory layout. Checkpoints hold contiguous tensors
     (snapshots from CUDA are copied contiguous; a CPU run has no channels_last), while on CUDA the weights
@@ -1783,9 +1724,8 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def check_architecture(ckpt: dict, config: TrainConfig) -> None:
-    """Refuse a checkpoint of another model with one clear message instead of a state_dict key dump."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
-        raise UserError("not a cifar100_resnet checkpoint")
+    """Refuse a checkpoint (load_checkpoint's) of another model with one clear message instead of a state_dict
+    key dump."""
     saved = ckpt["config"]
     keys = ("arch", "stem", "width", "dataset")
     theirs, ours = {k: saved.get(k) for k in keys}, {k: getattr(config, k) for k in keys}
@@ -1839,30 +1779,19 @@ def atomic_save(obj, path: str) -> None:
             os.fsync(f.fileno())
         _fault_point(f"written {name}")
         os.replace(tmp, path)
-        _fsync_folder(folder)
+        with suppress(OSError):  # make the rename durable (POSIX; Windows cannot open a folder)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except BaseException as e:
-        try:
+        with suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise WriteFailed(f"could not write {path}: {e.strerror or e}") from None
         raise
     _fault_point(f"renamed {name}")
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str, full: bool = True) -> dict:
@@ -1923,11 +1852,6 @@ def csv_text(rows: list, columns: list) -> str:
     return buf.getvalue()
 
 
-def metrics_text(history: list) -> str:
-    """metrics.csv: a header and one row per epoch."""
-    return csv_text(history, METRIC_COLUMNS)
-
-
 def _derived_files(state: dict) -> list:
     """[(name, content)] of the files written after last.pt from the same state: best.pt when this epoch is
     the best so far, ckpt_ep{N}.pt when due, and metrics.csv (from the state's history)."""
@@ -1938,7 +1862,7 @@ def _derived_files(state: dict) -> list:
         every = state["config"]["checkpoint_every"]
         if every and state["epoch"] % every == 0:
             files.append((f"ckpt_ep{state['epoch']}.pt", state))
-    files.append(("metrics.csv", metrics_text(state["history"])))
+    files.append(("metrics.csv", csv_text(state["history"], METRIC_COLUMNS)))
     return files
 
 
@@ -2145,20 +2069,8 @@ class TrainResult:
     interrupted: bool = False  # stopped by should_stop(); last.pt holds the position to resume from
 
 
-def _environment(device: torch.device) -> dict:
-    try:  # from the installed package's metadata: importing torchvision would cost a second per run
-        torchvision_version = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        torchvision_version = None  # only downloading needs it
-    env = {"torch_version": torch.__version__, "torchvision_version": torchvision_version,
-           "numpy_version": np.__version__, "python_version": sys.version.split()[0],
-           "module_version": __version__, "device_resolved": str(device)}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    return env
-
-
 def _position(ckpt: dict) -> tuple:
+    """(epochs done, steps done in the next) of a checkpoint."""
     return ckpt["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
 
 
@@ -2196,22 +2108,28 @@ def find_resume(resume: str, out_dir: Optional[str] = None) -> ResumePoint:
     return ResumePoint(None, None, run.run_identity(), run.saved_config(), source)
 
 
-def _check_resume_target(folder: RunFolder, ckpt: Optional[dict], path: Optional[str], identity) -> bool:
-    """Refuse to continue a checkpoint in a folder that holds another run, or a later part of the same run.
-    Returns True when the checkpoint branches off into a folder of its own (a new run)."""
+def _check_target(folder: RunFolder, point: Optional[ResumePoint]) -> bool:
+    """Refuse a run folder that holds another run, or a later part of the run the checkpoint continues, or
+    that cannot be written. Returns True when the checkpoint branches off into a folder of its own (a new run)."""
+    branched = False
     if not folder.holds_run():
-        return ckpt is not None and os.path.realpath(os.path.dirname(os.path.abspath(path))) != \
-            os.path.realpath(folder.path)
-    if folder.run_identity() != identity:
+        branched = point is not None and point.ckpt is not None and \
+            os.path.realpath(os.path.dirname(os.path.abspath(point.path))) != os.path.realpath(folder.path)
+    elif point is None:
+        raise UserError(f"--out-dir {folder.path} holds another run; pass --resume to continue it (a run stopped "
+                        f"before its first checkpoint starts again with its saved settings), or choose another "
+                        f"--out-dir")
+    elif folder.run_identity() != point.identity:
         raise UserError(f"--out-dir {folder.path} holds another run; a run folder is only continued by its own "
-                        f"run: pass an empty --out-dir to branch off {path}")
-    last = folder.file("last.pt")
-    if ckpt is not None and os.path.exists(last) and os.path.realpath(last) != os.path.realpath(path):
-        later = load_checkpoint(last)
-        if _position(later) > _position(ckpt):
+                        f"run: pass an empty --out-dir to branch off {point.path}")
+    elif point.ckpt is not None and os.path.exists(folder.file("last.pt")) and \
+            os.path.realpath(folder.file("last.pt")) != os.path.realpath(point.path):
+        later = load_checkpoint(folder.file("last.pt"))
+        if _position(later) > _position(point.ckpt):
             raise UserError(f"{folder.path} already holds epochs up to {later['epoch']}; resuming from epoch "
-                            f"{ckpt['epoch']} there would overwrite them: pass another --out-dir to branch off")
-    return False
+                            f"{point.ckpt['epoch']} there would overwrite them: pass another --out-dir to branch off")
+    folder.check_writable()
+    return branched
 
 
 def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
@@ -2229,45 +2147,38 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     on_epoch(row) is called with each epoch's metrics row (a sweep's pruner reads it); last.pt is being written.
     """
     env = resolve(config)
-    board_class = _tensorboard_writer() if config.tensorboard and env.rank == 0 else None  # before anything is created
+    board = _tensorboard_writer() if config.tensorboard and env.rank == 0 else None  # before anything is created
     if config.quiet or env.rank > 0:  # with several processes, process 0 speaks and writes for all
         log = progress = lambda message: None  # noqa: E731
-    folder = RunFolder(config.out_dir) if config.out_dir and env.rank == 0 else None
-    ckpt, path, identity, branched = None, None, None, False
+    point = None
     if resume:
         point = resume if isinstance(resume, ResumePoint) else find_resume(resume, config.out_dir)
-        ckpt, path, identity = point.ckpt, point.path, point.identity
-        if ckpt is not None:
-            check_architecture(ckpt, config)
-        if folder:
-            branched = _check_resume_target(folder, ckpt, path, identity)
-    elif folder and folder.holds_run():
-        raise UserError(f"--out-dir {folder.path} holds another run; pass --resume to continue it (a run stopped "
-                        f"before its first checkpoint starts again with its saved settings), or choose another "
-                        f"--out-dir")
-    if folder:
-        folder.check_writable()
+        if point.ckpt is not None:
+            check_architecture(point.ckpt, config)
+    folder = RunFolder(config.out_dir) if config.out_dir and env.rank == 0 else None
+    branched = folder is not None and _check_target(folder, point)
     if data is None:
         data = load_dataset(config.data_dir, config.dataset, config.download)
     trainer = Trainer(config, data, log, env, progress)
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt, path)
-    trainer.run_id = identity if identity and not branched else uuid.uuid4().hex[:12]  # the same run, or a new one
+    if point and point.ckpt is not None:
+        trainer.load_state_dict(point.ckpt, point.path)
+    trainer.run_id = point.identity if point and point.identity and not branched else uuid.uuid4().hex[:12]
     warning = schedule_end_warning(config, trainer.t0)
     if warning and trainer.epoch == 0:
         warn(warning)
 
     writer = CheckpointWriter()
     try:
-        result = _run(trainer, folder, writer, config, ckpt, path, branched, log, should_stop, board_class, on_epoch)
+        if folder:
+            _prepare(folder, trainer, writer, point, branched, log)
+        result = _train_epochs(trainer, folder, writer, log, should_stop, board, on_epoch)
+        writer.wait()  # every checkpoint is on disk before train() returns
         trainer.close()
         return result
     except TrainingDiverged as e:
         trainer.close()  # every process diverged at the same step: its check was agreed by all
-        try:
+        with suppress(WriteFailed):
             writer.wait()
-        except WriteFailed:
-            pass
         on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
         raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
     except WriteFailed as e:
@@ -2281,6 +2192,30 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
             writer._thread.join()
         if folder:
             folder.close()
+
+
+def _prepare(folder: RunFolder, trainer: Trainer, writer: CheckpointWriter, point: Optional[ResumePoint],
+             branched: bool, log: Callable[[str], None]) -> None:
+    """Open the run folder; write config.json for a new run or record an extension (--resume --epochs N); and
+    rebuild from last.pt whatever a stopped process left unwritten."""
+    config = trainer.config
+    folder.open()
+    saved = folder.saved_config()
+    if saved is None:
+        record = {**config.saved(), "run_id": trainer.run_id, **trainer.env.record(),
+                  "train_images": trainer.n_train, "steps_per_epoch": trainer.steps_per_epoch}
+        if branched:
+            record["branched_from"] = {"checkpoint": os.path.abspath(point.path), "epoch": point.ckpt["epoch"],
+                                       "run_id": point.ckpt.get("run_id")}
+        folder.write_config(record)
+    elif saved.get("epochs") != config.epochs:  # extended by --resume --epochs N: record the new plan
+        folder.write_config({**saved, **config.saved()})
+        log(f"extending the run from {saved.get('epochs')} to {config.epochs} epochs: the added epochs get a "
+            f"cosine cycle of their own, from lr {config.lr} down to {config.min_lr}")
+    if point and point.ckpt is not None:
+        repaired = folder.repair(writer.cpu_state(trainer.state_dict()))
+        if repaired and not branched:
+            log(f"repaired {', '.join(repaired)} from last.pt (a previous process stopped while writing)")
 
 
 def _tensorboard_writer():
@@ -2310,33 +2245,11 @@ class _Board:
             self.writer.add_scalar("lr/step", rate, (epoch - 1) * steps + step)
         self.writer.flush()
 
-    def close(self) -> None:
-        self.writer.close()
 
-
-def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter, config: TrainConfig,
-         ckpt: Optional[dict], path: Optional[str], branched: bool, log: Callable[[str], None],
-         should_stop: Callable[[], bool], board_class=None, on_epoch=None) -> TrainResult:
-    """Open the run folder, write or repair its files, and train."""
-    if folder:
-        folder.open()
-        saved = folder.saved_config()
-        if saved is None:
-            record = {**config.saved(), "run_id": trainer.run_id, **trainer.env.record(),
-                      "train_images": trainer.n_train, "steps_per_epoch": trainer.steps_per_epoch,
-                      **_environment(trainer.device)}
-            if branched:
-                record["branched_from"] = {"checkpoint": os.path.abspath(path), "epoch": ckpt["epoch"],
-                                           "run_id": ckpt.get("run_id")}
-            folder.write_config(record)
-        elif saved.get("epochs") != config.epochs:  # extended by --resume --epochs N: record the new plan
-            folder.write_config({**saved, **config.saved()})
-            log(f"extending the run from {saved.get('epochs')} to {config.epochs} epochs: the added epochs get a "
-                f"cosine cycle of their own, from lr {config.lr} down to {config.min_lr}")
-        if ckpt is not None:
-            repaired = folder.repair(writer.cpu_state(trainer.state_dict()))
-            if repaired and not branched:
-                log(f"repaired {', '.join(repaired)} from last.pt (a previous process stopped while writing)")
+def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
+                  log: Callable[[str], None], should_stop: Callable[[], bool], board_class=None,
+                  on_epoch=None) -> TrainResult:
+    config = trainer.config
     if trainer.epoch >= config.epochs:
         log(f"the run in {folder.path if folder else 'the checkpoint'} is complete: {trainer.epoch} of "
             f"{config.epochs} epochs; nothing to train")
@@ -2351,67 +2264,59 @@ def _run(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter
         + (f", run folder {folder.path}" if folder else ""))
     board = _Board(board_class, folder.file("tensorboard") if folder else "tensorboard", trainer) \
         if board_class else None
-    try:
-        result = _train_epochs(trainer, folder, writer, log, should_stop, board, on_epoch)
-    finally:
-        if board:
-            board.close()
-    writer.wait()  # every checkpoint is on disk before train() returns
-    return result
-
-
-def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
-                  log: Callable[[str], None], should_stop: Callable[[], bool],
-                  board: Optional[_Board] = None, on_epoch=None) -> TrainResult:
-    config = trainer.config
     first, run_started = len(trainer.history), time.perf_counter()  # this call's rows: trainer.history[first:]
     elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
     stop = lambda: should_stop() or writer.failed  # noqa: E731  (a failed write stops within one step)
-    while trainer.epoch < config.epochs:
-        stats = trainer.train_epoch(stop)
-        if stats is None:
-            writer.wait()  # raises the failed write, if that is why it stopped
-            trainer.check_weights_finite(f"inside epoch {trainer.epoch + 1}")
-            if folder:
-                folder.commit(writer.cpu_state(trainer.state_dict()))
-            log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
-                + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
-            return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
-        row, evaluation_started = {"epoch": trainer.epoch, **stats}, time.perf_counter()
-        for split in ("test", "val") if config.val_split else ("test",):
-            metrics = trainer.evaluate(split)
-            row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
-            if config.tta:
-                row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
-        trainer.check_weights_finite(f"in epoch {trainer.epoch}")
-        if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
-            raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
-        # train_seconds covers the whole epoch's training, also the part before a resume
-        row["epoch_seconds"] = stats["train_seconds"] + time.perf_counter() - evaluation_started
-        row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
-        trainer.history.append(row)
+    try:
+        while trainer.epoch < config.epochs:
+            stats = trainer.train_epoch(stop)
+            if stats is None:
+                writer.wait()  # raises the failed write, if that is why it stopped
+                trainer.check_weights_finite(f"inside epoch {trainer.epoch + 1}")
+                if folder:
+                    folder.commit(writer.cpu_state(trainer.state_dict()))
+                log(f"stopped inside epoch {trainer.epoch + 1} after step {trainer.partial.step}"
+                    + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
+                return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
+            row, evaluation_started = {"epoch": trainer.epoch, **stats}, time.perf_counter()
+            for split in ("test", "val") if config.val_split else ("test",):
+                metrics = trainer.evaluate(split)
+                row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
+                if config.tta:
+                    row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
+            trainer.check_weights_finite(f"in epoch {trainer.epoch}")
+            if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
+                raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
+            # train_seconds covers the whole epoch's training, also the part before a resume
+            row["epoch_seconds"] = stats["train_seconds"] + time.perf_counter() - evaluation_started
+            row["elapsed_seconds"] = elapsed_before + time.perf_counter() - run_started
+            trainer.history.append(row)
 
-        if row[trainer.best["metric"]] > trainer.best["value"]:
-            trainer.best.update(value=row[trainer.best["metric"]], epoch=trainer.epoch)
-        if folder:
-            state = writer.snapshot(trainer.state_dict())  # waits for (and raises) the previous write
-            writer.submit(lambda: folder.commit(state))
+            if row[trainer.best["metric"]] > trainer.best["value"]:
+                trainer.best.update(value=row[trainer.best["metric"]], epoch=trainer.epoch)
+            if folder:
+                state = writer.snapshot(trainer.state_dict())  # waits for (and raises) the previous write
+                writer.submit(lambda: folder.commit(state))
+            if board:
+                board.epoch(row)
+            if on_epoch:
+                on_epoch(row)
+            per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
+            eta = (config.epochs - trainer.epoch) * per_epoch
+            log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
+                f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
+                + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
+                + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
+                + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA "
+                f"{format_duration(eta)}")
+            if trainer.epoch < config.epochs and trainer.agree_to_stop(should_stop(), wait=True):
+                log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
+                                                              if folder else ""))
+                return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
+        return TrainResult(trainer.model, trainer.history[first:], config.out_dir)
+    finally:
         if board:
-            board.epoch(row)
-        if on_epoch:
-            on_epoch(row)
-        per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
-        eta = (config.epochs - trainer.epoch) * per_epoch
-        log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
-            f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
-            + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
-            + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
-            + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA {format_duration(eta)}")
-        if trainer.epoch < config.epochs and trainer.agree_to_stop(should_stop(), wait=True):
-            log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
-                                                          if folder else ""))
-            return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
-    return TrainResult(trainer.model, trainer.history[first:], config.out_dir)
+            board.writer.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2475,6 +2380,12 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
 # Command line: train and eval here; the lab's commands (cifar100_lab.py) through the same main()
 
 LAB_COMMANDS = ("lr-find", "sweep", "plot", "report", "preview-aug", "conv-demo", "bench")
+# Named recipes for --preset: settings that replace the defaults (flags given beside --preset still win).
+PRESETS = {
+    # the plain short-budget recipe: 74.29 % top-1 (last epoch) in 30 epochs on one H100 (README, Accuracy)
+    "plain30": dict(epochs=30, batch_size=512, lr=0.4, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
+                    warmup_epochs=2.0, mixup=False, cutmix=False),
+}
 
 
 def _program() -> str:
@@ -2486,13 +2397,22 @@ def _program() -> str:
     return name if name in ("cifar100-resnet", "cifar100_lab.py") else "cifar100_resnet.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (a UserError, exit 2), with the closest flag for a misspelt one.
-    Abbreviations are off: a flag added later never changes what an old command means. --preset NAME stands
-    for the preset's flags typed first, so that flags given beside it win."""
+def _preset_flags(name: str) -> list:
+    """The flags a preset stands for, as they would be typed (a switch's flag flips its default)."""
+    fields, flags = {f.name: f for f in dataclasses.fields(TrainConfig)}, []
+    for setting, value in PRESETS[name].items():
+        flag = _flag_of(fields[setting])
+        if isinstance(value, bool):
+            flags += [flag] if value != fields[setting].default else []
+        else:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+class _Parser(argparse.ArgumentParser):
+    """argparse (abbreviations off: a flag added later never changes what an old command means) whose errors
+    are one line, a UserError, with the closest flag for a misspelt one. --preset NAME stands for the preset's
+    flags typed first, so that flags given beside it win."""
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
@@ -2520,42 +2440,19 @@ def _t0_arg(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(f"expected a number of epochs or 'auto', got {text!r}") from None
 
 
-# Named recipes for --preset: settings that replace the defaults (flags given beside --preset still win).
-PRESETS = {
-    # the plain short-budget recipe: 74.29 % top-1 (last epoch) in 30 epochs on one H100 (README, Accuracy)
-    "plain30": dict(epochs=30, batch_size=512, lr=0.4, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
-                    warmup_epochs=2.0, mixup=False, cutmix=False),
-}
-
-
-def _preset_flags(name: str) -> list:
-    """The flags a preset stands for, as they would be typed (a switch's flag flips its default)."""
-    fields, flags = {f.name: f for f in dataclasses.fields(TrainConfig)}, []
-    for setting, value in PRESETS[name].items():
-        flag = _flag_of(fields[setting])
-        if isinstance(value, bool):
-            flags += [flag] if value != fields[setting].default else []
-        else:
-            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return flags
-
-
-_PARSER_GROUPS = {"recipe": "recipe", "schedule": "schedule (cosine annealing with warm restarts, set every step)",
-                 "model": "model", "data": "data", "running": "running", "output": "output"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The train command's flags, made from TrainConfig's declarations."""
-    program = _program()
-    p = _Parser(prog=program, description=(
-        "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values). Under torchrun it "
-        f"trains data-parallel (--batch-size per process). '{program} eval CHECKPOINT [--tta]' measures saved "
-        "weights on the test set. The lab's commands (cifar100_lab.py, beside this file or installed with it): "
-        "'bench [flags]' times the training step; 'plot RUN_DIR...' draws learning curves; 'lr-find [flags]' runs "
-        "the learning-rate range test; 'sweep [flags] --grid ...' trains many runs and chooses on validation; "
-        "'report CHECKPOINT' shows what saved weights get wrong; 'preview-aug [flags]' draws what the network "
-        "sees; 'conv-demo' shows what a convolution does. Each takes --help."))
-    groups = {key: p.add_argument_group(title) for key, title in _PARSER_GROUPS.items()}
+    p = _Parser(prog=_program(), allow_abbrev=False, description=(
+        "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values); under torchrun, "
+        "data-parallel (--batch-size per process). Other commands, each with its --help: 'eval CHECKPOINT "
+        "[--tta]' measures saved weights on the test set; the lab's (cifar100_lab.py): 'bench [flags]' times the "
+        "training step, 'plot RUN_DIR...' draws learning curves, 'lr-find [flags]' runs the learning-rate range "
+        "test, 'sweep [flags] --grid ...' trains many runs and chooses on validation, 'report CHECKPOINT' shows "
+        "what saved weights get wrong, 'preview-aug [flags]' draws what the network sees, 'conv-demo' shows "
+        "what a convolution does."))
+    groups = {key: p.add_argument_group(title) for key, title in (
+        ("recipe", "recipe"), ("schedule", "schedule (cosine annealing with warm restarts, set every step)"),
+        ("model", "model"), ("data", "data"), ("running", "running"), ("output", "output"))}
     for f in dataclasses.fields(TrainConfig):
         m, flag = f.metadata, _flag_of(f)
         if m["library_only"]:
@@ -2566,9 +2463,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kwargs = {"type": _t0_arg if f.name == "t0" else type(f.default) if f.default is not None else str,
                   "default": f.default, "help": f"{m['help']} (default: {m['shown'] or f.default})", **m["argparse"]}
-        if m["choices"]:
-            kwargs["choices"] = list(m["choices"])
-        groups[m["group"]].add_argument(flag, dest=f.name, **kwargs)
+        groups[m["group"]].add_argument(flag, dest=f.name, **kwargs, **({"choices": list(m["choices"])}
+                                                                        if m["choices"] else {}))
     groups["recipe"].add_argument("--preset", choices=list(PRESETS), default=None,
                                   help="a named recipe, as if its flags were given (flags given beside it win): "
                                        + "; ".join(f"{name} = {' '.join(_preset_flags(name))}" for name in PRESETS))
@@ -2580,7 +2476,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command_parser(command: str, description: str, train_flags: bool = False) -> argparse.ArgumentParser:
     """The parser of `PROGRAM command`, with one-line errors; with train_flags it takes every train flag, and
     the command adds its own after them."""
-    parser = build_parser() if train_flags else _Parser()
+    parser = build_parser() if train_flags else _Parser(allow_abbrev=False)
     parser.prog, parser.description = f"{_program()} {command}", description
     return parser
 
@@ -2604,19 +2500,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def _given_flags(argv: list) -> dict:
-    """Only the train flags the user typed, with their parsed values (to tell them from defaults on resume)."""
-    not_given = object()  # not a str, so argparse does not run it through the flag's type
-    probe = build_parser()
-    probe.set_defaults(**{f.name: not_given for f in dataclasses.fields(TrainConfig)}, resume=not_given)
-    return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not not_given}
-
-
-def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, ResumePoint]:
+def _resume_config(args: argparse.Namespace, argv: list) -> tuple[TrainConfig, ResumePoint]:
     """The run's saved settings plus the flags a resume may change (refusing flags that would alter the run),
     and the point it resumes from."""
     if args.preset:  # its epochs, say, would extend the run
         raise UserError("--preset chooses a new run's settings; a resumed run keeps its own (drop --preset)")
+    not_given = object()  # the flags the user typed are those not left at this default
+    probe = build_parser()
+    probe.set_defaults(**{f.name: not_given for f in dataclasses.fields(TrainConfig)}, resume=not_given)
+    given = {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not not_given}
     point = find_resume(args.resume, args.out_dir)
     saved, fields = point.settings, {f.name for f in dataclasses.fields(TrainConfig)}
     try:
@@ -2627,8 +2519,7 @@ def _resume_config(args: argparse.Namespace, given: dict) -> tuple[TrainConfig, 
     if extend and given["epochs"] < saved.get("epochs", 0):
         raise UserError(f"--epochs {given['epochs']}: a resumed run can only be extended, and this one has --epochs "
                         f"{saved['epochs']}")
-    changed = [k for k, v in given.items()
-               if k in fields - RESUMABLE_OVERRIDES - {"epochs"} and v != saved.get(k)]
+    changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES - {"epochs"} and v != saved.get(k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
         raise UserError(f"a resumed run keeps its settings (only --epochs may grow); these differ: {flags}")
@@ -2644,7 +2535,7 @@ def _train_command(argv: list) -> int:
     """`[train] [flags]`: train, or continue a run with --resume."""
     args = build_parser().parse_args(argv)
     if args.resume is not None:
-        config, resume = _resume_config(args, _given_flags(argv))
+        config, resume = _resume_config(args, argv)
     else:
         config, resume = config_from_args(args), None
         if config.out_dir is None:
@@ -2676,25 +2567,12 @@ def _eval_command(argv: list) -> int:
     r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, tta=args.tta,
                             limit_test=args.limit_test, batch_size=args.batch_size, download=args.download)
     where = f"epoch {r['epoch']}" + (" (stopped inside the next epoch)" if r["partial_epoch"] else "")
-    for split in ("test", "val"):
-        if split in r:
-            m = r[split]
-            print(f"{r['checkpoint']}, {where}, {split} ({m['n']} images): top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} "
-                  f"loss {m['loss']:.4f}" + (f"; with flip TTA: top-1 {m['tta_top1']:.2%} top-5 {m['tta_top5']:.2%} "
-                                            f"loss {m['tta_loss']:.4f}" if args.tta else ""))
+    for split, m in ((split, r[split]) for split in ("test", "val") if split in r):
+        print(f"{r['checkpoint']}, {where}, {split} ({m['n']} images): top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} "
+              f"loss {m['loss']:.4f}" + (f"; with flip TTA: top-1 {m['tta_top1']:.2%} top-5 {m['tta_top5']:.2%} "
+                                        f"loss {m['tta_loss']:.4f}" if args.tta else ""))
     print("EVAL_JSON " + json.dumps(r))
     return 0
-
-
-def _lab_command(command: str) -> Callable[[list], int]:
-    try:
-        import cifar100_lab
-    except ModuleNotFoundError as e:
-        if e.name != "cifar100_lab":
-            raise
-        raise UserError(f"{command} is a command of the lab: it needs cifar100_lab.py beside cifar100_resnet.py "
-                        f"(pip install cifar100_resnet installs both)") from None
-    return cifar100_lab.COMMANDS[command]
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -2709,8 +2587,16 @@ def main(argv: Optional[list] = None) -> int:
             if command != "train" and _under_torchrun():  # each process would do the same work, into one folder
                 raise UserError(f"{command} runs in one process: start it with python, not torchrun (training is "
                                 f"what runs data-parallel; a sweep spreads its runs over GPUs with --devices)")
-            run = {"train": _train_command, "eval": _eval_command}.get(command) or _lab_command(command)
-            return run(argv)
+            if command in LAB_COMMANDS:
+                try:
+                    import cifar100_lab
+                except ModuleNotFoundError as e:
+                    if e.name != "cifar100_lab":
+                        raise
+                    raise UserError(f"{command} is a command of the lab: it needs cifar100_lab.py beside "
+                                    f"cifar100_resnet.py (pip install cifar100_resnet installs both)") from None
+                return cifar100_lab.COMMANDS[command](argv)
+            return (_eval_command if command == "eval" else _train_command)(argv)
         except UserError as e:
             return _fail(e, 2)
         except (TrainingDiverged, WriteFailed) as e:
@@ -2731,17 +2617,14 @@ def _speaker() -> Optional[str]:
     only). None: this process prints nothing. Alone: ""."""
     if not _under_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         return ""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        return f"[machine {os.environ.get('GROUP_RANK', '?')}] "
-    return None
+    return f"[machine {os.environ.get('GROUP_RANK', '?')}] " if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
-    if issubclass(category, RunWarning):
-        if _speaker() == "":  # with several processes, process 0 only
-            print(f"warning: {message}", file=sys.stderr)
-    else:
+    if not issubclass(category, RunWarning):
         _default(message, category, filename, lineno, file, line)
+    elif _speaker() == "":  # with several processes, process 0 only
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _fail(error, code: int) -> int:
@@ -2810,8 +2693,6 @@ def set_backend_flags() -> None:
 
 
 if __name__ == "__main__":
-    # run the commands from the module as `import cifar100_resnet` knows it (the lab imports it by that name),
-    # not from this copy of it named __main__
-    import cifar100_resnet
+    import cifar100_resnet  # the module as the lab imports it, not this copy of it named __main__
 
     sys.exit(cifar100_resnet.main())

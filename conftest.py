@@ -146,6 +146,7 @@ def real_cifar100_subset(tmp_path_factory) -> Path:
     tool = SHARED / "tools" / "cifar100_to_official_layout.py"
     if not tool.exists():
         pytest.skip("the real CIFAR-100 (../shared) is not beside this clone")
+    pytest.importorskip("PIL", reason="the tool that writes the real CIFAR-100 decodes it with Pillow")
     root = tmp_path_factory.mktemp("real_cifar100")
     r = subprocess.run([sys.executable, str(tool), str(root), "--limit-train", "5000", "--limit-test", "1000"],
                        capture_output=True, text=True, timeout=300)

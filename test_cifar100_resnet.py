@@ -411,7 +411,7 @@ def test_missing_data_without_network_is_one_clear_error(tmp_path, monkeypatch):
     assert "cifar-100-python" in message and "train, test, meta" in message and str(tmp_path) in message
     # a download that cannot connect ends the same way (port 9 on localhost refuses at once); without
     # torchvision, which downloads, one line says so
-    failed = "download failed" if importlib.util.find_spec("torchvision") else "downloading it needs torchvision"
+    failed = "download failed" if importlib.util.find_spec("torchvision") else "downloading needs torchvision"
     info = cr.DATASETS["cifar100"]
     monkeypatch.setitem(cr.DATASETS, "cifar100", cr.dataclasses.replace(info, url="http://127.0.0.1:9/c.tar.gz"))
     with pytest.raises(cr.DataError, match=failed):
