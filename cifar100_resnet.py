@@ -48,7 +48,7 @@ __all__ = [  # what a vendoring user may rely on
     "evaluate_checkpoint",
     # run folder and checkpoints
     "METRIC_COLUMNS", "RunFolder", "CheckpointWriter", "atomic_save", "load_checkpoint", "load_weights",
-    "csv_text",
+    "csv_text", "tensor_checksum",
     # command line
     "main", "build_parser", "command_parser", "config_from_args", "add_data_flags", "LAB_COMMANDS", "Console",
     "StopSignals", "set_backend_flags", "format_duration",
@@ -73,6 +73,7 @@ import threading
 import time
 import uuid
 import warnings
+import zlib
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -257,7 +258,8 @@ class TrainConfig:
     cuda_graphs: str = _setting("auto", "replay each full-batch training step as one CUDA graph; auto: on with CUDA "
                                 "unless fp16, whose gradient scaler decides on the host", "running",
                                 choices=_AUTO_ON_OFF, resumable=True)
-    seed: int = _setting(0, "seeds the weights, the data order, the augmentation and the mixing", "running")
+    seed: int = _setting(0, "seeds the weights, the data order, the augmentation and the mixing", "running",
+                         check=(lambda v: abs(v) < 2 ** 62, "between -2^62 and 2^62"))
     sync_bn: bool = _setting(False, "with several processes (torchrun): BatchNorm statistics over the global batch "
                              "instead of each process's share (CUDA only)", "running")
     eval_batch_size: int = _setting(1000, "images per evaluation batch", "running", check=_AT_LEAST_1,
@@ -1329,7 +1331,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norma
 class EpochState:
     """What a checkpoint written inside an epoch needs to finish that epoch exactly."""
     data_rng_at_start: torch.Tensor  # the data generator's state when the epoch began (replays its order)
-    loss_sum: torch.Tensor  # sum over done batches of loss * batch size (0-d, on the device)
+    loss_sum: torch.Tensor  # sum over done batches of loss * batch size (0-d, on the device; in a checkpoint of
+    #                         several processes, each process's sum, in the order of their ranks)
     first_bad_step: torch.Tensor  # -1, or the first step whose loss was not finite (0-d, on the device)
     step: int = 0  # batches done
     seen: int = 0  # images done
@@ -1529,6 +1532,8 @@ class Trainer:
                                first_bad_step=torch.full((), -1, dtype=torch.int64, device=dev))
         else:
             self.data_rng.set_state(state.data_rng_at_start)  # replays this epoch's order and augmentation
+            if state.loss_sum.ndim:  # every process's sum, gathered for a checkpoint: this process's own
+                state.loss_sum = state.loss_sum[self.rank]
         self.partial = None
         images, labels = self.augmented_epoch()
         self.model.train()
@@ -1556,13 +1561,16 @@ class Trainer:
             torch.cuda.synchronize(dev)
         state.seconds = time.perf_counter() - started
         self._check_finite(state)
-        if self.world > 1:  # the epoch so far, over every process (what any number of them resumes)
-            state.loss_sum, state.seen = self._sum(state.loss_sum, state.seen)
         if state.step < self.steps_per_epoch:
+            if self.world > 1:  # each process's sum so far, for process 0's checkpoint: resumed, each goes on
+                sums = [torch.zeros_like(state.loss_sum) for _ in range(self.world)]  # adding to its own
+                torch.distributed.all_gather(sums, state.loss_sum)
+                state.loss_sum = torch.stack(sums)
             self.partial = state
             return None
+        loss_sum, seen = self._sum(state.loss_sum, state.seen) if self.world > 1 else (state.loss_sum, state.seen)
         self.epoch += 1
-        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(state.loss_sum) / state.seen,
+        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(loss_sum) / seen,
                 "train_seconds": state.seconds, "images_per_s": self.n_train / state.seconds}
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
@@ -1701,7 +1709,11 @@ class Trainer:
             self.data_rng.set_state(ckpt["rng"]["data"])
             if partial is not None:
                 partial = EpochState(**partial)
-                if self.rank > 0:  # it holds every process's sum so far; process 0 carries it on
+                if partial.loss_sum.ndim:  # each process's sum (see train_epoch), and the images of its shares
+                    partial.loss_sum = partial.loss_sum[self.rank]
+                    partial.seen = sum(last - first for first, last in (
+                        self._share(end - start) for start, end in self.batches[:partial.step]))
+                elif self.rank > 0:  # 0.3: the sum of every process, which process 0 carries on
                     partial.loss_sum, partial.seen = torch.zeros_like(partial.loss_sum), 0
                 partial.loss_sum = partial.loss_sum.to(self.device)
                 partial.first_bad_step = partial.first_bad_step.to(self.device)
@@ -1759,15 +1771,15 @@ def _fault_point(label: str) -> None:
 
 
 def _serialize(obj, f) -> None:
-    if isinstance(obj, str):
-        f.write(obj.encode())
+    if isinstance(obj, (str, bytes)):
+        f.write(obj.encode() if isinstance(obj, str) else obj)
     else:
         torch.save(obj, f)
 
 
 def atomic_save(obj, path: str) -> None:
-    """Write `obj` (a str, or anything torch.save takes) to a temporary file beside `path`, fsync it, rename it
-    over `path` and fsync the folder: whatever happens, `path` holds its old content or the whole new one.
+    """Write `obj` (str, bytes, or anything torch.save takes) to a temporary file beside `path`, fsync it, rename
+    it over `path` and fsync the folder: whatever happens, `path` holds its old content or the whole new one.
     An OSError (a full disk) becomes WriteFailed naming `path`; the temporary file is removed."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
@@ -1788,23 +1800,45 @@ def atomic_save(obj, path: str) -> None:
     except BaseException as e:
         with suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise WriteFailed(f"could not write {path}: {e.strerror or e}") from None
+        # torch.save reports a failed write (a full disk) as a RuntimeError raised while handling the OSError
+        cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
+        if isinstance(cause, OSError):
+            raise WriteFailed(f"could not write {path}: {cause.strerror or cause}") from None
         raise
     _fault_point(f"renamed {name}")
 
 
+def tensor_checksum(state) -> str:
+    """The CRC-32 of every tensor's bytes in a (nested) state, in order: what a checkpoint records beside its
+    tensors (its "checksum"), so that a changed byte in one is found when the file is read."""
+    crc = 0
+    if isinstance(state, torch.Tensor):
+        return f"{zlib.crc32(state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
+    for value in state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ():
+        if isinstance(value, (torch.Tensor, dict, list, tuple)):
+            crc = zlib.crc32(tensor_checksum(value).encode(), crc)
+    return f"{crc:08x}"
+
+
+def _with_checksum(state: dict) -> dict:
+    state = {k: v for k, v in state.items() if k != "checksum"}
+    return {**state, "checksum": tensor_checksum(state)}
+
+
 def load_checkpoint(path: str, full: bool = True) -> dict:
     """Load a checkpoint written by this module and check its structure: every key a resume needs (full) or
-    the weights' keys (best.pt). torch.load runs with weights_only: a crafted file cannot run code."""
+    the weights' keys (best.pt), and the checksum of its tensors. torch.load runs with weights_only: a crafted
+    file cannot run code."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickles it did not write (a bare pickle's protocol)
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: never pass that on
-        if "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():
             raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, "
                             f"which a checkpoint of this module never does (loading them could run code)") from None
         raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save)") from None
@@ -1824,6 +1858,10 @@ def load_checkpoint(path: str, full: bool = True) -> dict:
                         f"malformed")
     if full and not {"data", "mix", "data_device"} <= set(ckpt["rng"]):
         raise UserError(f"{path} is not a complete cifar100_resnet checkpoint: 'rng' lacks its generator states")
+    checksum = ckpt.pop("checksum", None)  # (0.3's checkpoints have none)
+    if checksum is not None and checksum != tensor_checksum(ckpt):
+        raise UserError(f"{path} is damaged: its tensors do not match the checksum written with them (a changed "
+                        f"byte); nothing is read from it")
     return ckpt
 
 
@@ -1858,7 +1896,7 @@ def _derived_files(state: dict) -> list:
     files = []
     if state["partial_epoch"] is None and state["epoch"] > 0:
         if state["best"]["epoch"] == state["epoch"]:
-            files.append(("best.pt", {k: state[k] for k in _WEIGHT_KEYS}))
+            files.append(("best.pt", _with_checksum({k: state[k] for k in _WEIGHT_KEYS})))
         every = state["config"]["checkpoint_every"]
         if every and state["epoch"] % every == 0:
             files.append((f"ckpt_ep{state['epoch']}.pt", state))
@@ -1946,6 +1984,7 @@ class RunFolder:
 
     def commit(self, state: dict) -> None:
         """last.pt, then the files derived from it."""
+        state = _with_checksum(state)
         atomic_save(state, self.file("last.pt"))
         self.committed = (state["epoch"], (state["partial_epoch"] or {}).get("step", 0))
         for name, content in _derived_files(state):
@@ -1955,7 +1994,7 @@ class RunFolder:
         """Write the derived files of `state` (last.pt's content) that are missing or stale; returns their names."""
         self.committed = (state["epoch"], (state["partial_epoch"] or {}).get("step", 0))
         written = []
-        for name, content in _derived_files(state):
+        for name, content in _derived_files(_with_checksum(state)):
             path = self.file(name)
             if os.path.exists(path):
                 if name == "metrics.csv":

@@ -6,6 +6,7 @@ Run: python -m pytest -q test_distributed.py
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import torch.multiprocessing as mp
 
 import cifar100_lab as lab
 import cifar100_resnet as cr
-from conftest import HERE, MODULE, synthetic_data, tiny_args
+from conftest import (DETERMINISTIC_COLUMNS, HERE, MODULE, metric_rows, stop_on_call, synthetic_data,
+                      tiny_args)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                 not torch.distributed.is_backend_available("gloo"),
@@ -57,6 +59,14 @@ def _process(rank: int, world: int, folder: str) -> None:
         data = synthetic_data(n_train=136, n_test=60)
         result = cr.train(tiny(16), data)
         torch.save({"model": result.model.state_dict(), "history": result.history}, f"{folder}/rank{rank}.pt")
+        # stopped inside epoch 2 (after 3 of its 5 steps) and resumed by as many processes, and straight
+        cr.train(tiny(16, out_dir=f"{folder}/straight"), data)
+        stopped = tiny(16, out_dir=f"{folder}/stopped")
+        assert cr.train(stopped, data, should_stop=stop_on_call(8)).interrupted
+        if rank == 0:
+            shutil.copy(f"{folder}/stopped/last.pt", f"{folder}/stopped_inside_epoch_2.pt")
+        torch.distributed.barrier()
+        cr.train(stopped, data, resume=f"{folder}/stopped")
         real, calls = cr.mixed_cross_entropy, []
 
         def poisoned(*args, **kwargs):
@@ -110,6 +120,19 @@ def test_two_processes_train_exactly_what_one_process_does_with_twice_the_batch(
             assert mine["test_top1"] == theirs["test_top1"] and mine["test_top5"] == theirs["test_top5"]
             assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
             assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_by_as_many_processes_to_the_same_numbers(two_processes):
+    # each process keeps its own sum of the stopped epoch's losses and goes on adding to it when resumed, so
+    # the epoch is summed as in a straight run, to the last digit (process 0 used to carry on the total of all
+    # processes, in float64: the 7th digit of train_loss changed)
+    partial = torch.load(two_processes / "stopped_inside_epoch_2.pt", weights_only=True)["partial_epoch"]
+    assert partial["step"] == 4 and partial["loss_sum"].shape == (2,) and partial["loss_sum"].dtype == torch.float32
+    straight, stopped = (metric_rows(two_processes / name) for name in ("straight", "stopped"))
+    assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in stopped] == \
+        [[r[k] for k in DETERMINISTIC_COLUMNS] for r in straight] and len(straight) == 2
+    a, b = (torch.load(two_processes / run / "last.pt", weights_only=True)["model"] for run in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_non_finite_loss_in_one_process_stops_every_process_at_the_same_step(two_processes):
