@@ -15,15 +15,21 @@ built on the library's public API (`import cifar100_resnet as cr`); matplotlib (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import difflib
+import io
 import json
 import math
+import multiprocessing
 import os
 import signal
+import socket
 import sys
+import textwrap
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,12 +43,69 @@ import torch.nn.functional as F
 import cifar100_resnet as cr
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The rows of a CSV file this project wrote (metrics.csv, sweep.csv, ...) as dicts of text; [] without one."""
+# ----------------------------------------------------------------------------------------------------------
+# Reading and writing the files of runs and sweeps: each bad one is one line naming it, before any output
+
+
+def read_metrics(path: str, columns: tuple = (), numbers: tuple = ()) -> list[dict]:
+    """The rows of a CSV file this project wrote (metrics.csv, sweep.csv, ...) as dicts of text; [] without one.
+    UserError naming the file unless it is text with every one of `columns`, and a number in every `numbers`
+    cell (converted to float) of each row."""
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise cr.UserError(f"{path} is not a readable CSV file ({type(e).__name__})") from None
+    missing = [c for c in (*columns, *numbers) if c not in header]
+    if missing:
+        raise cr.UserError(f"{path} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    for line, row in enumerate(rows, start=2):
+        for column in numbers:
+            try:
+                row[column] = float(row[column])
+            except (TypeError, ValueError):
+                raise cr.UserError(f"{path}, line {line}: {column} is {row[column]!r}, not a number") from None
+    return rows
+
+
+def read_run_metrics(run_dir: str) -> list[dict]:
+    """A run folder's metrics.csv, checked (numbers where the figures and reports read them); [] without one."""
+    return read_metrics(os.path.join(run_dir, "metrics.csv"),
+                        numbers=("epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5"))
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Remove the temporary files (cr.atomic_save's .NAME.PID.THREAD.partial) that a killed process left in
+    `folder`: those of processes that are gone, never one another process is writing (several may share a
+    sweep's folder)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        parts = name.split(".")
+        if name.startswith(".") and name.endswith(cr.TEMP_SUFFIX) and len(parts) >= 5 and parts[-3].isdigit():
+            try:
+                os.kill(int(parts[-3]), 0)  # raises if the process is gone (signal 0 sends nothing)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+            except OSError:  # alive, another user's
+                pass
+
+
+def check_png(path: str) -> str:
+    """Refuse a figure's path that is not a new or replaceable .png in a folder that can be written, before any
+    work; returns it."""
+    if os.path.isdir(path):
+        raise cr.UserError(f"--out {path} is a folder: name the PNG file to write")
+    if not path.lower().endswith(".png"):
+        raise cr.UserError(f"--out {path}: the figure is a PNG file, so its name ends in .png")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise cr.UserError(f"cannot write --out {path}: {parent} is not a writable folder")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,14 +459,15 @@ def _train_sweep_run(run: SweepRun, data: cr.CifarData, log: Callable[[str], Non
 
 def _sweep_row(run: SweepRun) -> dict:
     """The row of sweep.csv for one run, read from its folder: final and best validation top-1, final test."""
-    rows = read_metrics(os.path.join(run.config.out_dir, "metrics.csv"))
+    rows = read_metrics(os.path.join(run.config.out_dir, "metrics.csv"),
+                        numbers=("val_top1", "test_top1", "elapsed_seconds"))
     row = {"run": run.name, **{k: _show(v) for k, v in run.setting.items()}, "seed": run.seed,
            "status": run_status(run.config.out_dir, run.config.epochs), "epochs": len(rows)}
     if rows:
-        val = [float(r["val_top1"]) for r in rows]
+        val = [r["val_top1"] for r in rows]
         best = max(range(len(val)), key=val.__getitem__)
         row.update(final_val_top1=val[-1], best_val_top1=val[best], best_val_epoch=best + 1,
-                   final_test_top1=float(rows[-1]["test_top1"]), wall_seconds=float(rows[-1]["elapsed_seconds"]))
+                   final_test_top1=rows[-1]["test_top1"], wall_seconds=rows[-1]["elapsed_seconds"])
     return row
 
 
@@ -490,6 +554,41 @@ def _check_sweep_run(run: SweepRun) -> None:
                         f"settings of a sweep cannot change, choose another --out-dir")
 
 
+def _check_fits(run: SweepRun, data: cr.CifarData) -> None:
+    """Refuse, before anything is created, a run whose settings leave it too few training images."""
+    try:
+        n_train = len(cr.split_data(data, run.config)["train"][0])
+    except cr.UserError as e:
+        raise cr.UserError(f"run {run.name}: {e}") from None
+    if run.config.batch_size > n_train:
+        raise cr.UserError(f"run {run.name}: --batch-size {run.config.batch_size} is larger than the training set "
+                           f"({n_train} images)")
+
+
+def _saved_sweep(out_dir: str, search: str, base: cr.TrainConfig, varied: list) -> Optional[dict]:
+    """The sweep.json of out_dir (None without one), refused unless it is the same kind of sweep, with the same
+    base settings."""
+    path = os.path.join(out_dir, "sweep.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        saved_base = saved["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise cr.UserError(f"{path} is not a sweep's record (sweep.json): choose another --out-dir") from None
+    kinds = {"optuna": "an Optuna study", "": "a grid or random sweep"}
+    if saved.get("search", "") != search:
+        raise cr.UserError(f"{out_dir} holds {kinds.get(saved.get('search', ''), 'another sweep')}, not "
+                           f"{kinds[search]}: choose another --out-dir")
+    changed = [c for c in _changed_settings(saved_base, dataclasses.replace(base, **{
+        k: saved_base[k] for k in varied if k in saved_base}))]
+    if search == "optuna" and changed:  # (a grid's runs are each checked against their own folder)
+        raise cr.UserError(f"{out_dir} holds a study with other settings: {', '.join(changed)}; the base "
+                           f"settings of a sweep cannot change, choose another --out-dir")
+    return saved
+
+
 def sweep(base: cr.TrainConfig, out_dir: str, grid: Optional[dict] = None, space: Optional[dict] = None,
           trials: int = 0, seeds: tuple = (0,), devices: Optional[list] = None, sample_seed: int = 0,
           data: Optional[cr.CifarData] = None, log: Callable[[str], None] = print,
@@ -501,13 +600,15 @@ def sweep(base: cr.TrainConfig, out_dir: str, grid: Optional[dict] = None, space
     Runs already finished are skipped and interrupted ones continued, so the same call finishes a sweep and a
     larger grid trains only its new runs. Selection is on the validation images (base.val_split, the last of
     the training set), the test set reported beside it. devices: one worker process per entry (a device may
-    repeat), each reading the dataset once; default: this process, base.device. Writes sweep.csv (one row per
-    run) and summary.csv (one row per setting, mean and std over seeds), also after an interruption.
+    repeat); default: this process, base.device. Writes sweep.csv (one row per run) and summary.csv (one row
+    per setting, mean and std over seeds), also after an interruption. Every setting, the folder and the data
+    are checked before anything is created.
 
     search="optuna": an Optuna study instead (TPE sampling of `space`, pruning on each epoch's val top-1) that
     runs until it holds `trials` finished trials, stored in `storage` (a database URL; default: optuna.db in
     out_dir), so that the same call on other machines joins it. One seed: base.seed.
     """
+    cr.RunFolder(out_dir).check_writable()
     if search == "optuna":
         if tuple(seeds) != (base.seed,) and tuple(seeds) != (0,):
             raise cr.UserError("--seeds is for grid and random sweeps; an Optuna trial trains one seed (--seed)")
@@ -518,21 +619,25 @@ def sweep(base: cr.TrainConfig, out_dir: str, grid: Optional[dict] = None, space
     settings = grid_settings(grid) if grid is not None else sample_settings(space or {}, trials, sample_seed)
     runs = plan_sweep(base, out_dir, settings, list(seeds))
     varied = list(grid or space or {})
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    cr.atomic_save(json.dumps({"base": base.saved(), "grid": grid, "space": space, "trials": trials,
-                               "seeds": list(seeds),
-                            "sample_seed": sample_seed, "varied": varied, "runs": [r.name for r in runs]},
-                           indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
+    _saved_sweep(out_dir, "", base, varied)
+    if data is None:
+        data = cr.load_dataset(base.data_dir, base.dataset, base.download)
+    for run in runs:
+        _check_fits(run, data)
     todo = [r for r in runs if run_status(r.config.out_dir, r.config.epochs) not in ("done", "diverged")]
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    cr.atomic_save(json.dumps({"base": base.saved(), "grid": grid, "space": space, "trials": trials,
+                               "seeds": list(seeds), "sample_seed": sample_seed, "varied": varied,
+                               "runs": [r.name for r in runs]}, indent=2, default=list) + "\n",
+                   os.path.join(out_dir, "sweep.json"))
     log(f"sweep: {len(runs)} runs ({len(settings)} settings x {len(seeds)} seeds), {len(runs) - len(todo)} already "
         f"finished; choosing on the last {base.val_split} training images (validation), the test set only "
         f"reported")
     interrupted = False
     if todo and devices and len(devices) > 1:
-        interrupted = _in_workers(_sweep_worker_run, todo, base, devices, data, log, should_stop)
-    elif todo:
-        if data is None:
-            data = cr.load_dataset(base.data_dir, base.dataset, base.download)
+        interrupted = _in_workers(_sweep_worker_run, todo, devices, data, log, should_stop)
+    else:
         for i, run in enumerate(todo):
             log(f"sweep: run {i + 1}/{len(todo)}: {run.name}")
             status = _train_sweep_run(run, data, lambda m, n=run.name: log(f"[{n}] {m}"), should_stop,
@@ -588,39 +693,53 @@ def sweep_table(summary: list) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-_worker: dict = {}  # in a sweep's worker process: its device, the sweep's stop event, and the dataset
+_worker: dict = {}  # in a sweep's worker process: its device, the sweep's stop event, the dataset, and whether
+#                    the sweep's own process has ended
 
 
-def _sweep_worker_init(devices, stop_event, base: cr.TrainConfig, data: Optional[cr.CifarData], threads: int) -> None:
+class WorkerLost(Exception):
+    """A worker process of a sweep ended without finishing its task (killed, out of memory): exit code 1."""
+
+
+def _sweep_worker_init(devices, stop_event, data: cr.CifarData, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers through stop_event
     if threads:
         torch.set_num_threads(threads)
     cr.set_backend_flags()
-    _worker.update(device=devices.get(), stop=stop_event, base=base, data=data)
+    orphaned, parent = threading.Event(), multiprocessing.parent_process()
+
+    def watch():  # however the sweep's process ends (a kill -9 too), its workers end: the run after its step,
+        parent.join()  # with last.pt written, and the worker itself at once after, or a minute later at most
+        orphaned.set()
+        time.sleep(60)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    _worker.update(device=devices.get(), stop=stop_event, data=data, orphaned=orphaned)
 
 
-def _worker_data() -> cr.CifarData:
-    """The dataset, read once per worker, at its first run (so that a reading error reaches the parent as the
-    run's error, one message)."""
-    if _worker["data"] is None:
-        base = _worker["base"]
-        _worker["data"] = cr.load_dataset(base.data_dir, base.dataset, base.download)
-    return _worker["data"]
+def _worker_should_stop() -> bool:
+    return _worker["stop"].is_set() or _worker["orphaned"].is_set()
+
+
+def _in_worker(function, *args):
+    """function(*args) in a worker; a worker whose sweep has ended exits once it returns."""
+    result = function(*args)
+    if _worker["orphaned"].is_set():
+        os._exit(0)
+    return result
 
 
 def _sweep_worker_run(run: SweepRun) -> str:  # in a worker process
     prefix = f"[{run.name} on {_worker['device']}]"
-    return _train_sweep_run(run, _worker_data(), lambda m: print(f"{prefix} {m}", flush=True),
-                            _worker["stop"].is_set, device=_worker["device"])
+    return _in_worker(_train_sweep_run, run, _worker["data"], lambda m: print(f"{prefix} {m}", flush=True),
+                      _worker_should_stop, None, _worker["device"])
 
 
-def _in_workers(function, tasks: list, base: cr.TrainConfig, devices: list, data: Optional[cr.CifarData], log,
-                should_stop) -> bool:
-    """function(task) for each task, in one process per device, each reading the dataset once (or given
-    `data`, copied to each); returns True when stopped early. function returns "partial" or True for a task
-    that stopped before its end."""
+def _in_workers(function, tasks: list, devices: list, data: cr.CifarData, log, should_stop) -> bool:
+    """function(task) for each task, in one process per device, each given `data`; returns True when stopped
+    early. function returns "partial" or True for a task that stopped before its end."""
     import concurrent.futures
-    import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     queue, stop = context.Queue(), context.Event()
@@ -630,17 +749,23 @@ def _in_workers(function, tasks: list, base: cr.TrainConfig, devices: list, data
     log(f"sweep: {len(devices)} worker processes ({', '.join(devices)})")
     interrupted = False
     with concurrent.futures.ProcessPoolExecutor(len(devices), context, _sweep_worker_init,
-                                                (queue, stop, base, data, threads)) as pool:
+                                                (queue, stop, data, threads)) as pool:
         futures = {pool.submit(function, task): task for task in tasks}
         pending = set(futures)
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=0.2,
                                                     return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                if not future.cancelled():
+                if future.cancelled():
+                    continue
+                try:
                     interrupted |= future.result() in ("partial", True)  # a worker's error is raised here
-                    if isinstance(tasks[0], SweepRun):
-                        log(f"sweep: {_run_line(futures[future])}")
+                except concurrent.futures.process.BrokenProcessPool:
+                    raise WorkerLost("a worker process of the sweep ended before its run did (killed, or out of "
+                                     "memory); each run folder keeps its last checkpoint, and the same command "
+                                     "continues the sweep") from None
+                if isinstance(tasks[0], SweepRun):
+                    log(f"sweep: {_run_line(futures[future])}")
             if should_stop() and not stop.is_set():
                 stop.set()  # running tasks stop after their step, with last.pt written
                 interrupted = True
@@ -659,7 +784,8 @@ def _optuna():
         import optuna
     except ImportError:
         raise cr.UserError('--search optuna needs optuna: pip install "cifar100_resnet[optuna]" (or pip install '
-                        'optuna)') from None
+                           'optuna)') from None
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep says what happens (a stopped trial too)
     return optuna
 
 
@@ -672,42 +798,113 @@ def _suggest(trial, name: str, spec):
     return trial.suggest_float(name, low, high, log=kind == "log")
 
 
-def _open_study(out_dir: str, storage: Optional[str], study_name: Optional[str], sample_seed: int):
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process of which machine runs a trial
+
+
+@contextlib.contextmanager
+def _study_lock(out_dir: str):
+    """One process of this machine at a time opens the study of out_dir, fails its dead trials and queues their
+    runs again: a lock on the folder itself (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _open_study(out_dir: str, storage: Optional[str], study_name: Optional[str]):
+    """The study in `storage` (default: optuna.db in out_dir), created by the first process to open it; one
+    line naming the database when it cannot be opened."""
     optuna = _optuna()
     url = storage or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "optuna.db"))
-    # a heartbeat, so that a trial whose process was killed is marked failed and queued again (its user
-    # attributes, the run folder among them, copied) by the next worker that opens the study
+    # a heartbeat, so that a trial whose process was killed on another machine is marked failed and queued
+    # again (its user attributes, the run folder among them, copied) by the next worker that opens the study
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in optuna's terms since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry_kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry else
-                        {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
-        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **retry_kwargs)
-        study = optuna.create_study(storage=rdb, study_name=study_name or os.path.basename(os.path.abspath(out_dir)),
-                                    direction="maximize", sampler=optuna.samplers.TPESampler(seed=sample_seed),
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-                                    load_if_exists=True)
-        optuna.storages.fail_stale_trials(study)
-    return study
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in optuna's terms since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry_kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry else
+                                {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+                rdb = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **retry_kwargs,
+                                                 engine_kwargs={"connect_args": {"timeout": 60}}  # a busy database:
+                                                 if url.startswith("sqlite") else None)  # wait, never fail
+                study = optuna.create_study(storage=rdb, direction="maximize", load_if_exists=True,
+                                            study_name=study_name or os.path.basename(os.path.abspath(out_dir)),
+                                            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+                optuna.storages.fail_stale_trials(study)
+            return study
+        except ImportError as e:
+            raise cr.UserError(f"--storage {url}: its database driver is not installed ({e}); pip install "
+                               f"psycopg2-binary for PostgreSQL, pymysql for MySQL") from None
+        except Exception as e:  # the database's own errors (SQLAlchemy's, sqlite3's): a bad URL, a damaged file
+            first_line = (str(e).strip().splitlines() or [""])[0][:160]
+            if "already exists" in first_line and attempt < 4:  # another process created the tables first
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise cr.UserError(f"cannot open the study's database {url} ({type(e).__name__}: {first_line})") from None
 
 
-def _run_of_trial(trial) -> str:
-    """The run folder name of a trial: its own, or that of the interrupted trial it continues (whose user
-    attributes it was given)."""
-    return trial.user_attrs.get("run") or f"trial-{trial.number:04d}"
+def _fail_dead_trials(study) -> None:
+    """Mark failed the trials left running by processes of this machine that are gone (a kill -9): the
+    heartbeat would take minutes to notice, and their runs continue at once."""
+    optuna = _optuna()
+    host = WORKER_ID.rsplit(":", 1)[0]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if worker_host == host and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)  # signal 0 sends nothing: does the process exist?
+            except ProcessLookupError:
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            except OSError:
+                pass
+
+
+def _queue_unfinished(study, out_dir: str, epochs: int) -> None:
+    """Queue again, with its setting and run folder, every failed trial of this machine whose run stopped
+    before its end (a Ctrl-C, a kill) and that no other trial continues: the run goes on from its last.pt."""
+    optuna = _optuna()
+    host = WORKER_ID.rsplit(":", 1)[0]
+    trials = study.get_trials(deepcopy=False)
+    claimed = {t.user_attrs.get("run") for t in trials if t.state != optuna.trial.TrialState.FAIL}
+    for t in trials:
+        run = t.user_attrs.get("run")
+        if t.state != optuna.trial.TrialState.FAIL or not run or run in claimed or \
+                t.user_attrs.get("worker", host + ":").rsplit(":", 1)[0] != host:
+            continue
+        if run_status(os.path.join(out_dir, "runs", run), epochs) in ("partial", "pending"):
+            study.enqueue_trial(t.params, user_attrs={"run": run, "resumes": t.number})
+            claimed.add(run)
 
 
 def _optuna_loop(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, storage: Optional[str],
                  study_name: Optional[str], sample_seed: int, data: cr.CifarData, log, should_stop,
                  device: Optional[str] = None) -> bool:
-    """Run trials until the study holds `trials` complete or pruned ones; returns True when stopped early."""
+    """Run trials until the study holds `trials` complete or pruned ones; returns True when stopped early.
+
+    The n-th new setting of a study is drawn with a seed of its own (from sample_seed and n), whatever came
+    before it: a study stopped and continued proposes what an uninterrupted one does."""
     optuna = _optuna()
-    study = _open_study(out_dir, storage, study_name, sample_seed)
+    with _study_lock(out_dir):
+        study = _open_study(out_dir, storage, study_name)
+        _fail_dead_trials(study)
+        _queue_unfinished(study, out_dir, base.epochs)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def objective(trial):
-        name = _run_of_trial(trial)
+        name = trial.user_attrs.get("run") or f"trial-{trial.number:04d}"
         trial.set_user_attr("run", name)
+        trial.set_user_attr("worker", WORKER_ID)
+        if "resumes" not in trial.user_attrs:  # a new setting (a continued run keeps its own)
+            runs = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)} - {None, name}
+            study.sampler = optuna.samplers.TPESampler(seed=(sample_seed * 1_000_003 + len(runs)) % 2 ** 32)
         setting = {k: _suggest(trial, k, space[k]) for k in space}
         run = SweepRun(setting, base.seed, dataclasses.replace(base, **setting,
                                                                out_dir=os.path.join(out_dir, "runs", name)), name)
@@ -727,19 +924,13 @@ def _optuna_loop(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, s
             trial.set_user_attr("test_top1", row["final_test_top1"])
         if pruned:
             raise optuna.TrialPruned(f"val top-1 below the median of earlier trials at epoch {pruned[0]}")
-        if status == "partial":
-            trial.set_user_attr("interrupted", True)  # optuna marks it failed; the next invocation continues it
+        if status == "partial":  # optuna marks it failed; the next invocation continues its run
             raise _SweepStopped()
         if status == "diverged":
             raise cr.TrainingDiverged(f"trial {trial.number} diverged")
         return row["final_val_top1"]
 
-    # an interrupted trial (marked failed) continues its run folder in a trial with the same settings
-    resumed = {t.user_attrs.get("resumes") for t in study.trials}
-    for t in study.trials:
-        if t.state == optuna.trial.TrialState.FAIL and t.number not in resumed and t.user_attrs.get("interrupted"):
-            study.enqueue_trial(t.params, user_attrs={"resumes": t.number, "run": _run_of_trial(t)})
-    if sum(t.state in finished for t in study.trials) >= trials:
+    if sum(t.state in finished for t in study.get_trials(deepcopy=False)) >= trials:
         return False
     try:
         study.optimize(objective, catch=(cr.TrainingDiverged,),
@@ -750,8 +941,8 @@ def _optuna_loop(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, s
 
 
 def _optuna_worker_run(args: tuple) -> bool:
-    return _optuna_loop(*args, _worker_data(), lambda m: print(f"[{_worker['device']}] {m}", flush=True),
-                        _worker["stop"].is_set, _worker["device"])
+    return _in_worker(_optuna_loop, *args, _worker["data"], lambda m: print(f"[{_worker['device']}] {m}", flush=True),
+                      _worker_should_stop, _worker["device"])
 
 
 def _optuna_sweep(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, storage: Optional[str],
@@ -763,24 +954,40 @@ def _optuna_sweep(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, 
     if not space or trials < 1:
         raise cr.UserError("--search optuna needs --random N (the trials the study should hold) and what to vary")
     plan_sweep(base, out_dir, [{}], [base.seed])  # checks --val-split and the base settings
-    for name, spec in space.items():  # each end of a range must be a valid value
-        for value in (spec if isinstance(spec, list) else spec[1:]):
-            dataclasses.replace(base, **{name: value}).validate()
+    ends = [dataclasses.replace(base, **{name: value}) for name, spec in space.items()
+            for value in (spec if isinstance(spec, list) else spec[1:])]
+    for config in ends:  # each end of a range must be a valid value
+        config.validate()
+    _saved_sweep(out_dir, "optuna", base, list(space))
+    if data is None:
+        data = cr.load_dataset(base.data_dir, base.dataset, base.download)
+    for config in [base, *ends]:
+        _check_fits(SweepRun({}, base.seed, config, "of the study"), data)
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        with _study_lock(out_dir):
+            study = _open_study(out_dir, storage, study_name)
+    except cr.UserError:
+        if created:  # leave nothing behind
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, "optuna.db"))
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    study = _open_study(out_dir, storage, study_name, sample_seed)
+    remove_stale_temporaries(out_dir)
     cr.atomic_save(json.dumps({"base": base.saved(), "search": "optuna", "space": space, "trials": trials,
-                            "study": study.study_name, "storage": storage or "optuna.db", "varied": list(space)},
-                           indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
+                               "study": study.study_name, "storage": storage or "optuna.db", "varied": list(space)},
+                              indent=2, default=list) + "\n", os.path.join(out_dir, "sweep.json"))
     log(f"sweep: Optuna study {study.study_name!r} ({storage or os.path.join(out_dir, 'optuna.db')}), {trials} "
         f"trials wanted, {len(study.trials)} in it; choosing on the last {base.val_split} training images "
         f"(validation), the test set only reported")
     loop = (base, out_dir, space, trials, storage, study_name, sample_seed)
     if devices and len(devices) > 1:  # each worker its own sampler seed, or they would propose the same trials
         loops = [loop[:-1] + (sample_seed + 1000 * i,) for i in range(len(devices))]
-        interrupted = _in_workers(_optuna_worker_run, loops, base, devices, data, log, should_stop)
+        interrupted = _in_workers(_optuna_worker_run, loops, devices, data, log, should_stop)
     else:
-        if data is None:
-            data = cr.load_dataset(base.data_dir, base.dataset, base.download)
         interrupted = _optuna_loop(*loop, data, log, should_stop, devices[0] if devices else None)
     latest = {t.user_attrs["run"]: t for t in study.trials if "run" in t.user_attrs}
     runs, states = [], {}
@@ -807,14 +1014,20 @@ def lr_find_main(argv: list) -> int:
         raise cr.UserError("lr-find starts from the initial weights of its settings; --resume is for training")
     config = cr.config_from_args(args)
     out = config.out_dir or os.path.join("runs", "lr-find-" + time.strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(os.path.join(out, "lr_find.csv")):
-        raise cr.UserError(f"{out} already holds an lr_find.csv; pass another --out-dir")
+    if all(os.path.exists(os.path.join(out, name)) for name in ("lr_find.csv", "lr_find.png")):  # png: the last
+        raise cr.UserError(f"{out} already holds a finished lr-find (lr_find.csv, lr_find.png); pass another "
+                           f"--out-dir")
     cr.RunFolder(out).check_writable()
+    remove_stale_temporaries(out)
     cr.set_backend_flags()
-    data = cr.load_dataset(config.data_dir, config.dataset, config.download)
-    print(f"lr-find: up to {args.steps} steps of batch {config.batch_size}, rate {args.start:g} to {args.end:g}",
-          flush=True)
-    result = lr_find(config, data, args.start, args.end, args.steps)
+    try:
+        data = cr.load_dataset(config.data_dir, config.dataset, config.download)
+        print(f"lr-find: up to {args.steps} steps of batch {config.batch_size}, rate {args.start:g} to "
+              f"{args.end:g}", flush=True)
+        result = lr_find(config, data, args.start, args.end, args.steps)
+    except KeyboardInterrupt:
+        print(f"error: lr-find stopped by Ctrl-C before it wrote anything into {out}", file=sys.stderr)
+        return 130
     print(f"lr-find: {len(result.rates)} steps" + (f"; stopped early: {result.stopped_early}"
                                                    if result.stopped_early else ""))
     print(f"suggested peak learning rate: {result.suggestion:.3g} ({result.rule}); for batch {config.batch_size}, "
@@ -879,9 +1092,13 @@ def sweep_main(argv: list) -> int:
     cr.set_backend_flags()
     console = cr.Console(sys.stdout)
     with cr.StopSignals("stopping the sweep: each running run writes last.pt after its step") as stop:
-        result = sweep(config, args.out_dir, grid, space, trials, seeds, devices, args.sample_seed,
-                       log=console.log, should_stop=stop.requested, search=args.search or "",
-                       storage=args.storage, study_name=args.study)
+        try:
+            result = sweep(config, args.out_dir, grid, space, trials, seeds, devices, args.sample_seed,
+                           log=console.log, should_stop=stop.requested, search=args.search or "",
+                           storage=args.storage, study_name=args.study)
+        except WorkerLost as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return stop.exit_code if result.interrupted and stop.requested() else 0
 
 
@@ -902,10 +1119,20 @@ def _cifar_steps_per_epoch(config: cr.TrainConfig) -> int:
 
 def _run_schedule(run_dir: str, epochs: float):
     """The per-step schedule of a run folder, from its config.json (0.3 or later); None without one."""
-    saved = cr.RunFolder(run_dir).saved_config()
+    folder = cr.RunFolder(run_dir)
+    saved = folder.saved_config()
     if saved is None or not {"t0_resolved", "steps_per_epoch"} <= set(saved):
         return None
-    return schedule_per_step(cr.TrainConfig.from_dict(saved), saved["t0_resolved"], saved["steps_per_epoch"], epochs)
+    config, t0, steps = cr.TrainConfig.from_dict(saved), saved["t0_resolved"], saved["steps_per_epoch"]
+    try:
+        config.validate()
+        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not t0 > 0:
+            raise cr.UserError(f"t0_resolved must be a positive number, got {t0!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise cr.UserError(f"steps_per_epoch must be a positive integer, got {steps!r}")
+    except cr.UserError as e:
+        raise cr.UserError(f"{folder.file('config.json')} does not hold a run's settings: {e}") from None
+    return schedule_per_step(config, t0, steps, epochs)
 
 
 def _pyplot():
@@ -934,12 +1161,18 @@ def _lay_out_above_names(fig, handles: list, labels: list, columns: int, height:
 
 
 def _save(fig, path: str, dpi: int = 110) -> str:
-    """Write the figure (its folder created if need be), close it, return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    """Write the figure as a PNG (its folder created if need be; atomically, as every file here), close it,
+    return the path."""
     import matplotlib.pyplot as plt
 
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png")
     plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise cr.UserError(f"cannot write {path}: {e.strerror or e}") from None
+    cr.atomic_save(png.getvalue(), path)
     return path
 
 
@@ -981,12 +1214,13 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     drawn per step from each run's config.json (per epoch from metrics.csv without one)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
-    runs = []
+    runs, schedules = [], []  # every file read and checked before anything is drawn
     for run_dir in run_dirs:
-        rows = read_metrics(os.path.join(run_dir, "metrics.csv"))
+        rows = read_run_metrics(run_dir)
         if not rows:
             raise cr.UserError(f"{run_dir} has no metrics.csv rows to plot")
         runs.append(rows)
+        schedules.append(_run_schedule(run_dir, max(r["epoch"] for r in rows)))
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
 
     def column(rows, name):
@@ -998,14 +1232,13 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     legend_height = _names_height(len(runs), legend_columns)
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height))
     colours, per_epoch_rate = [], False
-    for run_dir, rows, label in zip(run_dirs, runs, labels):
+    for rows, schedule in zip(runs, schedules):
         epochs = column(rows, "epoch")
         (line,) = ax_loss.plot(epochs, column(rows, "test_loss"))
         colours.append(line.get_color())
         ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color())
         ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color())
         ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color())
-        schedule = _run_schedule(run_dir, max(epochs))
         if schedule is not None:
             ax_lr.plot(*schedule, color=line.get_color())
         else:  # no config.json to compute it from
@@ -1069,13 +1302,19 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
             varied = json.load(f)["varied"]
     except (OSError, ValueError, KeyError):
         raise cr.UserError(f"{sweep_dir} holds no sweep (sweep.json)") from None
-    rows = [r for r in read_metrics(os.path.join(sweep_dir, "sweep.csv")) if r.get("final_val_top1")]
+    table = os.path.join(sweep_dir, "sweep.csv")
+    rows = [r for r in read_metrics(table, columns=("run", "final_val_top1", *varied)) if r["final_val_top1"]]
     if not rows:
         raise cr.UserError(f"{sweep_dir} has no finished epochs to plot yet")
-    chosen = {r["setting"] for r in read_metrics(os.path.join(sweep_dir, "summary.csv")) if r["chosen"]}
+    if not all(isinstance(_number(r["final_val_top1"]), float) for r in rows):
+        raise cr.UserError(f"{table}: a final_val_top1 is not a number")
+    chosen = {r["setting"] for r in read_metrics(os.path.join(sweep_dir, "summary.csv"), ("setting", "chosen"))
+              if r["chosen"]}
     groups: dict = {}
     for row in rows:
         groups.setdefault(setting_name({k: _number(row[k]) for k in varied}), []).append(row)
+    curves_of = {m["run"]: [100 * r["val_top1"] for r in read_metrics(
+        os.path.join(sweep_dir, "runs", m["run"], "metrics.csv"), numbers=("val_top1",))] for m in rows}
 
     shown = varied[:3]
     # more than 4 settings: their names go under the panels, where they cover no curve
@@ -1084,9 +1323,7 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     fig, axes = plt.subplots(1, 1 + len(shown), figsize=(7 + 4.2 * len(shown), 4.8 + legend_height), squeeze=False)
     ax = axes[0][0]
     for setting, members in groups.items():
-        curves = [[100 * float(r["val_top1"]) for r in read_metrics(os.path.join(sweep_dir, "runs", m["run"],
-                                                                                  "metrics.csv"))]
-                  for m in members]
+        curves = [curves_of[m["run"]] for m in members]
         length = min(len(c) for c in curves)
         epochs = list(range(1, length + 1))
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
@@ -1149,7 +1386,7 @@ def plot_main(argv: list) -> int:
             out = argv[at + 1]
             del argv[at:at + 2]
         config = cr.config_from_args(parser.parse_args(argv))
-        r = plot_schedule(config, out)
+        r = plot_schedule(config, check_png(out))
         where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
                  else "at the end of a cycle")
         print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
@@ -1165,9 +1402,10 @@ def plot_main(argv: list) -> int:
     if args.labels and len(args.labels) != len(args.run_dirs):
         raise cr.UserError(f"--labels needs one label per run folder ({len(args.run_dirs)}), got {len(args.labels)}")
     if len(args.run_dirs) == 1 and os.path.exists(os.path.join(args.run_dirs[0], "sweep.json")):
-        print(f"wrote {plot_sweep(args.run_dirs[0], args.out or os.path.join(args.run_dirs[0], 'sweep.png'))}")
+        out = check_png(args.out or os.path.join(args.run_dirs[0], "sweep.png"))
+        print(f"wrote {plot_sweep(args.run_dirs[0], out)}")
         return 0
-    out = args.out or os.path.join(args.run_dirs[0], "curves.png")
+    out = check_png(args.out or os.path.join(args.run_dirs[0], "curves.png"))
     print(f"wrote {plot_runs(args.run_dirs, out, args.labels)}")
     return 0
 
@@ -1396,7 +1634,10 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
     diagram, the run's learning curves) and report.html, all in out_dir (default: report/ beside the
     checkpoint). Returns the analyses and the paths written."""
     run = cr.load_run(path, data, data_dir, device, download=download)
-    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(run.path)), "report")
+    run_dir = os.path.dirname(os.path.abspath(run.path))
+    if read_run_metrics(run_dir):  # the run's files checked before anything is written
+        _run_schedule(run_dir, 1)
+    folder = out_dir or os.path.join(run_dir, "report")
     cr.RunFolder(folder).check_writable()
     os.makedirs(folder, exist_ok=True)
     classes, written, analyses = run.data.classes, [], {}
@@ -1434,7 +1675,6 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
     figures = {split: _report_figures(analyses[split], *run.splits[split], run.data, split, folder,
                                       "" if split == "test" else "val_") for split in analyses}
     written += [p for f in figures.values() for p in f.values()]
-    run_dir = os.path.dirname(os.path.abspath(run.path))
     if read_metrics(os.path.join(run_dir, "metrics.csv")):
         figures["curves"] = plot_runs([run_dir], os.path.join(folder, "curves.png"))
         written.append(figures["curves"])
@@ -1571,7 +1811,9 @@ def conv_demo(image: torch.Tensor, filter_name: str = "edge", kernel: Optional[t
                        "formula": conv_output_size(n, k, s, (k - 1) // 2 if p == "same" else p) if s == 1 or
                        p != "same" else None, "actual": None, "output": None}
                 try:
-                    out = F.conv2d(grey.view(1, 1, n, n), weight, stride=s, padding=p)
+                    with warnings.catch_warnings():  # torch's note on "same" with an even kernel: the table says
+                        warnings.simplefilter("ignore")
+                        out = F.conv2d(grey.view(1, 1, n, n), weight, stride=s, padding=p)
                 except (RuntimeError, ValueError) as e:
                     row["refused"] = str(e).splitlines()[0]
                 else:
@@ -1612,12 +1854,16 @@ def plot_conv_demo(demo: dict, filter_label: str, out_path: str) -> str:
         ax_row[0].imshow(demo["grey"].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax_row[0].set_title(f"input {n}x{n}\nvarying: {label}", fontsize=8)
         for ax, r in zip(ax_row[1:], panels):
-            out = r["output"]
+            out, p = r["output"], "same" if r["p"] == "same" else r["p"]
+            if out is None:  # conv2d refused: a kernel larger than the padded image, or "same" with a stride
+                ax.text(0.5, 0.5, "refused by conv2d:\n" + "\n".join(textwrap.wrap(r["refused"], 28)[:4]),
+                        ha="center", va="center", fontsize=7, transform=ax.transAxes)
+                ax.set_title(f"k {r['k']}, s {r['s']}, p {p}", fontsize=8)
+                continue
             # the panel is drawn at the input's scale, so a smaller output looks smaller
             ax.imshow(out.numpy(), cmap="gray", interpolation="nearest", extent=(0, out.shape[1], out.shape[0], 0))
             ax.set_xlim(0, n + 4)
             ax.set_ylim(n + 4, 0)
-            p = "same" if r["p"] == "same" else r["p"]
             flat = " (all equal: this filter is 0 at this size)" if bool((out == out.flatten()[0]).all()) else ""
             ax.set_title(f"k {r['k']}, s {r['s']}, p {p}\noutput {out.shape[0]}x{out.shape[1]}{flat}", fontsize=8)
     fig.suptitle(f"one image through the {filter_label} filter (grey levels; each output scaled to its own "
@@ -1706,6 +1952,7 @@ def preview_aug_main(argv: list) -> int:
         raise cr.UserError(f"--images must be in 1..16, got {args.images}")
     config = cr.config_from_args(args)
     _pyplot()  # before reading any data
+    check_png(args.out)
     data = cr.load_dataset(config.data_dir, config.dataset, config.download)
     shown = preview_augmentation(config, data, per_batch=args.images)
     for batch in shown:
@@ -1721,9 +1968,11 @@ def _read_image_file(path: str) -> torch.Tensor:
     from PIL import Image  # Pillow: installed with torchvision
 
     try:
-        with Image.open(path) as file:
-            image = torch.from_numpy(np.array(file.convert("RGB"))).permute(2, 0, 1).contiguous()
-    except (OSError, ValueError) as e:
+        with warnings.catch_warnings():  # a file that claims more pixels than Pillow decodes safely: refused
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as file:
+                image = torch.from_numpy(np.array(file.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise cr.UserError(f"cannot read the image {path}: {(str(e).splitlines() or [''])[0][:120]}") from None
     side = min(image.shape[1:])
     top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
@@ -1767,6 +2016,7 @@ def conv_demo_main(argv: list) -> int:
             raise cr.UserError(f"--kernel needs a square number of values (9 for 3x3), got {len(values)}")
         weight, label = torch.tensor(values).view(k, k), f"given {k}x{k}"
     _pyplot()  # before reading any data
+    check_png(args.out)
     run = cr.load_run(args.checkpoint, data_dir=args.data_dir, device=args.device, download=args.download) \
         if args.checkpoint else None
     if args.image:

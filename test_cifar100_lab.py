@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -134,11 +135,33 @@ def test_lr_find_command_writes_csv_and_figure_and_refuses_to_overwrite(tmp_path
     assert len(rows) == 12 and [float(r["lr"]) for r in rows] == sorted(float(r["lr"]) for r in rows)
     plt = pytest.importorskip("matplotlib.pyplot")
     assert plt.imread(out / "lr_find.png").shape[:2] == (506, 880)  # 8 x 4.6 inches at 110 dpi
-    assert cr.main(args) == 2 and "already holds an lr_find.csv" in capsys.readouterr().err
+    assert cr.main(args) == 2 and "already holds a finished lr-find" in capsys.readouterr().err
     # without matplotlib: the CSV still, then exit 2 with the install hint
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cr.main(args[:-4] + ["--out-dir", str(tmp_path / "bare"), "--steps", "4"]) == 2
     assert "pip install" in capsys.readouterr().err and (tmp_path / "bare" / "lr_find.csv").exists()
+
+
+def test_an_lr_find_killed_between_its_two_files_is_finished_by_the_same_command(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    data_dir = tmp_path / "data"
+    write_official_layout(data_dir, n_train=96, n_test=32)
+    out = tmp_path / "lrf"
+    args = ["lr-find", "--data-dir", str(data_dir), "--arch", "resnet18", "--width", "4", "--batch-size", "32",
+            "--device", "cpu", "--no-download", "--out-dir", str(out), "--steps", "8"]
+    process = subprocess.Popen([sys.executable, MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=HERE, env={**os.environ, cr.FAULT_PAUSE_ENV: "written lr_find.png",
+                                                         "OMP_NUM_THREADS": "1"})
+    killed_at(process, "written lr_find.png")
+    assert (out / "lr_find.csv").exists() and not (out / "lr_find.png").exists()
+    assert cr.main(args) == 0 and (out / "lr_find.png").exists()  # finished, not refused
+    assert not list(out.glob(f"*{cr.TEMP_SUFFIX}"))
+    # a Ctrl-C during the steps says so, and that nothing was written
+    monkeypatch.setattr(lab, "lr_find", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    capsys.readouterr()
+    assert cr.main([*args[:-3], str(tmp_path / "other"), "--steps", "8"]) == 130
+    assert capsys.readouterr().err == f"error: lr-find stopped by Ctrl-C before it wrote anything into " \
+                                      f"{tmp_path / 'other'}\n" and not (tmp_path / "other").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,7 +310,8 @@ def sweep_cli_args(data_dir, out, *grid) -> list:
 
 def sweep_cli(data_dir, out, *grid, env=None):
     return subprocess.Popen([sys.executable, MODULE, *sweep_cli_args(data_dir, out, *grid)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"})
 
 
 def test_a_killed_sweep_continues_where_it_stopped_and_a_larger_grid_trains_only_its_new_runs(tmp_path):
@@ -313,8 +337,13 @@ def test_a_killed_sweep_continues_where_it_stopped_and_a_larger_grid_trains_only
     rows = read_csv(out / "sweep.csv")
     assert [(r["run"], r["status"], r["epochs"]) for r in rows] == [
         (f"lr={lr},seed={s}", "done", "2") for lr in ("0.05", "0.2") for s in (0, 1)]
-    # the killed run, continued, is the run a straight sweep trains
-    assert cr.main(sweep_cli_args(data_dir, tmp_path / "straight", "lr=0.2")) == 0
+    # the killed run, continued, is the run a straight sweep trains (with one thread, as the sweeps above)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cr.main(sweep_cli_args(data_dir, tmp_path / "straight", "lr=0.2")) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert deterministic(out / "runs" / "lr=0.2,seed=0") == deterministic(tmp_path / "straight" / "runs" /
                                                                            "lr=0.2,seed=0")
 
@@ -338,37 +367,151 @@ def test_sweep_command_errors_are_one_message(tmp_path, capsys):
 # Optuna
 
 
-def test_an_optuna_study_interrupted_and_continued_keeps_its_trials(data, tmp_path):
+def study_rows(out) -> list:
+    """Each run of a study, in the order they began: its setting and its final val top-1."""
+    return [(r["lr"], r["weight_decay"], r["status"], r["final_val_top1"]) for r in read_csv(Path(out) / "sweep.csv")]
+
+
+def test_an_optuna_study_stopped_or_grown_proposes_and_trains_what_an_uninterrupted_one_does(data, tmp_path, capfd):
     optuna = pytest.importorskip("optuna", reason="Optuna is an optional extra (pip install optuna)")
     space = lab.parse_sweep_specs(["lr=log:0.01:0.3", "weight_decay=1e-4:1e-3"], ranges=True)
-    out = str(tmp_path / "study")
-    # stop inside the second trial: 2 epochs of 6 steps each = 12 calls per trial, so call 19 is trial 2's 7th
-    first = lab.sweep(tiny_config(), out, space=space, trials=3, search="optuna", data=data, log=lambda m: None,
-                     should_stop=stop_on_call(19))
-    assert first.interrupted
-    study = optuna.load_study(study_name="study", storage=f"sqlite:///{out}/optuna.db")
-    done = [(t.number, t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 1 and study.trials[1].state == optuna.trial.TrialState.FAIL
-    assert len(read_csv(Path(out) / "runs" / "trial-0001" / "metrics.csv")) == 1
 
-    second = lab.sweep(tiny_config(), out, space=space, trials=3, search="optuna", data=data, log=lambda m: None)
+    def study(out, trials, **kwargs):
+        return lab.sweep(tiny_config(), str(out), space=space, trials=trials, search="optuna", data=data,
+                         log=lambda m: None, **kwargs)
+
+    study(tmp_path / "straight", 3)
+    study(tmp_path / "grown", 2)  # then one trial more
+    study(tmp_path / "grown", 3)
+    out = tmp_path / "stopped"
+    # stop inside the second trial: 2 epochs of 6 steps each = 12 calls per trial, so call 19 is trial 2's 7th
+    first = study(out, 3, should_stop=stop_on_call(19))
+    assert first.interrupted
+    db = f"sqlite:///{out}/optuna.db"
+    trials = optuna.load_study(study_name="stopped", storage=db).trials
+    done = [(t.number, t.params, t.value) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 1 and trials[1].state == optuna.trial.TrialState.FAIL
+    assert len(read_csv(out / "runs" / "trial-0001" / "metrics.csv")) == 1
+    second = study(out, 3)
     assert not second.interrupted
-    study = optuna.load_study(study_name="study", storage=f"sqlite:///{out}/optuna.db")
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                        optuna.trial.TrialState.PRUNED)]
-    assert len(finished) == 3
-    assert [(t.number, t.params, t.value) for t in study.trials if t.number == 0] == done[:1]
-    resumed = [t for t in study.trials if t.user_attrs.get("resumes") == 1]
-    assert len(resumed) == 1 and resumed[0].params == study.trials[1].params
-    assert resumed[0].user_attrs["run"] == "trial-0001"
-    assert len(read_csv(Path(out) / "runs" / "trial-0001" / "metrics.csv")) == 2
-    rows = read_csv(Path(out) / "sweep.csv")
+    # the same settings, trained to the same numbers, whichever way the study got there; each trial a new one
+    assert study_rows(out) == study_rows(tmp_path / "grown") == study_rows(tmp_path / "straight")
+    assert len({lr for lr, *_ in study_rows(out)}) == 3
+    trials = optuna.load_study(study_name="stopped", storage=db).trials
+    assert [(t.number, t.params, t.value) for t in trials if t.number == 0] == done[:1]
+    resumed = [t for t in trials if t.user_attrs.get("resumes") == 1]
+    assert len(resumed) == 1 and resumed[0].params == trials[1].params and resumed[0].user_attrs["run"] == "trial-0001"
+    assert len(read_csv(out / "runs" / "trial-0001" / "metrics.csv")) == 2
+    rows = read_csv(out / "sweep.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} <= {"done", "pruned"}
     for row in rows:
         if row["status"] == "done":  # the study's value is the run's final val top-1
-            trial = next(t for t in study.trials if t.number == int(row["trial"]))
+            trial = next(t for t in trials if t.number == int(row["trial"]))
             assert trial.value == pytest.approx(float(row["final_val_top1"]))
     assert (second.chosen is None) == all(r["status"] != "done" for r in rows)
+    assert "Trial" not in capfd.readouterr().err  # Optuna's own notes (a traceback of the stopped trial) are off
+
+
+def study_cli(data_dir, out, trials: int, env=None) -> subprocess.Popen:
+    args = ["sweep", "--data-dir", str(data_dir), "--arch", "resnet18", "--width", "4", "--batch-size", "32",
+            "--epochs", "2", "--device", "cpu", "--no-download", "--quiet", "--val-split", "32", "--out-dir", str(out),
+            "--search", "optuna", "--random", str(trials), "lr=log:0.01:0.3"]
+    return subprocess.Popen([sys.executable, MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=HERE, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"})
+
+
+def killed_at(process: subprocess.Popen, point: str) -> None:
+    """Wait until the process pauses at the fault point, then kill it (SIGKILL: nothing runs after)."""
+    line = process.stderr.readline()
+    assert line.startswith(f"fault point: {point}"), line + process.stderr.read()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_a_killed_study_continues_its_trial_from_last_pt_and_leaves_no_temporary_file(tmp_path):
+    optuna = pytest.importorskip("optuna", reason="Optuna is an optional extra (pip install optuna)")
+    data_dir = tmp_path / "data"
+    write_official_layout(data_dir, n_train=128, n_test=32)
+    out = tmp_path / "study"
+    # killed after trial 0's first epoch (it stays "running" in the study), then killed while writing sweep.json
+    killed_at(study_cli(data_dir, out, 2, {cr.FAULT_PAUSE_ENV: "renamed metrics.csv"}), "renamed metrics.csv")
+    epoch_1 = read_csv(out / "runs" / "trial-0000" / "metrics.csv")
+    killed_at(study_cli(data_dir, out, 2, {cr.FAULT_PAUSE_ENV: "written sweep.json"}), "written sweep.json")
+    assert list(out.glob(f".sweep.json.*{cr.TEMP_SUFFIX}"))
+    rerun = study_cli(data_dir, out, 2)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and err == "", err
+    rows = read_csv(out / "runs" / "trial-0000" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == epoch_1[0]  # continued, not trained again
+    assert not list(out.rglob(f"*{cr.TEMP_SUFFIX}"))
+    trials = optuna.load_study(study_name="study", storage=f"sqlite:///{out}/optuna.db").trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    runs = read_csv(out / "sweep.csv")
+    assert [r["status"] for r in runs] == ["done", "done"] and runs[0]["lr"] != runs[1]["lr"]
+
+
+def test_two_processes_started_at_once_share_one_new_study(tmp_path):
+    optuna = pytest.importorskip("optuna", reason="Optuna is an optional extra (pip install optuna)")
+    data_dir = tmp_path / "data"
+    write_official_layout(data_dir, n_train=128, n_test=32)
+    out = tmp_path / "study"
+    processes = [study_cli(data_dir, out, 3) for _ in range(2)]  # both create the study's database
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0 and err == "", err
+    trials = optuna.load_study(study_name="study", storage=f"sqlite:///{out}/optuna.db").trials
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    runs = [t.user_attrs["run"] for t in trials]
+    assert len(finished) >= 3 and len(set(runs)) == len(runs)  # each trial its own run folder
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(runs)
+
+
+def workers_of(pid: int) -> list:
+    """The worker processes (multiprocessing's spawn_main) whose parent is `pid` (Linux: /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in command:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc (Linux)")
+def test_sweep_workers_end_with_their_parent_and_a_lost_worker_is_one_line(tmp_path):
+    data_dir = tmp_path / "data"
+    write_official_layout(data_dir, n_train=128, n_test=32)
+    out = tmp_path / "sweep"
+    devices = ["--devices", "cpu,cpu"]
+    parent = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    assert parent.stderr.readline().startswith("fault point: renamed metrics.csv")  # a worker, after an epoch
+    workers = workers_of(parent.pid)
+    assert len(workers) == 2
+    parent.send_signal(signal.SIGKILL)  # the sweep's own process, however it ends: its workers end too
+    parent.wait(timeout=30)
+    deadline = time.time() + 60
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(w) for w in workers)
+    # at once the same command continues, and a worker killed under it ends the sweep with one line
+    again = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    assert again.stderr.readline().startswith("fault point: renamed metrics.csv")
+    os.kill(workers_of(again.pid)[0], signal.SIGKILL)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 1 and err.splitlines() == [
+        "error: a worker process of the sweep ended before its run did (killed, or out of memory); each run folder "
+        "keeps its last checkpoint, and the same command continues the sweep"], err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -771,6 +914,22 @@ def test_the_named_filters_do_what_they_say():
             torch.arange(k * k).view(k, k) == (k * k) // 2)  # without its centre: -1 above, +1 below the diagonal
         assert torch.equal(relief, -relief.flip(0, 1)) and relief.sum() == 0 and relief[-1, -1] == 1
         assert F.conv2d(flat, lab.conv_filter("emboss", k).view(1, 1, k, k)).allclose(torch.tensor(0.7))
+
+
+def test_conv_demo_draws_what_conv2d_refuses_as_refused_and_says_nothing_of_torch_warnings(tmp_path, capsys):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    small = tmp_path / "small.png"
+    plt.imsave(small, np.random.default_rng(0).random((4, 4, 3)))  # kernels 5 and 7 are larger than it
+    photo = tmp_path / "photo.png"
+    plt.imsave(photo, np.random.default_rng(1).random((40, 40, 3)))
+    for image, kernel in ((small, []), (photo, ["--kernel=" + ",".join(["0.01"] * 100 ** 2)]),
+                          (photo, ["--kernel=1,0,0,-1"])):  # the last: even, which torch warns about with "same"
+        out = tmp_path / f"{image.stem}{len(kernel)}.png"
+        assert cr.main(["conv-demo", "--image", str(image), "--out", str(out), *kernel]) == 0
+        printed = capsys.readouterr()
+        assert printed.err == "" and out.exists(), printed.err
+        assert ("refused: Calculated padded input size" in printed.out) == (image == small or
+                                                                         len(kernel[0]) > 100)
 
 
 def test_conv_demo_command_prints_the_table_and_draws_the_figures(tiny_cifar100, tiny_val_run, tmp_path, capsys):

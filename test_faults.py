@@ -11,9 +11,12 @@ import queue
 import random
 import signal
 import subprocess
+import struct
 import sys
 import threading
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -215,6 +218,24 @@ def test_kills_and_signals_at_any_moment_end_in_the_uninterrupted_runs_files(dat
 # A full disk at each kind of write
 
 
+class FullDisk:
+    """A file whose writes fail as they do on a disk that fills up while it is written: the first bytes land,
+    then ENOSPC. torch.save meets that OSError inside its C++ writer and raises a RuntimeError of its own
+    ("unexpected pos"), as it does on a real full disk."""
+
+    def __init__(self, f, room: int = 100):
+        self.name, self.room = f.name, room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    def flush(self):
+        pass
+
+
 def fill_disk_at(monkeypatch, name: str, occurrence: int = 1):
     """From the `occurrence`-th write of a file whose name starts with `name` on, every write fails with
     ENOSPC (the disk stays full)."""
@@ -224,9 +245,7 @@ def fill_disk_at(monkeypatch, name: str, occurrence: int = 1):
     def serialize(obj, f):
         if os.path.basename(f.name).lstrip(".").startswith(name):
             seen.append(1)
-        if len(seen) >= occurrence:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(obj, f)
+        real(obj, FullDisk(f) if len(seen) >= occurrence else f)
 
     monkeypatch.setattr(cr, "_serialize", serialize)
 
@@ -311,13 +330,14 @@ def test_non_finite_batchnorm_statistics_are_never_checkpointed(data_dir, tmp_pa
 
 
 class Payload:
-    """Unpickling this creates the marker file: what a malicious file would do instead."""
+    """Unpickling this creates the marker file: what a malicious file would do instead (through open, or through
+    os.system, whose module torch's safe loader blocks by name)."""
 
-    def __init__(self, marker: Path):
-        self.marker = marker
+    def __init__(self, marker: Path, through: str = "open"):
+        self.marker, self.through = marker, through
 
     def __reduce__(self):
-        return open, (str(self.marker), "w")
+        return (open, (str(self.marker), "w")) if self.through == "open" else (os.system, (f"touch {self.marker}",))
 
 
 def one_error_line(capsys, code: int, expected: int = 2) -> str:
@@ -331,25 +351,40 @@ def finished_run(data_dir, reference) -> Path:
     return reference
 
 
-def hostile_checkpoint(path: Path, marker: Path):
-    torch.save({"format": "cifar100_resnet", "epoch": 1, "model": {}, "payload": Payload(marker)}, path)
+def hostile_checkpoint(path: Path, marker: Path, through: str = "open"):
+    torch.save({"format": "cifar100_resnet", "epoch": 1, "model": {}, "payload": Payload(marker, through)}, path)
 
 
+@pytest.mark.parametrize("through", ["open", "os.system"])
 @pytest.mark.parametrize("how", ["--resume --out-dir", "--resume PATH", "eval", "eval RUN_DIR", "eval best.pt"])
-def test_a_hostile_checkpoint_runs_nothing_and_is_one_line(data_dir, tmp_path, capsys, how):
+def test_a_hostile_checkpoint_runs_nothing_and_is_one_line(data_dir, tmp_path, capsys, how, through):
     marker, run = tmp_path / "marker", tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"run_id": "x"}\n')
-    hostile_checkpoint(run / "last.pt", marker)
-    hostile_checkpoint(run / "best.pt", marker)
+    hostile_checkpoint(run / "last.pt", marker, through)
+    hostile_checkpoint(run / "best.pt", marker, through)
     argv = {"--resume --out-dir": run_args(data_dir, run, "--resume"),
             "--resume PATH": run_args(data_dir, tmp_path / "branch", "--resume", str(run / "last.pt")),
             "eval": ["eval", str(run / "last.pt"), "--device", "cpu"],
             "eval RUN_DIR": ["eval", str(run), "--device", "cpu"],
             "eval best.pt": ["eval", str(run / "best.pt"), "--device", "cpu"]}[how]
     message = one_error_line(capsys, cr.main(argv))
-    assert "refused" in message and "weights_only" not in message
+    assert "is refused: it holds Python objects other than tensors" in message and "weights_only" not in message
     assert not marker.exists() and not (tmp_path / "branch").exists()
+
+
+def test_a_bare_pickle_given_as_a_checkpoint_is_one_line_from_the_command(tmp_path):
+    # torch warns (two lines) about a pickle protocol it did not write; only the command's own line belongs
+    path = tmp_path / "raw.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "cifar100_resnet"}, f, protocol=4)
+    probe = (f"import cifar100_resnet as cr; print(cr.main(['eval', {str(path)!r}]), "
+             f"cr.main(['--resume', {str(path)!r}, '--out-dir', {str(tmp_path / 'b')!r}]))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       cwd=Path(MODULE).parent)
+    assert r.stdout.split() == ["2", "2"]
+    assert r.stderr.splitlines() == [f"error: {path} is not a readable checkpoint (not a file written by "
+                                     f"torch.save)"] * 2 and not (tmp_path / "b").exists()
 
 
 def malformed_checkpoints(good: dict) -> dict:
@@ -431,14 +466,72 @@ def test_corrupt_or_hostile_data_is_one_line_and_creates_nothing(tmp_path, capsy
 # Bad invocations: exit 2, exactly one line starting "error:", and nothing created or changed anywhere
 
 
+def flip_a_tensor_byte(source: Path, target: Path) -> None:
+    """A copy of a checkpoint with one byte changed in the middle of its largest tensor's data: a file that
+    still loads, and holds a wrong weight."""
+    raw = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        entry = max((e for e in archive.infolist() if "/data/" in e.filename), key=lambda e: e.file_size)
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2] ^= 0x10
+    target.write_bytes(bytes(raw))
+
+
 @pytest.fixture(scope="module")
 def sandbox(data_dir, reference, tmp_path_factory) -> Path:
+    """The files the bad invocations name: run folders, checkpoints, sweeps and images, broken in one way each."""
     box = tmp_path_factory.mktemp("sandbox")
     (box / "done").symlink_to(reference, target_is_directory=True)
     (box / "a_file.txt").write_text("not a folder\n")
     (box / "stopped").mkdir()
     (box / "stopped" / "config.json").write_text((reference / "config.json").read_text().replace(
         load(reference / "last.pt")["run_id"], "another-run"))
+    with open(box / "raw.pt", "wb") as f:  # a bare pickle (protocol 4), not a file torch.save wrote
+        pickle.dump({"format": "cifar100_resnet"}, f, protocol=4)
+    flip_a_tensor_byte(reference / "ckpt_ep2.pt", box / "damaged.pt")
+    metrics = (reference / "metrics.csv").read_text()
+    config = json.loads((reference / "config.json").read_text())
+    broken_runs = {"binary_metrics": (bytes(range(256)) * 4, config),
+                   "nan_cell": (metrics.replace(metrics.splitlines()[2].split(",")[2], "abc", 1), config),
+                   "renamed_header": (metrics.replace("train_loss", "training_loss", 1), config),
+                   "bad_t0": (metrics, {**config, "t0_resolved": "x"})}
+    for name, (rows, settings) in broken_runs.items():
+        (box / name).mkdir()
+        (box / name / "metrics.csv").write_bytes(rows if isinstance(rows, bytes) else rows.encode())
+        (box / name / "config.json").write_text(json.dumps(settings))
+        os.link(reference / "last.pt", box / name / "last.pt")
+    sweep_record = json.dumps({"base": config, "varied": ["lr"], "grid": {"lr": [0.1]}})
+    for name, table, summary in (("binary_sweep", bytes(range(256)) * 4, b"setting,chosen\n"),
+                                 ("bad_summary", b"run,lr,final_val_top1\nlr=0.1,seed=0,0.1,0.5\n", b"setting\n")):
+        (box / name).mkdir()
+        (box / name / "sweep.json").write_text(sweep_record)
+        (box / name / "sweep.csv").write_bytes(table)
+        (box / name / "summary.csv").write_bytes(summary)
+    (box / "grid_sweep").mkdir()
+    (box / "grid_sweep" / "sweep.json").write_text(sweep_record)
+    base = cr.TrainConfig.from_dict(config).saved()
+    (box / "study").mkdir()
+    (box / "study" / "sweep.json").write_text(json.dumps({"base": base, "search": "optuna", "varied": ["lr"]}))
+    for name, content in (("garbage_study", b"garbage" * 100),
+                          ("truncated_study", b"SQLite format 3\x00" + b"\x00" * 80)):
+        (box / name).mkdir()
+        (box / name / "optuna.db").write_bytes(content)
+    run = box / "sweep_of_a_broken_run" / "runs" / "lr=0.1,seed=0"  # a sweep whose run's metrics.csv is binary
+    run.mkdir(parents=True)
+    planned = cr.config_from_args(cr.build_parser().parse_args([*RUN_FLAGS, "--data-dir", str(data_dir), "--lr",
+                                                                "0.1", "--val-split", "100", "--out-dir", str(run)]))
+    (run / "config.json").write_text(json.dumps(planned.saved()))
+    (run / "metrics.csv").write_bytes(bytes(range(256)) * 4)
+    (box / "lr_find_done").mkdir()
+    for name in ("lr_find.csv", "lr_find.png"):
+        (box / "lr_find_done" / name).write_text("written by an lr-find that finished\n")
+    # a PNG of a hundred bytes that claims 20000 x 20000 pixels: Pillow refuses to decode it
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    (box / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2,
+                                                                                      0, 0, 0))
+                                   + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
     return box
 
 
@@ -497,7 +590,78 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["eval", "{R}", "--tta", "yes"], "unrecognized arguments"), (["plot"], "required: run_dirs"),
     (["plot", "{S}/nowhere"], "no metrics.csv"), (["plot", "{R}", "--labels", "a", "b"], "--labels"),
     (["bench", "--epochs", "0"], "--epochs"), (["bench", "--bench-epochz", "1"], "did you mean --bench-epochs?"),
+    (["bench", "--bench-epochs", "0"], "--bench-epochs must be at least 1"),
+    (["--seed", "1180591620717411303424"], "--seed must be between -2^62 and 2^62"),
+    # a checkpoint that is a bare pickle, or one with a changed byte (its checksum)
+    (["--resume", "{S}/raw.pt", "--out-dir", "{S}/new"], "raw.pt is not a readable checkpoint"),
+    (["eval", "{S}/raw.pt"], "raw.pt is not a readable checkpoint"),
+    (["--resume", "{S}/damaged.pt", "--out-dir", "{S}/new"], "damaged.pt is damaged"),
+    (["eval", "{S}/damaged.pt"], "damaged.pt is damaged"), (["report", "{S}/damaged.pt"], "damaged.pt is damaged"),
+    (["conv-demo", "--checkpoint", "{S}/damaged.pt"], "damaged.pt is damaged"),
+    # the lab's commands: lr-find
+    (["lr-find", "--start", "0"], "0 < --start < --end"), (["lr-find", "--end", "1e-6"], "0 < --start < --end"),
+    (["lr-find", "--steps", "1"], "--steps must be at least 2"), (["lr-find", "--stepz", "9"], "did you mean --steps?"),
+    (["lr-find", "--resume"], "--resume is for training"),
+    (["lr-find", "--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
+    (["lr-find", "--out-dir", "{S}/lr_find_done"], "already holds a finished lr-find"),
+    # sweep
+    (["sweep"], "sweep needs --out-dir"), (["sweep", "--out-dir", "{S}/new"], "--grid NAME=V1,V2 ... or --random"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--random", "2", "lr=0:1"], "one of the two"),
+    (["sweep", "--out-dir", "{S}/new", "--random", "lr=0:1"], "the number of settings first"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lrr=0.1"], "did you mean lr?"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--seeds", "a"], "--seeds must be integers"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--seeds", "0,1180591620717411303424"],
+     "--seed must be between"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--val-split", "0"], "--val-split must be at least 1"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--val-split", "500"], "leaves no training images"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "batch_size=450", "--val-split", "100"], "larger than the training"),
+    (["sweep", "--out-dir", "{S}/a_file.txt", "--grid", "lr=0.1"], "is a file, not a folder"),
+    (["sweep", "--out-dir", "{S}/a_file.txt/sub", "--grid", "lr=0.1"], "not a writable folder"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--devices", "tpu"], "--device must be"),
+    (["sweep", "--out-dir", "{S}/new", "--grid", "lr=0.1", "--storage", "sqlite://"], "for --search optuna"),
+    (["sweep", "--out-dir", "{S}/study", "--grid", "lr=0.1"], "holds an Optuna study, not a grid or random sweep"),
+    (["sweep", "--out-dir", "{S}/sweep_of_a_broken_run", "--grid", "lr=0.1"], "metrics.csv is not a readable CSV"),
+    # an Optuna study: its storage, its base settings, its data
+    (["sweep", "--out-dir", "{S}/new", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5", "--storage",
+      "notaurl"], "cannot open the study's database notaurl"),
+    (["sweep", "--out-dir", "{S}/new", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5", "--storage",
+      "sqlite:////missing/x.db"], "cannot open the study's database sqlite:////missing/x.db"),
+    (["sweep", "--out-dir", "{S}/new", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5", "--storage",
+      "postgresql://user:pw@127.0.0.1:9/db"], "postgresql://user:pw@127.0.0.1:9/db"),
+    (["sweep", "--out-dir", "{S}/garbage_study", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5"],
+     "cannot open the study's database"),
+    (["sweep", "--out-dir", "{S}/truncated_study", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5"],
+     "cannot open the study's database"),
+    (["sweep", "--out-dir", "{S}/study", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5", "--epochs", "2"],
+     "holds a study with other settings: --epochs 2 (the run has 4)"),
+    (["sweep", "--out-dir", "{S}/grid_sweep", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5"],
+     "holds a grid or random sweep, not an Optuna study"),
+    (["sweep", "--out-dir", "{S}/new", "--search", "optuna", "--random", "2", "lr=log:0.01:0.5", "--val-split",
+      "500"], "leaves no training images"),
+    # plot and report: their outputs, and broken files of runs and sweeps
+    (["plot", "--schedule", "--out", "{S}/schedule.txt"], "ends in .png"),
+    (["plot", "--schedule", "--out", "{S}/a_file.txt/x.png"], "not a writable folder"),
+    (["plot", "--schedule", "--out", "{S}"], "is a folder"), (["plot", "{R}", "--out", "{S}/x.txt"], "ends in .png"),
+    (["plot", "{R}", "--out", "{S}/done"], "is a folder"),
+    (["plot", "{S}/binary_metrics"], "binary_metrics/metrics.csv is not a readable CSV file"),
+    (["plot", "{S}/nan_cell"], "train_loss is 'abc', not a number"),
+    (["plot", "{S}/renamed_header"], "lacks the column train_loss"),
+    (["plot", "{S}/bad_t0"], "bad_t0/config.json does not hold a run's settings: t0_resolved must be"),
+    (["plot", "{S}/binary_sweep"], "binary_sweep/sweep.csv is not a readable CSV file"),
+    (["plot", "{S}/bad_summary"], "bad_summary/summary.csv lacks the column chosen"),
+    (["report", "{S}/binary_metrics"], "binary_metrics/metrics.csv is not a readable CSV file"),
+    (["report", "{S}/nan_cell"], "not a number"), (["report", "{S}/bad_t0"], "t0_resolved must be"),
+    (["report", "{S}/nowhere.pt"], "no checkpoint at"), (["report", "{R}", "--out-dir", "{S}/a_file.txt"], "a file"),
+    # preview-aug, conv-demo
+    (["preview-aug", "--images", "0"], "--images must be in 1..16"),
+    (["preview-aug", "--out", "{S}/x.txt"], "ends in .png"), (["preview-aug", "--out", "{S}"], "is a folder"),
+    (["conv-demo", "--kernel", "1,2,3"], "square number"), (["conv-demo", "--kernel", "a"], "numbers separated"),
+    (["conv-demo", "--index", "999"], "--index must be in 0..199"),
+    (["conv-demo", "--image", "{S}/nowhere.png"], "cannot read the image"),
+    (["conv-demo", "--image", "{S}/bomb.png"], "cannot read the image"),
+    (["conv-demo", "--out", "{S}/x.txt"], "ends in .png"), (["conv-demo", "--filtr", "edge"], "did you mean"),
 ]
+TRAIN_FLAG_COMMANDS = ("lr-find", "sweep", "preview-aug", "bench")  # they take every train flag
 
 
 def test_the_table_of_bad_invocations_has_at_least_40_rows():
@@ -511,10 +675,13 @@ def test_a_bad_invocation_is_one_line_exit_2_and_changes_no_file(sandbox, data_d
     places = {"{S}": str(sandbox), "{R}": str(reference), "{D}": str(data_dir)}
     for key, place in places.items():
         argv = [a.replace(key, place) for a in argv]
-    if argv[0] not in ("eval", "plot", "bench"):
+    if argv[0] in TRAIN_FLAG_COMMANDS:  # a sweep holds out 100 of the 500 images unless the row says otherwise
+        argv = [argv[0], *RUN_FLAGS, "--data-dir", str(data_dir), *["--val-split", "100"] * (argv[0] == "sweep"),
+                *argv[1:]]
+    elif argv[0] in ("eval", "report", "conv-demo"):
+        argv = [*argv, "--data-dir", str(data_dir)] if len(argv) > 1 else argv
+    elif argv[0] != "plot":
         argv = [*RUN_FLAGS, "--data-dir", str(data_dir), *argv]
-    else:
-        argv = [*argv, "--data-dir", str(data_dir)] if argv[0] == "eval" and len(argv) > 1 else argv
     before = tree(sandbox, reference, data_dir)
     message = one_error_line(capsys, cr.main(argv))
     assert expected in message and ("see " in message or not message.startswith("error: argument"))
