@@ -989,7 +989,8 @@ def _optuna_sweep(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, 
         interrupted = _in_workers(_optuna_worker_run, loops, devices, data, log, should_stop)
     else:
         interrupted = _optuna_loop(*loop, data, log, should_stop, devices[0] if devices else None)
-    latest = {t.user_attrs["run"]: t for t in study.trials if "run" in t.user_attrs}
+    # (a trial of another process may not have drawn its setting yet)
+    latest = {t.user_attrs["run"]: t for t in study.trials if "run" in t.user_attrs and set(space) <= set(t.params)}
     runs, states = [], {}
     for name, t in sorted(latest.items()):
         setting = {k: t.params[k] for k in space if k in t.params}
