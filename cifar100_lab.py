@@ -798,7 +798,9 @@ def _suggest(trial, name: str, spec):
     return trial.suggest_float(name, low, high, log=kind == "log")
 
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process of which machine runs a trial
+def _worker_id() -> str:
+    """Which process of which machine runs a trial (asked each time: a forked process is another one)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @contextlib.contextmanager
@@ -855,7 +857,7 @@ def _fail_dead_trials(study) -> None:
     """Mark failed the trials left running by processes of this machine that are gone (a kill -9): the
     heartbeat would take minutes to notice, and their runs continue at once."""
     optuna = _optuna()
-    host = WORKER_ID.rsplit(":", 1)[0]
+    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker_host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
         if worker_host == host and pid.isdigit():
@@ -871,7 +873,7 @@ def _queue_unfinished(study, out_dir: str, epochs: int) -> None:
     """Queue again, with its setting and run folder, every failed trial of this machine whose run stopped
     before its end (a Ctrl-C, a kill) and that no other trial continues: the run goes on from its last.pt."""
     optuna = _optuna()
-    host = WORKER_ID.rsplit(":", 1)[0]
+    host = socket.gethostname()
     trials = study.get_trials(deepcopy=False)
     claimed = {t.user_attrs.get("run") for t in trials if t.state != optuna.trial.TrialState.FAIL}
     for t in trials:
@@ -901,7 +903,7 @@ def _optuna_loop(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, s
     def objective(trial):
         name = trial.user_attrs.get("run") or f"trial-{trial.number:04d}"
         trial.set_user_attr("run", name)
-        trial.set_user_attr("worker", WORKER_ID)
+        trial.set_user_attr("worker", _worker_id())
         if "resumes" not in trial.user_attrs:  # a new setting (a continued run keeps its own)
             runs = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)} - {None, name}
             study.sampler = optuna.samplers.TPESampler(seed=(sample_seed * 1_000_003 + len(runs)) % 2 ** 32)

@@ -5,16 +5,30 @@ root importable for the tests in bench/: pytest puts its folder on sys.path.)
 Only torch, numpy and pytest are needed here: test_cifar100_resnet.py runs with nothing else installed."""
 
 import csv
+import json
+import os
 import pickle
+import queue
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
 import cifar100_resnet as cr
+
+# Every process the tests start computes with one thread: two cores are shared by the test process and its
+# children (several at once under torchrun, a sweep's workers, two pytest workers), and a child that starts
+# torch's default threads fights the others for them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)  # and the tests' own process, so that a run here and one in a child agree to the bit
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared"
@@ -82,9 +96,185 @@ def tiny_args(data_dir, out_dir, *extra):
             "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--quiet", "--no-download", *extra]
 
 
-def run_cli(*args, timeout=300, program=MODULE):
-    return subprocess.run([sys.executable, program, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
+# ----------------------------------------------------------------------------------------------------------
+# The command line in processes of its own, forked from one that has imported torch, the library and the lab
+# once (a fresh interpreter spends 3-5 s of a core importing torch and torch._dynamo). Each command runs as
+# `python FILE args` would, from main(): its own process, environment, folder, signals and exit code, its
+# output in files. Tests of a fresh interpreter (imports, python -m, the console command) start one.
+
+COMMAND_SERVER = r"""
+import json, os, select, sys
+sys.path[0] = os.getcwd()
+import cifar100_lab, cifar100_resnet, torch._dynamo
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot, optuna
+except ImportError:
+    pass
+children, pending = {}, b""
+while True:
+    ready = select.select([0], [], [], 0.02)[0]
+    while children:  # every child that has ended
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            break
+        print(json.dumps({"tag": children.pop(pid), "code": os.waitstatus_to_exitcode(status)}), flush=True)
+    if not ready:
+        continue
+    data = os.read(0, 65536)
+    if not data:
+        break
+    pending += data
+    while b"\n" in pending:
+        line, pending = pending.split(b"\n", 1)
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                os.environ.update(request["env"])
+                os.chdir(request["cwd"])
+                sys.argv = [request["program"], *request["args"]]
+                lab = os.path.basename(request["program"]) == "cifar100_lab.py"
+                code = (cifar100_lab.main if lab else cifar100_resnet.main)(request["args"])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                import atexit
+                atexit._run_exitfuncs()  # as at a normal exit (multiprocessing releases its semaphores there)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = request["tag"]
+        print(json.dumps({"tag": request["tag"], "pid": pid}), flush=True)
+"""
+
+
+class _Output:
+    """A forked command's stdout or stderr, read as Popen's pipes are here: a line at a time, or the rest."""
+
+    def __init__(self, path: Path, process: "Forked"):
+        self.path, self.process, self.offset = path, process, 0
+
+    def readline(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.path.read_text() if self.path.exists() else ""
+            end = text.find("\n", self.offset)
+            if end >= 0 or self.process.poll() is not None or time.monotonic() > deadline:
+                line = text[self.offset:end + 1] if end >= 0 else text[self.offset:]
+                self.offset += len(line)
+                return line
+            time.sleep(0.01)
+
+    def read(self) -> str:
+        text = self.path.read_text() if self.path.exists() else ""
+        rest, self.offset = text[self.offset:], len(text)
+        return rest
+
+
+class Forked:
+    """A command forked by the command server, used as a subprocess.Popen."""
+
+    def __init__(self, pid: int, replies: queue.Queue, out: Path, err: Path):
+        self.pid, self.replies, self.returncode = pid, replies, None
+        self.stdout, self.stderr = _Output(out, self), _Output(err, self)
+
+    def poll(self):
+        if self.returncode is None and not self.replies.empty():
+            self.returncode = self.replies.get()["code"]
+        return self.returncode
+
+    def wait(self, timeout: float = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = self.replies.get(timeout=timeout)["code"]
+            except queue.Empty:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout) from None
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def communicate(self, timeout: float = None) -> tuple:
+        self.wait(timeout)
+        return self.stdout.read(), self.stderr.read()
+
+
+class _CommandServer:
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="cifar100_commands_"))
+        self.count, self.replies, self.lock = 0, {}, threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, "-c", COMMAND_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=HERE)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _queue(self, tag: int) -> queue.Queue:
+        with self.lock:
+            return self.replies.setdefault(tag, queue.Queue())
+
+    def _read(self):
+        for line in self.proc.stdout:
+            reply = json.loads(line)
+            self._queue(reply["tag"]).put(reply)
+
+    def start(self, args, program: str, env: Optional[dict], cwd) -> Forked:
+        with self.lock:
+            self.count += 1
+            tag = self.count
+            out, err = self.folder / f"{tag}.out", self.folder / f"{tag}.err"
+            self.proc.stdin.write(json.dumps({"tag": tag, "args": [str(a) for a in args], "program": str(program),
+                                              "env": env or {}, "cwd": str(cwd), "stdout": str(out),
+                                              "stderr": str(err)}) + "\n")
+            self.proc.stdin.flush()
+        replies = self._queue(tag)
+        return Forked(replies.get(timeout=120)["pid"], replies, out, err)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_server: list = []
+
+
+def start_cli(*args, program: str = MODULE, env: Optional[dict] = None, cwd=HERE) -> Forked:
+    """`python program args` (cifar100_resnet.py or cifar100_lab.py) in a process of its own, running."""
+    if not _server:
+        _server.append(_CommandServer())
+    return _server[0].start(args, program, env, cwd)
+
+
+def run_cli(*args, timeout: float = 300, program: str = MODULE, env: Optional[dict] = None, cwd=HERE):
+    """`python program args`, run to its end: .returncode, .stdout and .stderr, as subprocess.run's."""
+    process = start_cli(*args, program=program, env=env, cwd=cwd)
+    stdout, stderr = process.communicate(timeout)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def pytest_collection_modifyitems(items):
+    """The library's tests are marked `library` (those of them that need an extra, `extra`, by hand): CI runs them
+    where only torch, numpy and pytest are installed, and then the others with `-m "not library or extra"`."""
+    for item in items:
+        if item.path.name == "test_cifar100_resnet.py":
+            item.add_marker(pytest.mark.library)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_the_command_server():
+    yield
+    if _server:
+        _server.pop().close()
 
 
 def model_tensors(path) -> dict:

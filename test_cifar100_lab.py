@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 import cifar100_lab as lab
 import cifar100_resnet as cr
-from conftest import (HERE, LAB, MODULE, SHARED, metric_rows, official_layout, read_csv,
-                      run_cli, stop_on_call, synthetic_data, tiny_args, write_official_layout)
+from conftest import (HERE, LAB, MODULE, SHARED, metric_rows, official_layout, read_csv, run_cli,
+                      start_cli, stop_on_call, synthetic_data, tiny_args, write_official_layout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -45,8 +45,12 @@ def test_the_lab_uses_only_the_librarys_public_api():
 
 
 def test_the_lab_commands_run_from_either_file_and_import_matplotlib_and_optuna_only_when_used():
-    r = run_cli("plot", "--help", program=LAB)
+    # a fresh interpreter that runs the lab's file, its imports listed (-X importtime): not the optional extras
+    r = subprocess.run([sys.executable, "-X", "importtime", LAB, "plot", "--help"], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("usage: cifar100_lab.py plot ")
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "cifar100_resnet" in imported and not {"matplotlib", "optuna"} & imported
     r = run_cli("report", program=MODULE)
     assert r.returncode == 2 and r.stderr == ("error: the following arguments are required: checkpoint; see "
                                               "cifar100_resnet.py report --help\n")
@@ -55,9 +59,6 @@ def test_the_lab_commands_run_from_either_file_and_import_matplotlib_and_optuna_
     r = run_cli("--help", program=LAB)
     assert r.returncode == 0 and all(f"cifar100_lab.py {command}" in r.stdout for command in lab.COMMANDS)
     assert set(lab.COMMANDS) == set(cr.LAB_COMMANDS)
-    probe = "import sys, cifar100_lab; print(sorted({'matplotlib', 'optuna'} & set(sys.modules)))"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert r.stdout.strip() == "[]", r.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,9 +150,7 @@ def test_an_lr_find_killed_between_its_two_files_is_finished_by_the_same_command
     out = tmp_path / "lrf"
     args = ["lr-find", "--data-dir", str(data_dir), "--arch", "resnet18", "--width", "4", "--batch-size", "32",
             "--device", "cpu", "--no-download", "--out-dir", str(out), "--steps", "8"]
-    process = subprocess.Popen([sys.executable, MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=HERE, env={**os.environ, cr.FAULT_PAUSE_ENV: "written lr_find.png",
-                                                         "OMP_NUM_THREADS": "1"})
+    process = start_cli(*args, env={cr.FAULT_PAUSE_ENV: "written lr_find.png"})
     killed_at(process, "written lr_find.png")
     assert (out / "lr_find.csv").exists() and not (out / "lr_find.png").exists()
     assert cr.main(args) == 0 and (out / "lr_find.png").exists()  # finished, not refused
@@ -309,9 +308,7 @@ def sweep_cli_args(data_dir, out, *grid) -> list:
 
 
 def sweep_cli(data_dir, out, *grid, env=None):
-    return subprocess.Popen([sys.executable, MODULE, *sweep_cli_args(data_dir, out, *grid)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=HERE,
-                            env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"})
+    return start_cli(*sweep_cli_args(data_dir, out, *grid), env=env)
 
 
 def test_a_killed_sweep_continues_where_it_stopped_and_a_larger_grid_trains_only_its_new_runs(tmp_path):
@@ -412,15 +409,13 @@ def test_an_optuna_study_stopped_or_grown_proposes_and_trains_what_an_uninterrup
     assert "Trial" not in capfd.readouterr().err  # Optuna's own notes (a traceback of the stopped trial) are off
 
 
-def study_cli(data_dir, out, trials: int, env=None) -> subprocess.Popen:
-    args = ["sweep", "--data-dir", str(data_dir), "--arch", "resnet18", "--width", "4", "--batch-size", "32",
-            "--epochs", "2", "--device", "cpu", "--no-download", "--quiet", "--val-split", "32", "--out-dir", str(out),
-            "--search", "optuna", "--random", str(trials), "lr=log:0.01:0.3"]
-    return subprocess.Popen([sys.executable, MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=HERE, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"})
+def study_cli(data_dir, out, trials: int, env=None):
+    return start_cli("sweep", "--data-dir", data_dir, "--arch", "resnet18", "--width", "4", "--batch-size", "32",
+                     "--epochs", "2", "--device", "cpu", "--no-download", "--quiet", "--val-split", "32", "--out-dir",
+                     out, "--search", "optuna", "--random", trials, "lr=log:0.01:0.3", env=env)
 
 
-def killed_at(process: subprocess.Popen, point: str) -> None:
+def killed_at(process, point: str) -> None:
     """Wait until the process pauses at the fault point, then kill it (SIGKILL: nothing runs after)."""
     line = process.stderr.readline()
     assert line.startswith(f"fault point: {point}"), line + process.stderr.read()

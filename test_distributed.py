@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 import cifar100_lab as lab
 import cifar100_resnet as cr
-from conftest import (DETERMINISTIC_COLUMNS, HERE, MODULE, metric_rows, stop_on_call, synthetic_data,
-                      tiny_args)
+from conftest import (DETERMINISTIC_COLUMNS, HERE, MODULE, metric_rows, official_layout, stop_on_call,
+                      synthetic_data, tiny_args)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                 not torch.distributed.is_backend_available("gloo"),
@@ -111,9 +111,10 @@ def test_two_processes_train_exactly_what_one_process_does_with_twice_the_batch(
     monkeypatch.setattr(cr, "build_model", without_batchnorm(cr.build_model))
     # 136 images: 4 global batches of 32 and a last one of 8 (4 per process), weighted by its size
     one = cr.train(tiny(32), synthetic_data(n_train=136, n_test=60))
-    for name, tensor in one.model.state_dict().items():
-        for r in ranks:
-            assert torch.allclose(r["model"][name], tensor, rtol=1e-4, atol=1e-6), name
+    for name, tensor in one.model.state_dict().items():  # to rounding: the processes' gradients are summed in
+        for r in ranks:  # another order than one batch's; after 10 steps, 5e-5 of a tensor's largest value apart
+            torch.testing.assert_close(r["model"][name], tensor, rtol=1e-4, atol=2e-4 * tensor.abs().max().item(),
+                                       msg=name)
     for r in ranks:  # one row per epoch, the same on every process: test metrics over every image, once
         assert [row["epoch"] for row in r["history"]] == [1, 2]
         for mine, theirs in zip(r["history"], one.history):
@@ -181,11 +182,7 @@ def rows(run) -> list:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from test_cifar100_resnet import write_official_layout
-
-    root = tmp_path_factory.mktemp("data")
-    write_official_layout(root, n_train=256, n_test=64)
-    return root
+    return official_layout(tmp_path_factory, 256, 64)
 
 
 def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_on_sigterm(data_dir, tmp_path,
