@@ -143,6 +143,20 @@ def test_lr_find_command_writes_csv_and_figure_and_refuses_to_overwrite(tmp_path
     assert "pip install" in capsys.readouterr().err and (tmp_path / "bare" / "lr_find.csv").exists()
 
 
+def test_a_read_only_folder_is_one_line_for_a_sweep_and_a_figure(tmp_path, capsys, monkeypatch):
+    # (as root a folder is never read-only to its owner: access() is what the commands ask, so ask it to refuse)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and os.path.abspath(path) != str(locked))
+    for argv in (["sweep", "--out-dir", str(locked / "sweep"), "--grid", "lr=0.1", "--device", "cpu"],
+                 ["plot", "--schedule", "--out", str(locked / "schedule.png")]):
+        assert cr.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{locked} is not a writable folder" in err, err
+    assert list(locked.iterdir()) == []
+
+
 def test_an_lr_find_killed_between_its_two_files_is_finished_by_the_same_command(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     data_dir = tmp_path / "data"
