@@ -264,10 +264,12 @@ def run_cli(*args, timeout: float = 300, program: str = MODULE, env: Optional[di
 
 def pytest_collection_modifyitems(items):
     """The library's tests are marked `library` (those of them that need an extra, `extra`, by hand): CI runs them
-    where only torch, numpy and pytest are installed, and then the others with `-m "not library or extra"`."""
+    where only torch, numpy and pytest are installed, and then the others with `-m "not library or extra"`. The
+    tests marked `slow` go first, so that on several cores (pytest -n 2) the others run beside them."""
     for item in items:
         if item.path.name == "test_cifar100_resnet.py":
             item.add_marker(pytest.mark.library)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: the rest in order
 
 
 @pytest.fixture(scope="session", autouse=True)

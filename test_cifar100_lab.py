@@ -497,6 +497,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc (Linux)")
 def test_sweep_workers_end_with_their_parent_and_a_lost_worker_is_one_line(tmp_path):
     data_dir = tmp_path / "data"

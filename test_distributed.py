@@ -185,6 +185,7 @@ def data_dir(tmp_path_factory) -> Path:
     return official_layout(tmp_path_factory, 256, 64)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_on_sigterm(data_dir, tmp_path,
                                                                                           capsys):
     run = tmp_path / "run"
@@ -218,6 +219,7 @@ def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_o
     assert [int(r["epoch"]) for r in rows(run)] == list(range(1, 8))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds process 1 through /proc (Linux)")
 def test_a_lost_process_ends_the_others_with_one_message_not_a_hang(data_dir, tmp_path):
     run = tmp_path / "run"

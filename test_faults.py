@@ -173,6 +173,7 @@ WRITE_STEPS = [f"{step} {name}" for name in ("last.pt", "best.pt", "ckpt_ep", "m
                for step in ("opened", "written", "renamed")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill chain forks attempts from one process (POSIX)")
 def test_kills_and_signals_at_any_moment_end_in_the_uninterrupted_runs_files(data_dir, reference, tmp_path):
     out, server = tmp_path / "run", ForkServer(tmp_path)
