@@ -35,12 +35,18 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-import cifar100_resnet as cr
+    import cifar100_resnet as cr
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): a command says one line, not a traceback
+    if __name__ != "__main__":
+        raise
+    print("error: stopped by Ctrl-C while loading torch; nothing was created", file=sys.stderr)
+    sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,14 +138,20 @@ def benchmark(config: cr.TrainConfig, data: cr.CifarData, epochs: int = 2, eval_
     same scaled to CIFAR's 50,000 training and 10,000 test images; images/s and peak memory. (FLOPs, MFU and
     a kernel profile: bench/profile_epoch.py.)
     """
-    trainer = cr.Trainer(config, data, log=log, env=env)  # log: its timed progress lines
+    # the run's schedule and settings (env), but step lines that count the bench's own epochs and time left
+    env = env or cr.resolve(config)
+    trainer = cr.Trainer(dataclasses.replace(config, epochs=1 + epochs), data, log=log, env=env)
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     trainer.train_epoch()
+    first_epoch = time.perf_counter() - start
     trainer.evaluate("test")
     warmup_seconds = time.perf_counter() - start
+    rest = epochs * first_epoch + eval_repeats * (warmup_seconds - first_epoch)
+    log(f"bench: warm-up done in {cr.format_duration(warmup_seconds)}; the {epochs} timed epochs and "
+        f"{eval_repeats} evaluations take at most about {cr.format_duration(rest)} more")
 
     epoch_seconds = [trainer.train_epoch()["train_seconds"] for _ in range(epochs)]
     eval_seconds = []
@@ -186,8 +198,13 @@ def bench_main(argv: list) -> int:
     else:
         data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
         source = "random data"
-    print(f"bench: one warm-up epoch, then {args.bench_epochs} timed, then {3} evaluations", flush=True)
-    r = benchmark(config, data, epochs=args.bench_epochs, env=env, log=lambda m: print(m, flush=True))
+    print(f"bench: times {args.bench_epochs} training epochs of {source} after one warm-up epoch, then 3 "
+          f"evaluations; the step lines count these {1 + args.bench_epochs} epochs and the time left in them",
+          flush=True)
+    try:
+        r = benchmark(config, data, epochs=args.bench_epochs, env=env, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("bench stopped by Ctrl-C; it writes no file, so nothing is lost", 130) from None
     print(f"bench: {r['arch']} ({config.stem} stem, width {r['width']}) on {r['device']}, torch {r['torch']}, "
           f"amp {r['amp']}, batch {r['batch_size']}, cuda graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"compile {'on' if r['compile'] else 'off'}, {source}")
@@ -2057,8 +2074,10 @@ def main(argv: Optional[list] = None) -> int:
         if argv and argv[0] in ("-h", "--help"):
             print(__doc__.split("\n\n")[1])
             return 0
-        print(f"error: the lab's commands are {', '.join(COMMANDS)}; got {argv[0] if argv else 'none'} (training and "
-              f"eval: cifar100_resnet.py)", file=sys.stderr)
+        close = difflib.get_close_matches(argv[0].replace("_", "-"), COMMANDS, n=1, cutoff=0.65) if argv else []
+        print(f"error: the lab's commands are {', '.join(COMMANDS)}; got {argv[0] if argv else 'none'}"
+              + (f" (did you mean {close[0]}?)" if close else "") + " (training and eval: cifar100_resnet.py)",
+              file=sys.stderr)
         return 2
     return cr.main(argv)
 

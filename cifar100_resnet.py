@@ -78,10 +78,16 @@ from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): a command says one line, not a traceback
+    if __name__ != "__main__" and not sys.argv[0].endswith("cifar100-resnet"):
+        raise
+    print("error: stopped by Ctrl-C while loading torch; nothing was created", file=sys.stderr)
+    sys.exit(130)
 
 # ----------------------------------------------------------------------------------------------------------
 # Errors and warnings: each becomes one line on stderr, and an error a non-zero exit code, in main()
@@ -1064,10 +1070,15 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 100, width: int = 64, stem: str = "cifar", zero_init_residual: bool = False) -> ResNet:
+    """ResNet-18 (2, 2, 2, 2 BasicBlocks) for 32x32 images: 11.2 M parameters at 100 classes and width 64.
+    width: the first stage's channels (doubled at each of the 3 later stages); stem: see ResNet. Takes
+    normalised (B, 3, H, W) images, returns (B, num_classes) logits."""
     return ResNet(ARCHITECTURES["resnet18"], num_classes, width, stem, zero_init_residual)
 
 
 def resnet34(num_classes: int = 100, width: int = 64, stem: str = "cifar", zero_init_residual: bool = False) -> ResNet:
+    """ResNet-34 (3, 4, 6, 3 BasicBlocks), the recipe's network: 21.3 M parameters at 100 classes and width 64.
+    Arguments and shapes as resnet18's."""
     return ResNet(ARCHITECTURES["resnet34"], num_classes, width, stem, zero_init_residual)
 
 
@@ -1120,20 +1131,26 @@ def cycle_position(t: float, t0: float, t_mult: float) -> tuple[float, float]:
     return max(t, 0.0), length
 
 
-def learning_rate(epoch: float, config: TrainConfig, t0: float) -> float:
-    """The learning rate at a fractional epoch: linear warm-up, then cosine annealing with warm restarts.
+def learning_rate(epoch: float, config: TrainConfig, t0: Optional[float] = None) -> float:
+    """The learning rate of a run at a fractional epoch: linear warm-up, then cosine annealing with warm
+    restarts, from 0 to config.epochs (the end: the annealed rate the last weights were trained to). t0: the
+    first cycle, by default the run's own (resolve_t0 over the epochs after the warm-up, before extensions).
 
     At whole epochs (after warm-up) this equals torch's CosineAnnealingWarmRestarts(T_0=t0, T_mult, eta_min)
     stepped once per epoch; here it is set every step so the rate falls smoothly within an epoch.
     """
+    if t0 is None:
+        t0 = resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0)
     if epoch < config.warmup_epochs:
         return config.lr * epoch / config.warmup_epochs
     if config.extended_from and epoch >= config.extended_from[0]:  # the epochs added by `--resume --epochs N`
         ends = [*config.extended_from, config.epochs]
         start = max(e for e in ends[:-1] if e <= epoch)
         t_cur, length = epoch - start, ends[ends.index(start) + 1] - start
-    else:
-        t_cur, length = cycle_position(epoch - config.warmup_epochs, t0, config.t_mult)
+    else:  # at the run's end, the end of its last cycle rather than the next one's peak
+        hair = 1e-6 if epoch >= config.epochs - 1e-9 else 0.0
+        t_cur, length = cycle_position(epoch - config.warmup_epochs - hair, t0, config.t_mult)
+        t_cur += hair
     return config.min_lr + (config.lr - config.min_lr) * (1 + math.cos(math.pi * t_cur / length)) / 2
 
 
@@ -1378,7 +1395,7 @@ class Trainer:
         self.env = env or resolve(config)  # train() resolves once and passes it on
         self.config, self.log, self.progress = config, log, progress or log  # progress: the step lines
         self.next_progress = time.perf_counter() + PROGRESS_FIRST_SECONDS  # the first timed step line
-        self.told_cpu_cost = False
+        self.cost_note = None  # the CPU-cost note: None, the (images, seconds) it measures from, its estimate, "final"
         self.device, self.amp_dtype, self.t0 = self.env.device, self.env.amp_dtype, self.env.t0
         self.rank, self.world = self.env.rank, self.env.world
         cuda = self.device.type == "cuda"
@@ -1570,6 +1587,7 @@ class Trainer:
             return None
         loss_sum, seen = self._sum(state.loss_sum, state.seen) if self.world > 1 else (state.loss_sum, state.seen)
         self.epoch += 1
+        self._cpu_cost_note(self.n_train, state.seconds, epoch_done=True)
         return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(loss_sum) / seen,
                 "train_seconds": state.seconds, "images_per_s": self.n_train / state.seconds}
 
@@ -1583,11 +1601,38 @@ class Trainer:
                       f"({state.step / self.steps_per_epoch:.0%}) lr {lr:.4f} loss "
                       f"{state.loss_sum.item() / state.seen:.4f} {rate:.0f} img/s, epoch ETA "
                       f"{format_duration(epoch_left)}, run ETA {format_duration(run_left)}")
-        if self.device.type == "cpu" and not self.told_cpu_cost and self.n_train / rate * cfg.epochs > 3600:
-            self.told_cpu_cost = True
+        self._cpu_cost_note(state.seen * self.world, seconds)
+
+    def _cpu_cost_note(self, seen: int, seconds: float, epoch_done: bool = False) -> None:
+        """On a CPU, a note when the run would take over an hour. Estimated from the steps between the first two
+        step lines (the first steps hold the warm-up), and corrected by the first epoch done if it was off."""
+        cfg = self.config
+        if self.device.type != "cpu" or self.cost_note == "final":
+            return
+        if not epoch_done and self.cost_note is None:  # the first step line: measure from here
+            self.cost_note = (seen, seconds)
+            return
+        if epoch_done:
+            epoch_seconds = seconds
+        elif isinstance(self.cost_note, tuple):
+            epoch_seconds = self.n_train * (seconds - self.cost_note[1]) / max(seen - self.cost_note[0], 1)
+        else:
+            return  # estimated already: the epoch's end corrects it
+        run = f"{cfg.epochs} epochs: about {format_duration(epoch_seconds * cfg.epochs)}"
+        if isinstance(self.cost_note, float):
+            if abs(epoch_seconds - self.cost_note) > 0.25 * self.cost_note:
+                self.log(f"note: epoch {self.epoch} took {format_duration(epoch_seconds)} (estimated: "
+                         f"{format_duration(self.cost_note)}), so {run}")
+        elif epoch_seconds * cfg.epochs > 3600:
+            smaller = [flag for flag, bigger in [("--arch resnet18", cfg.arch != "resnet18"), ("--width 16",
+                       cfg.width > 16), ("--limit-train 5000", self.n_train > 5000)] if bigger]
             self.log(f"note: on this CPU one epoch of {self.n_train:,} images takes about "
-                     f"{format_duration(self.n_train / rate)} ({cfg.epochs} epochs: {format_duration(run_left)}); "
-                     f"this recipe is meant for a GPU. For a first try: --arch resnet18 --width 16 --limit-train 5000")
+                     f"{format_duration(epoch_seconds)} ({run}); this recipe is meant for a GPU."
+                     + (f" For a first try: {' '.join(smaller)}" if smaller else ""))
+            self.cost_note = "final" if epoch_done else epoch_seconds
+            return
+        if epoch_done:
+            self.cost_note = "final"
 
     def _check_finite(self, state: EpochState) -> None:
         bad = state.first_bad_step
@@ -2174,7 +2219,8 @@ def _check_target(folder: RunFolder, point: Optional[ResumePoint]) -> bool:
 def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[str], None] = print,
           resume=None, should_stop: Callable[[], bool] = lambda: False,
           progress: Optional[Callable[[str], None]] = None,
-          on_epoch: Optional[Callable[[dict], None]] = None) -> TrainResult:
+          on_epoch: Optional[Callable[[dict], None]] = None,
+          on_create: Callable[[], None] = lambda: None) -> TrainResult:
     """Train per `config`; with config.out_dir, write the run folder.
 
     resume: a checkpoint to continue (into config.out_dir: the folder it came from, or an empty one to branch
@@ -2184,6 +2230,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     should_stop() is polled after every step; when it returns True, last.pt is written at that exact
     position (mid-epoch) and the result says interrupted. progress receives the step lines (default: log).
     on_epoch(row) is called with each epoch's metrics row (a sweep's pruner reads it); last.pt is being written.
+    on_create() is called once, when everything is checked and loaded, just before anything is created.
     """
     env = resolve(config)
     board = _tensorboard_writer() if config.tensorboard and env.rank == 0 else None  # before anything is created
@@ -2206,6 +2253,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     if warning and trainer.epoch == 0:
         warn(warning)
 
+    on_create()
     writer = CheckpointWriter()
     try:
         if folder:
@@ -2419,6 +2467,22 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
 # Command line: train and eval here; the lab's commands (cifar100_lab.py) through the same main()
 
 LAB_COMMANDS = ("lr-find", "sweep", "plot", "report", "preview-aug", "conv-demo", "bench")
+COMMANDS_HELP = """\
+Train a ResNet on CIFAR-100 with the notebook's recipe: the defaults are its values.
+
+commands (each with its own --help):
+  train [flags]             train (the default command), or continue a run with --resume
+  eval CHECKPOINT|RUN_DIR   test top-1, top-5 and loss of saved weights (--tta: with flips)
+the lab's (cifar100_lab.py, beside this file):
+  lr-find [flags]           the learning-rate range test
+  sweep [flags] --grid ...  train many runs (grid, random or Optuna) and choose on validation images
+  plot RUN_DIR...           learning curves of runs or sweeps; --schedule: the learning rate of a run
+  report CHECKPOINT         what saved weights get right and wrong, and why (report.html)
+  preview-aug [flags]       what the network sees: crops, flips, the advanced policy, MixUp and CutMix
+  conv-demo                 what a convolution does: kernel size, padding and stride
+  bench [flags]             time the training step and evaluation on this device
+
+Under torchrun, training is data-parallel (--batch-size is per process). The train flags:"""
 # Named recipes for --preset: settings that replace the defaults (flags given beside --preset still win).
 PRESETS = {
     # the plain short-budget recipe: 74.29 % top-1 (last epoch) in 30 epochs on one H100 (README, Accuracy)
@@ -2481,14 +2545,8 @@ def _t0_arg(text: str) -> Optional[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The train command's flags, made from TrainConfig's declarations."""
-    p = _Parser(prog=_program(), allow_abbrev=False, description=(
-        "Train a ResNet on CIFAR-100 with the notebook's recipe (defaults are its values); under torchrun, "
-        "data-parallel (--batch-size per process). Other commands, each with its --help: 'eval CHECKPOINT "
-        "[--tta]' measures saved weights on the test set; the lab's (cifar100_lab.py): 'bench [flags]' times the "
-        "training step, 'plot RUN_DIR...' draws learning curves, 'lr-find [flags]' runs the learning-rate range "
-        "test, 'sweep [flags] --grid ...' trains many runs and chooses on validation, 'report CHECKPOINT' shows "
-        "what saved weights get wrong, 'preview-aug [flags]' draws what the network sees, 'conv-demo' shows "
-        "what a convolution does."))
+    p = _Parser(prog=_program(), allow_abbrev=False, usage="%(prog)s [COMMAND] [flags]",
+                formatter_class=argparse.RawDescriptionHelpFormatter, description=COMMANDS_HELP)
     groups = {key: p.add_argument_group(title) for key, title in (
         ("recipe", "recipe"), ("schedule", "schedule (cosine annealing with warm restarts, set every step)"),
         ("model", "model"), ("data", "data"), ("running", "running"), ("output", "output"))}
@@ -2517,6 +2575,7 @@ def command_parser(command: str, description: str, train_flags: bool = False) ->
     the command adds its own after them."""
     parser = build_parser() if train_flags else _Parser(allow_abbrev=False)
     parser.prog, parser.description = f"{_program()} {command}", description
+    parser.usage, parser.formatter_class = None, argparse.HelpFormatter
     return parser
 
 
@@ -2583,9 +2642,9 @@ def _train_command(argv: list) -> int:
     joined = join_torchrun(config.device)
     try:
         console = Console(sys.stdout)
-        with StopSignals(quiet=_speaker() is None) as stop:
+        with StopSignals(quiet=_speaker() is None, at_once=True) as stop:
             result = train(config, resume=resume, should_stop=stop.requested, log=console.log,
-                           progress=console.progress)
+                           progress=console.progress, on_create=stop.defer)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -2619,10 +2678,15 @@ def main(argv: Optional[list] = None) -> int:
     diverged or a file could not be written, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt
     written."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "eval", *LAB_COMMANDS) else "train"
+    commands = ("train", "eval", *LAB_COMMANDS)
+    command = argv.pop(0) if argv and argv[0] in commands else "train"
     with warnings.catch_warnings():  # restores the process's warning display afterwards
         warnings.showwarning = _show_warning
         try:
+            if command == "train" and argv and not argv[0].startswith("-"):  # train takes no bare word
+                close = difflib.get_close_matches(argv[0].replace("_", "-"), commands, n=1, cutoff=0.65)
+                raise UserError(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                                + f"; the commands: {', '.join(commands)} (see {_program()} --help)")
             if command != "train" and _under_torchrun():  # each process would do the same work, into one folder
                 raise UserError(f"{command} runs in one process: start it with python, not torchrun (training is "
                                 f"what runs data-parallel; a sweep spreads its runs over GPUs with --devices)")
@@ -2640,8 +2704,10 @@ def main(argv: Optional[list] = None) -> int:
             return _fail(e, 2)
         except (TrainingDiverged, WriteFailed) as e:
             return _fail(e, 1)
-        except KeyboardInterrupt:  # a second Ctrl-C: every file is still whole (each write is atomic)
-            return _fail("aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint", 130)
+        except KeyboardInterrupt as e:  # StopSignals says what is kept; elsewhere each write is atomic
+            message, code = e.args if len(e.args) == 2 else (f"{command} stopped by Ctrl-C; no file is left "
+                                                             f"half-written", 130)
+            return _fail(message, code)
         except RuntimeError as e:  # with several processes: another one failed (it, or torchrun, says why)
             first_line = (str(e).strip().splitlines() or [""])[0]
             if not _under_torchrun() or not any(
@@ -2676,25 +2742,37 @@ def _fail(error, code: int) -> int:
 
 class StopSignals:
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop) asks to stop: training
-    finishes its step and writes last.pt; the command then exits 128 + the signal's number. A second one
-    stops at once. The previous handlers come back on exit."""
+    finishes its step and writes last.pt; the command then exits 128 + the signal's number. A second Ctrl-C
+    stops at once, a second SIGTERM ends the process. With at_once, until defer() is called (train() calls it
+    just before it creates anything) the first one stops at once. Stopping at once raises
+    KeyboardInterrupt(message, exit code), which main() prints as one line. The previous handlers come back on
+    exit."""
 
-    def __init__(self, what: str = "writing last.pt after this step", quiet: bool = False):
+    def __init__(self, what: str = "writing last.pt after this step", quiet: bool = False, at_once: bool = False,
+                 kept: str = "the run folder keeps its last complete checkpoint"):
         self.what, self.signals, self.previous, self.quiet = what, [], {}, quiet
+        self.at_once, self.kept = at_once, kept
 
     def requested(self) -> bool:
         return bool(self.signals)
+
+    def defer(self) -> None:
+        self.at_once = False
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signals[0]
 
     def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.at_once:
+            raise KeyboardInterrupt(f"stopped by {name} before the first step; nothing was created", 128 + signum)
+        if self.signals:
+            raise KeyboardInterrupt(f"aborted by a second {name}; {self.kept}", 128 + signum)
         self.signals.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a collective may be waiting: a second SIGTERM ends it
         if not self.quiet:
-            print(f"\n{signal.Signals(signum).name}: {self.what} (Ctrl-C again to abort)", flush=True)
+            print(f"\n{name}: {self.what} (Ctrl-C again to abort)", flush=True)
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -42,6 +43,12 @@ def test_the_lab_uses_only_the_librarys_public_api():
     assert used and used <= set(cr.__all__), sorted(used - set(cr.__all__))
     imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "cifar100_resnet"]
     assert imports == []  # only `import cifar100_resnet as cr`, so that every use reads cr.NAME
+
+
+def test_a_misspelt_lab_command_gets_the_closest_one(capsys):
+    assert lab.main(["lr_find"]) == 2
+    assert capsys.readouterr().err.startswith("error: the lab's commands are lr-find, sweep, plot, report, "
+                                              "preview-aug, conv-demo, bench; got lr_find (did you mean lr-find?)")
 
 
 def test_the_lab_commands_run_from_either_file_and_import_matplotlib_and_optuna_only_when_used():
@@ -571,11 +578,18 @@ def test_plot_of_a_sweep_folder_draws_its_curves_and_final_accuracy_per_setting(
 # Learning curves, the planned schedule, and the bench command
 
 
-def test_bench_command_times_training_and_evaluation_on_cpu(capsys):
+def test_bench_command_times_training_and_evaluation_on_cpu(capsys, monkeypatch):
     code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--limit-train", "256",
-                    "--limit-test", "64", "--batch-size", "64", "--bench-epochs", "2"])
+                    "--limit-test", "64", "--batch-size", "64", "--bench-epochs", "2", "--log-every", "2"])
     out = capsys.readouterr().out
     assert code == 0
+    # it says first what it times, its step lines count its own 3 epochs (not the run's 400), then how long
+    assert out.startswith("bench: times 2 training epochs of random data after one warm-up epoch, then 3 "
+                          "evaluations"), out
+    steps = [line for line in out.splitlines() if re.match(r"epoch \d+/\d+ step ", line)]
+    assert steps and all(line.startswith(("epoch 1/3 ", "epoch 2/3 ", "epoch 3/3 ")) for line in steps), steps
+    assert "/400" not in out and re.search(r"warm-up done in \d+m\d\ds; the 2 timed epochs and 3 evaluations "
+                                          r"take at most about \d+m\d\ds more", out), out
     for text in ("warm-up (one epoch and one evaluation)", "s per epoch of 256 images", "scaled to 50,000 images",
                  "s for 64 images; scaled to 10,000", "random data"):
         assert text in out, text
@@ -587,6 +601,15 @@ def test_bench_command_times_training_and_evaluation_on_cpu(capsys):
     assert r["eval_seconds_per_10k"] == pytest.approx(r["measured_eval_seconds"] * 10_000 / 64)
     assert r["epoch_with_eval_seconds"] == pytest.approx(r["train_epoch_seconds"] + r["eval_seconds_per_10k"])
     assert r["cuda_graphs"] is False and r["peak_memory_gib"] is None
+
+
+def test_bench_stopped_by_ctrl_c_says_it_writes_nothing(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab, "benchmark", interrupted)
+    assert cr.main(["bench", "--device", "cpu", "--limit-train", "64", "--limit-test", "16"]) == 130
+    assert capsys.readouterr().err == "error: bench stopped by Ctrl-C; it writes no file, so nothing is lost\n"
 
 
 def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):

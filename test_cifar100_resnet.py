@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,19 @@ def test_auto_t0_fits_whole_cycles_and_notebook_t0_warns():
     warning = cr.schedule_end_warning(notebook, 50.0)
     assert "50 epochs into a 400-epoch cycle" in warning and "96%" in warning
     assert cr.learning_rate(399, notebook, 50.0) / 0.1 > 0.95
+
+
+def test_learning_rate_from_the_config_alone_is_the_runs_own_to_its_annealed_end():
+    short, main_job = cr.TrainConfig(epochs=30, lr=0.4), cr.TrainConfig(epochs=400, lr=0.4, warmup_epochs=2)
+    mid_cycle = cr.TrainConfig(epochs=45, lr=0.4, t0=30)  # ends 15 epochs into a 60-epoch cycle
+    for config in (short, main_job, mid_cycle):
+        t0 = cr.resolve_t0(config.epochs - config.warmup_epochs, config.t_mult, config.t0)
+        for epoch in (0, 1, 2.5, 10, t0 + config.warmup_epochs, config.epochs - 1, config.epochs - 1e-3):
+            assert cr.learning_rate(epoch, config) == cr.learning_rate(epoch, config, t0), (config, epoch)
+    # the run's end is the bottom of its last cycle (the last weights' rate), not the next cycle's peak
+    assert cr.learning_rate(30, short) == 0.0 and cr.learning_rate(30 - 1e-4, short) < 1e-8
+    assert cr.learning_rate(400, main_job) == 0.0 and cr.learning_rate(2 + 398 / 7, main_job) == pytest.approx(0.4)
+    assert cr.learning_rate(45, mid_cycle) == pytest.approx(0.4 * (1 + math.cos(math.pi / 4)) / 2)
 
 
 def test_warmup_is_linear_then_cosine_starts_at_peak():
@@ -766,6 +780,37 @@ def test_a_slow_step_still_gives_timed_progress_lines_with_rate_and_eta(monkeypa
     assert [line for line in lines if line.startswith("epoch ")][-1].count("(epoch mean)") == 1
 
 
+def test_the_cpu_cost_note_is_measured_after_warm_up_corrected_by_the_first_epoch_and_suggests_smaller(monkeypatch):
+    clock = [0.0]  # the trainer's clock, moved only by the steps below
+    monkeypatch.setattr(cr, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=time.sleep,
+                                                           strftime=time.strftime))
+    monkeypatch.setattr(cr, "PROGRESS_FIRST_SECONDS", 5.0)
+    monkeypatch.setattr(cr, "PROGRESS_EVERY_SECONDS", 2.0)
+    real = cr.Trainer._step
+
+    def timed_step(self, *args):
+        clock[0] += next(self.step_seconds)
+        return real(self, *args)
+
+    monkeypatch.setattr(cr.Trainer, "_step", timed_step)
+    data = synthetic_data(n_train=128, n_test=16)
+    for arch, suggestion in [("resnet18", ""), ("resnet34", " For a first try: --arch resnet18")]:
+        clock[0], lines = 0.0, []
+        config = cr.TrainConfig(dataset="cifar10", arch=arch, width=4, epochs=1000, batch_size=16, device="cpu",
+                                log_every=0)
+        trainer = cr.Trainer(config, data, log=lines.append, progress=lambda line: None)
+        # 8 steps: a 20 s warm-up step (a step line at 20 s), 1 s steps (the next line at 22 s), then 3 s steps
+        trainer.step_seconds = iter([20.0, 1.0, 1.0, 1.0] + [3.0] * 12)
+        trainer.train_epoch()
+        trainer.train_epoch()  # a second epoch says nothing more
+        estimate = 128 * 2.0 / 32  # 2 s for the 32 images between the two lines
+        assert lines == [
+            f"note: on this CPU one epoch of 128 images takes about {cr.format_duration(estimate)} (1000 epochs: "
+            f"about {cr.format_duration(estimate * 1000)}); this recipe is meant for a GPU.{suggestion}",
+            f"note: epoch 1 took {cr.format_duration(35.0)} (estimated: {cr.format_duration(estimate)}), so 1000 "
+            f"epochs: about {cr.format_duration(35.0 * 1000)}"], lines
+
+
 def test_console_rewrites_step_lines_in_place_on_a_terminal_only(tmp_path):
     class Terminal(io.StringIO):
         def isatty(self):
@@ -831,6 +876,51 @@ def test_cli_ctrl_c_or_sigterm_writes_last_pt_and_resume_finishes_the_run(tiny_d
     proc.communicate(timeout=120)
     rows = metric_rows(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > done
+
+
+def test_ctrl_c_before_the_first_step_stops_at_once_creates_nothing_and_a_second_one_says_what_is_kept(
+        tiny_data_dir, tmp_path, monkeypatch, capsys):
+    out, real_load, real_step = tmp_path / "run", cr.load_dataset, cr.Trainer._step
+
+    def load_interrupted(*args, **kwargs):  # Ctrl-C while the data loads: the handler raises at once
+        signal.raise_signal(signal.SIGINT)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(cr, "load_dataset", load_interrupted)
+    assert cr.main([a for a in tiny_args(tiny_data_dir, out) if a != "--quiet"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "error: stopped by SIGINT before the first step; nothing was created\n"
+    assert "SIGINT:" not in captured.out and "training" not in captured.out and not out.exists()
+    monkeypatch.setattr(cr, "load_dataset", real_load)
+
+    def step_interrupted_twice(self, *args):  # two Ctrl-C in the third step: the second stops at once
+        if self.calls == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        self.calls += 1
+        return real_step(self, *args)
+
+    monkeypatch.setattr(cr.Trainer, "calls", 0, raising=False)
+    monkeypatch.setattr(cr.Trainer, "_step", step_interrupted_twice)
+    assert cr.main(tiny_args(tiny_data_dir, out)) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "error: aborted by a second SIGINT; the run folder keeps its last complete checkpoint\n"
+    assert "SIGINT: writing last.pt after this step" in captured.out
+    assert (out / "config.json").exists() and not (out / "last.pt").exists()  # a run that starts again
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="sees torch load through /proc (Linux)")
+def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(tmp_path):
+    process = subprocess.Popen([sys.executable, MODULE, "--data-dir", str(tmp_path), "--out-dir",
+                                str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60  # send it once torch's library is mapped: torch's import is under way
+    while time.time() < deadline and "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith("error: stopped by") and "nothing was created" in stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_with_more_epochs_extends_a_run_with_a_cycle_of_its_own(tiny_data_dir, tiny_run, tmp_path, capsys):
@@ -934,8 +1024,11 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
     assert "(0: only the line per epoch)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
     r = run_cli("--help")
     assert r.returncode == 0 and "--mixup-alpha" in r.stdout
-    described = " ".join(r.stdout.split())  # every command is named
-    assert all(re.search(rf"'(\S+ )?{command}[ ']", described) for command in ("eval", *cr.LAB_COMMANDS)), described
+    # the usage line, then the commands, one line each, before any flag
+    lines = r.stdout.splitlines()
+    assert lines[0] == "usage: cifar100_resnet.py [COMMAND] [flags]"
+    listed = [line.split()[0] for line in lines[:lines.index("options:")] if line.startswith("  ")]
+    assert listed == ["train", "eval", *cr.LAB_COMMANDS], listed
 
 
 def test_a_preset_is_the_flags_its_help_names_and_flags_beside_it_win():

@@ -185,6 +185,13 @@ def data_dir(tmp_path_factory) -> Path:
     return official_layout(tmp_path_factory, 256, 64)
 
 
+@pytest.fixture(autouse=True)
+def children_write_temporary_files_under_tmp_path(tmp_path, monkeypatch):
+    """torchrun's agent makes a torchelastic_* folder in the temporary directory and leaves it: keep it in the
+    test's own folder, which pytest cleans up."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 @pytest.mark.slow
 def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_on_sigterm(data_dir, tmp_path,
                                                                                           capsys):
@@ -210,6 +217,7 @@ def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_o
     stdout, stderr = again.communicate(timeout=120)
     assert again.returncode == 0, stderr
     assert [int(r["epoch"]) for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert list(tmp_path.glob("torchelastic_*"))  # torchrun's agent left its folder here, not in /tmp
     # their checkpoint, evaluated by one process, gives the test top-1 they measured together
     assert cr.main(["eval", str(run), "--device", "cpu", "--no-download"]) == 0
     measured = capsys.readouterr().out

@@ -569,7 +569,9 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--log-every", "-1"], "--log-every"),
     (["--eval-batch-size", "0"], "--eval-batch-size"), (["--out-dir", ""], "--out-dir must be a folder name"),
     (["--epoch", "3"], "did you mean --epochs?"), (["--learning-rate", "0.1"], "unrecognized arguments"),
-    (["--bogus"], "unrecognized arguments: --bogus"), (["stray"], "unrecognized arguments: stray"),
+    (["--bogus"], "unrecognized arguments: --bogus"), (["stray"], "unknown command 'stray'; the commands: train, eval,"),
+    (["--epochs", "3", "stray"], "unrecognized arguments: stray"),
+    (["trian"], "(did you mean train?)"), (["lr_find"], "(did you mean lr-find?)"), (["evaluate"], "(did you mean eval?)"),
     (["--out-dir", "{R}"], "holds another run"), (["--out-dir", "{S}/stopped"], "pass --resume to continue it"),
     (["--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
     (["--out-dir", "{S}/a_file.txt/sub"], "not a writable folder"),
@@ -681,7 +683,7 @@ def test_a_bad_invocation_is_one_line_exit_2_and_changes_no_file(sandbox, data_d
                 *argv[1:]]
     elif argv[0] in ("eval", "report", "conv-demo"):
         argv = [*argv, "--data-dir", str(data_dir)] if len(argv) > 1 else argv
-    elif argv[0] != "plot":
+    elif argv[0].startswith("-"):  # a bare word first is a (misspelt) command
         argv = [*RUN_FLAGS, "--data-dir", str(data_dir), *argv]
     before = tree(sandbox, reference, data_dir)
     message = one_error_line(capsys, cr.main(argv))
