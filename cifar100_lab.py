@@ -241,7 +241,7 @@ class LRFindResult:
 
 
 def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: float = 1e-5, end: float = 10.0,
-            steps: int = 100, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+            steps: int = 300, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
             smoothing: float = 0.98, diverge_factor: float = 4.0,
             log: Callable[[str], None] = lambda message: None) -> LRFindResult:
     """The learning-rate range test (Smith 2015, "Cyclical learning rates"; fastai's lr_find): `steps`
@@ -299,12 +299,11 @@ def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: 
     lowest_at = result.smoothed.index(min(result.smoothed))
     at_lowest = result.rates[lowest_at]
     result.suggestion = max(at_lowest / 10, start)
-    result.rule = (f"a tenth of {at_lowest:.3g}, the rate at the lowest smoothed loss "
-                   f"({min(result.smoothed):.3f}), where the loss still falls steadily")
-    if result.stopped_early is None and lowest_at >= 0.9 * (len(result.rates) - 1):
-        result.rule += (f"; but the loss was still falling at {end:g}, so the test saw no rise: a larger --end, or "
-                        f"more --steps (a network learning from scratch needs a few hundred before its loss "
-                        f"moves), would place it better")
+    result.rule = f"a tenth of {at_lowest:.3g}, where the smoothed loss was lowest"
+    # near the end, with no rise after it (0.5 %: the mixed loss is noisy), the lowest may lie beyond --end
+    if result.stopped_early is None and lowest_at >= 0.9 * (len(result.rates) - 1) and \
+            result.smoothed[-1] < 1.005 * min(result.smoothed):
+        result.rule += f"; it still fell at {end:g}: a larger --end or more --steps would place it better"
     return result
 
 
@@ -1028,7 +1027,8 @@ def lr_find_main(argv: list) -> int:
     group = parser.add_argument_group("lr-find")
     group.add_argument("--start", type=float, default=1e-5, help="the first rate (default: 1e-05)")
     group.add_argument("--end", type=float, default=10.0, help="the last rate (default: 10)")
-    group.add_argument("--steps", type=int, default=100, help="mini-batches, one rate each (default: 100)")
+    group.add_argument("--steps", type=int, default=300, help="mini-batches, one rate each: a network learning "
+                       "from scratch needs a few hundred before its loss moves (default: 300)")
     args = parser.parse_args(argv)
     if args.resume is not None:
         raise cr.UserError("lr-find starts from the initial weights of its settings; --resume is for training")
@@ -1050,8 +1050,7 @@ def lr_find_main(argv: list) -> int:
         return 130
     print(f"lr-find: {len(result.rates)} steps" + (f"; stopped early: {result.stopped_early}"
                                                    if result.stopped_early else ""))
-    print(f"suggested peak learning rate: {result.suggestion:.3g} ({result.rule}); for batch {config.batch_size}, "
-          f"with this recipe's augmentation and mixing")
+    print(f"suggested peak learning rate: {result.suggestion:.3g} for batch {config.batch_size} ({result.rule})")
     os.makedirs(out, exist_ok=True)
     print(f"wrote {' and '.join(write_lr_find(result, out))}")
     return 0
@@ -1254,11 +1253,14 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     colours, per_epoch_rate = [], False
     for rows, schedule in zip(runs, schedules):
         epochs = column(rows, "epoch")
-        (line,) = ax_loss.plot(epochs, column(rows, "test_loss"))
+        one = len(rows) == 1  # a line of one point is not drawn: a marker is, one shape for each curve
+        (line,) = ax_loss.plot(epochs, column(rows, "test_loss"), marker="o" if one else None)
         colours.append(line.get_color())
-        ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color())
-        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color())
-        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color())
+        ax_loss.plot(epochs, column(rows, "train_loss"), "--", color=line.get_color(), marker="x" if one else None)
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top1")], color=line.get_color(),
+                    marker="o" if one else None)
+        ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color(),
+                    marker="^" if one else None)
         if schedule is not None:
             ax_lr.plot(*schedule, color=line.get_color())
         else:  # no config.json to compute it from
@@ -1275,13 +1277,15 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
         ax.legend([plt.Line2D([], [], color="dimgrey", linestyle=style, marker=marker) for style, marker, _ in styles],
                   [text for _, _, text in styles], fontsize=8)
 
-    key(ax_loss, [("-", None, "test"), ("--", None, "train")])
-    key(ax_acc, [("-", None, "top-1"), (":", None, "top-5")])
+    single = any(len(rows) == 1 for rows in runs)
+    key(ax_loss, [("-", "o" if single else None, "test"), ("--", "x" if single else None, "train")])
+    key(ax_acc, [("-", "o" if single else None, "top-1"), (":", "^" if single else None, "top-5")])
     if per_epoch_rate:
         key(ax_lr, [("-", None, "per step"), ("-", "o", "at epoch starts (a run without config.json)")])
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0)  # the run's start (and room around a run of one epoch)
     _lay_out_above_names(fig, [plt.Line2D([], [], color=c, linewidth=2.5) for c in colours], labels,
                          legend_columns, legend_height, fontsize=9)
     return _save(fig, out_path)
@@ -1349,7 +1353,8 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
         label = (setting if setting != "base" else "run") + (f" ({len(curves)} seeds)" if len(curves) > 1 else "") \
             + (" - chosen on val" if setting in chosen else "")
-        (line,) = ax.plot(epochs, mean, linewidth=2.5 if setting in chosen else 1.5, label=label)
+        (line,) = ax.plot(epochs, mean, linewidth=2.5 if setting in chosen else 1.5, label=label,
+                          marker="o" if length == 1 else None)  # one point: a marker, as a line is not drawn
         if len(curves) > 1:
             ax.fill_between(epochs, [min(c[i] for c in curves) for i in range(length)],
                             [max(c[i] for c in curves) for i in range(length)], color=line.get_color(), alpha=0.2)
@@ -1628,7 +1633,8 @@ def _report_html(title: str, sections: list, folder: str) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
-             "text-align:right}img{max-width:100%;display:block;margin:1em 0}</style></head><body>"
+             "text-align:right}img{max-width:100%;display:block;margin:1em 0}"
+             ".wide{overflow-x:auto}.wide img{max-width:none}</style></head><body>"
              f"<h1>{html.escape(title)}</h1>"]
     for heading, content in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
@@ -1636,8 +1642,9 @@ def _report_html(title: str, sections: list, folder: str) -> str:
             if isinstance(item, str) and item.endswith(".png") and os.path.exists(item):
                 with open(item, "rb") as f:
                     encoded = base64.b64encode(f.read()).decode()
-                parts.append(f"<img alt='{html.escape(os.path.basename(item))}' "
-                             f"src='data:image/png;base64,{encoded}'>")
+                image = f"<img alt='{html.escape(os.path.basename(item))}' src='data:image/png;base64,{encoded}'>"
+                # a chart of 100 class names is read at its own size, scrolled sideways, not shrunk to the page
+                parts.append(f"<div class='wide'>{image}</div>" if "per_class" in item else image)
             else:
                 parts.append(item)
     parts.append("</body></html>")
@@ -1683,6 +1690,8 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
         written += [os.path.join(folder, f"{prefix}{n}.csv") for n in ("per_class", "confused_pairs", "calibration")]
     summary = {split: {k: a[k] for k in ("n", "top1", "top5", "loss", "superclass_top1", "errors_in_right_superclass")
                        if k in a} | {"ece": a["calibration"]["ece"]} for split, a in analyses.items()}
+    summary = {split: {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in numbers.items()}
+               for split, numbers in summary.items()}  # 0.06, not float32's 0.05999999865889549
     summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"])
     cr.atomic_save(json.dumps(summary, indent=2) + "\n", os.path.join(folder, "summary.json"))
     written.append(os.path.join(folder, "summary.json"))
@@ -1794,20 +1803,24 @@ CONV_FILTERS = ("edge", "blur", "sharpen", "emboss")
 
 
 def conv_filter(name: str, size: int) -> torch.Tensor:
-    """A size x size filter: edge (a Laplacian: size^2 - 1 at the centre, -1 elsewhere), blur (the mean),
-    sharpen (twice the image minus its blur) or emboss (-1 above the anti-diagonal, +1 below, 1 at the centre)."""
+    """A size x size filter: edge (vertical edges: -1 left of the centre column, +1 right of it, scaled to a
+    mean difference; Prewitt's at 3x3), blur (the mean), sharpen (twice the image minus its blur) or emboss (-1
+    above the anti-diagonal, +1 below, 1 at the centre). At 1x1 every filter is the one weight 1: a single
+    pixel has no neighbours to find an edge or a blur in (in a network, a 1x1 convolution mixes channels)."""
+    if name not in CONV_FILTERS:
+        raise cr.UserError(f"--filter must be one of {', '.join(CONV_FILTERS)}, got {name!r}")
+    if size == 1:
+        return torch.ones(1, 1)
     centre = torch.zeros(size, size)
     centre[size // 2, size // 2] = 1
+    i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     if name == "edge":
-        return size * size * centre - torch.ones(size, size)
+        return torch.sign(j - size // 2).float() / (size * (size // 2))
     if name == "blur":
         return torch.full((size, size), 1 / size ** 2)
     if name == "sharpen":
         return 2 * centre - torch.full((size, size), 1 / size ** 2)
-    if name == "emboss":
-        i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        return torch.sign(i + j - (size - 1)).float() + centre
-    raise cr.UserError(f"--filter must be one of {', '.join(CONV_FILTERS)}, got {name!r}")
+    return torch.sign(i + j - (size - 1)).float() + centre  # emboss
 
 
 def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
@@ -1827,7 +1840,7 @@ def conv_demo(image: torch.Tensor, filter_name: str = "edge", kernel: Optional[t
         weight = (kernel if kernel is not None else conv_filter(filter_name, k)).float().view(1, 1, k, k)
         for s in (1, 2, 3):
             for p in (0, 1, 2, "same"):
-                row = {"k": k, "s": s, "p": p, "n": n,
+                row = {"k": k, "s": s, "p": p, "n": n, "kernel": weight[0, 0],
                        "formula": conv_output_size(n, k, s, (k - 1) // 2 if p == "same" else p) if s == 1 or
                        p != "same" else None, "actual": None, "output": None}
                 try:
@@ -1856,38 +1869,57 @@ def conv_table(demo: dict) -> str:
 
 
 def plot_conv_demo(demo: dict, filter_label: str, out_path: str) -> str:
-    """Three rows, one thing varied in each: the kernel size (stride 1, padding 0), the stride (the middle
-    kernel, padding 1), the padding (the middle kernel, stride 1); each panel titled k, s, p and its size."""
+    """Three rows, one thing varied in each: the kernel size (stride 1, padding 0), the stride (a 3x3 kernel,
+    padding 1), the padding (a 3x3 kernel, stride 1). Each output is drawn where its pixels sit over the input
+    (a dashed square marks the input's border: padding grows the output past it, a larger kernel shrinks it
+    inside, a stride-s pixel covers s x s input pixels), with its kernel beside it."""
     plt = _pyplot()
+    from matplotlib.patches import Rectangle
     sizes = sorted({r["k"] for r in demo["rows"]})
-    middle = sizes[len(sizes) // 2] if len(sizes) > 1 else sizes[0]
+    middle = 3 if 3 in sizes else sizes[len(sizes) // 2]
     pick = lambda k, s, p: next(r for r in demo["rows"] if (r["k"], r["s"], r["p"]) == (k, s, p))  # noqa: E731
     rows = [("kernel size (stride 1, padding 0)", [pick(k, 1, 0) for k in sizes]),
             (f"stride (kernel {middle}, padding 1)", [pick(middle, s, 1) for s in (1, 2, 3)]),
             (f"padding (kernel {middle}, stride 1)", [pick(middle, 1, p) for p in (0, 1, 2, "same")])]
     columns = 1 + max(len(r[1]) for r in rows)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.6 * columns, 2.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns, 2.9 * len(rows)), squeeze=False)
     n = demo["grey"].shape[-1]
     for (label, panels), ax_row in zip(rows, axes):
         for ax in ax_row:
             ax.axis("off")
-        ax_row[0].imshow(demo["grey"].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax_row[0].imshow(demo["grey"].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest",
+                         extent=(0, n, n, 0))
+        ax_row[0].set(xlim=(-4, 1.55 * n), ylim=(n + 4, -4))
         ax_row[0].set_title(f"input {n}x{n}\nvarying: {label}", fontsize=8)
         for ax, r in zip(ax_row[1:], panels):
             out, p = r["output"], "same" if r["p"] == "same" else r["p"]
+            ax.set(xlim=(-4, 1.55 * n), ylim=(n + 4, -4))
+            kernel = ax.inset_axes([0.7, 0.55, 0.28, 0.4])  # the kernel: blue below 0, red above
+            scale = float(r["kernel"].abs().max()) or 1.0
+            kernel.imshow(r["kernel"].numpy(), cmap="RdBu_r", vmin=-1.6 * scale, vmax=1.6 * scale,
+                          interpolation="nearest")
+            kernel.set_xticks([]), kernel.set_yticks([])
+            kernel.set_title(f"kernel {r['k']}x{r['k']}" + (": one weight" if r["k"] == 1 else ""), fontsize=7)
+            if r["k"] <= 3:
+                for (y, x), v in np.ndenumerate(r["kernel"].numpy()):
+                    kernel.text(x, y, f"{v:.2g}", ha="center", va="center", fontsize=6)
             if out is None:  # conv2d refused: a kernel larger than the padded image, or "same" with a stride
-                ax.text(0.5, 0.5, "refused by conv2d:\n" + "\n".join(textwrap.wrap(r["refused"], 28)[:4]),
+                ax.text(0.35, 0.5, "refused by conv2d:\n" + "\n".join(textwrap.wrap(r["refused"], 24)[:4]),
                         ha="center", va="center", fontsize=7, transform=ax.transAxes)
                 ax.set_title(f"k {r['k']}, s {r['s']}, p {p}", fontsize=8)
                 continue
-            # the panel is drawn at the input's scale, so a smaller output looks smaller
-            ax.imshow(out.numpy(), cmap="gray", interpolation="nearest", extent=(0, out.shape[1], out.shape[0], 0))
-            ax.set_xlim(0, n + 4)
-            ax.set_ylim(n + 4, 0)
-            flat = " (all equal: this filter is 0 at this size)" if bool((out == out.flatten()[0]).all()) else ""
-            ax.set_title(f"k {r['k']}, s {r['s']}, p {p}\noutput {out.shape[0]}x{out.shape[1]}{flat}", fontsize=8)
-    fig.suptitle(f"one image through the {filter_label} filter (grey levels; each output scaled to its own "
-                 f"range, drawn at the input's pixel scale)", fontsize=10)
+            pad = (r["k"] - 1) // 2 if p == "same" else p
+            start = r["k"] // 2 - pad - (r["s"] - 1) / 2  # output pixel i sits over input pixel i * s + start
+            end = start + out.shape[-1] * r["s"]
+            low, high = torch.quantile(out.flatten(), torch.tensor([0.02, 0.98])).tolist()  # a padded border's
+            ax.imshow(out.numpy(), cmap="gray", interpolation="nearest", extent=(start, end, end, start),  # jump
+                      vmin=low, vmax=max(high, low + 1e-6))  # would take the whole grey range otherwise
+            ax.add_patch(Rectangle((0, 0), n, n, fill=False, edgecolor="tab:red", linestyle="--", linewidth=1))
+            ax.set_title(f"k {r['k']}, s {r['s']}, p {p}: output {out.shape[0]}x{out.shape[1]}", fontsize=8)
+    fig.suptitle(f"one image through the {filter_label} filter, its kernel beside each output (red above 0, blue "
+                 f"below)\neach output drawn where its pixels sit over the input (dashed red: the input's border; a "
+                 f"pixel of a stride-s output covers s x s of the input's pixels); grey levels: 2nd to 98th "
+                 f"percentile of each output", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_path)
 
@@ -1954,7 +1986,9 @@ def report_main(argv: list) -> int:
                   f"{s['ece']:.2%}" + (f", superclass top-1 {s['superclass_top1']:.2%}, errors inside the right "
                                        f"superclass {s['errors_in_right_superclass']:.1%}"
                                        if "superclass_top1" in s else ""))
-    print(f"wrote {len(r['files'])} files into {r['folder']}; open {os.path.join(r['folder'], 'report.html')}")
+    folder = os.path.relpath(r["folder"])  # as the other commands print paths: from here, unless above it
+    folder = r["folder"] if folder.startswith(os.pardir) else folder
+    print(f"wrote {len(r['files'])} files into {folder}; open {os.path.join(folder, 'report.html')}")
     return 0
 
 
@@ -1976,9 +2010,9 @@ def preview_aug_main(argv: list) -> int:
     data = cr.load_dataset(config.data_dir, config.dataset, config.download)
     shown = preview_augmentation(config, data, per_batch=args.images)
     for batch in shown:
-        print(f"step {batch['step']}: {batch['method']}, lam {batch['lam']:.3f}" +
-              (f", box rows {batch['box'][0]}-{batch['box'][1]} columns {batch['box'][2]}-{batch['box'][3]}"
-               if batch["box"] else ""))
+        box = batch["box"]  # (top, bottom, left, right), bottom and right excluded: the last row and column
+        print(f"step {batch['step']}: {batch['method']}, lam {batch['lam']:.3f}"
+              + (f", box rows {box[0]}-{box[1] - 1} columns {box[2]}-{box[3] - 1}" if box else ""))
     print(f"wrote {plot_augmentation(shown, data, args.out)}")
     return 0
 
@@ -2055,7 +2089,7 @@ def conv_demo_main(argv: list) -> int:
         if image.shape[1:] != (cr.IMAGE_SIZE, cr.IMAGE_SIZE):
             image = _resize(image, cr.IMAGE_SIZE)
         written.append(plot_network_view(run.model, image.to(run.device), run.normalize,
-                                         os.path.join(os.path.dirname(os.path.abspath(args.out)), "network.png")))
+                                         os.path.join(os.path.dirname(args.out), "network.png")))
     print(f"wrote {' and '.join(written)}")
     return 0
 

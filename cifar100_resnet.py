@@ -279,7 +279,7 @@ class TrainConfig:
                                       resumable=True)
     checkpoint_every: int = _setting(20, "also keep ckpt_ep{N}.pt every N epochs (0: never)", "output",
                                      check=_NOT_NEGATIVE, resumable=True)
-    log_every: int = _setting(100, "a progress line every N batches (0: only the line per epoch)", "output",
+    log_every: int = _setting(100, "a progress line every N batches, and at least every 30 s (0: by time only)", "output",
                               check=_NOT_NEGATIVE, display=True)
     quiet: bool = _setting(False, "print only warnings and errors", "output", display=True)
     tensorboard: bool = _setting(False, "also write TensorBoard event files into the run folder's tensorboard/: "

@@ -124,6 +124,20 @@ def test_lr_find_grows_the_rate_suggests_one_inside_the_range_and_leaves_the_giv
         assert torch.equal(optimizer.state[p]["momentum_buffer"], m)
 
 
+def test_lr_find_says_the_loss_still_fell_only_when_it_saw_no_rise_after_its_lowest(data, monkeypatch):
+    def with_losses(losses):
+        steps = iter(losses)
+        monkeypatch.setattr(cr.Trainer, "train_batch", lambda self, x, y: (torch.tensor(next(steps)), len(x)))
+        return lab.lr_find(tiny_config(), data, start=1e-3, end=1.0, steps=len(losses))
+
+    falling = [4.6 - 0.01 * i for i in range(100)]
+    assert "still fell at 1" in with_losses(falling).rule
+    risen = falling[:95] + [3.9, 4.3, 4.6, 4.6, 4.6]  # lowest at step 95 of 100, then a rise of more than 0.5 %
+    result = with_losses(risen)
+    assert result.rule.startswith("a tenth of ") and "still fell" not in result.rule
+    assert result.smoothed.index(min(result.smoothed)) >= 89
+
+
 def test_lr_find_stops_when_the_loss_diverges(data):
     result = lab.lr_find(tiny_config(label_smoothing=0.0), data, start=1e-2, end=1e6, steps=60)
     assert result.stopped_early and len(result.rates) < 60
@@ -618,10 +632,10 @@ def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):
     assert code == 0 and "real data" in capsys.readouterr().out
 
 
-def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path):
+def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in ("a", "b"):
-        assert cr.main(tiny_args(tiny_data_dir, tmp_path / name, "--epochs", "3", "--seed", str(ord(name)))) == 0
+    for name, epochs in (("a", "3"), ("b", "1")):
+        assert cr.main(tiny_args(tiny_data_dir, tmp_path / name, "--epochs", epochs, "--seed", str(ord(name)))) == 0
     assert cr.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "first", "second"]) == 0
     png = tmp_path / "a" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -629,6 +643,17 @@ def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path):
 
     height, width, _ = matplotlib.image.imread(str(png)).shape
     assert (width, height) == (1760, 533)  # 16 x (4.5 + 0.35 for one row of run names) inches at 110 dpi
+    # the one-epoch run is drawn as markers in every panel (a line of one point is not drawn), from epoch 0
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    lab.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "c.png"))
+    loss, accuracy, rate = figures[0].axes[:3]
+    for ax in (loss, accuracy):
+        drawn = [(len(line.get_xdata()), line.get_marker()) for line in ax.get_lines()]
+        assert drawn[:2] == [(3, "None"), (3, "None")] and [n for n, _ in drawn[2:]] == [1, 1], drawn
+        assert "None" not in {marker for _, marker in drawn[2:]} and drawn[2][1] != drawn[3][1], drawn
+        assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 3
+    assert all(len(line.get_xdata()) > 1 for line in rate.get_lines())  # the rate: per step, a line
 
 
 @pytest.mark.parametrize("runs", [1, 6])
@@ -812,20 +837,29 @@ def test_the_analysis_adds_up_per_class_confusion_blocks_and_superclasses_agree(
 class _Images(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.sources, self.links = [], []
+        self.sources, self.links, self.scrolled, self.names, self.open_div = [], [], [], [], None
+
+    def handle_endtag(self, tag):
+        if tag == "div":
+            self.open_div = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "img":
             self.sources.append(attrs.get("src", ""))
+            self.scrolled.append(self.open_div == "wide")
+            self.names.append(attrs.get("alt", ""))
+        if tag == "div":
+            self.open_div = attrs.get("class")
         for key in ("href", "src"):
             if key in attrs and tag != "img":
                 self.links.append(attrs[key])
 
 
-def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_run, capsys):
+def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_run, capsys, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
-    assert cr.main(["report", str(tiny_val_run), "--device", "cpu"]) == 0
+    monkeypatch.chdir(tiny_val_run.parent)
+    assert cr.main(["report", tiny_val_run.name, "--device", "cpu"]) == 0
     folder = tiny_val_run / "report"
     printed = capsys.readouterr().out
     assert "superclass top-1" in printed and "report.html" in printed
@@ -860,6 +894,12 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
     page.feed((folder / "report.html").read_text())
     assert len(page.sources) >= 11 and all(s.startswith("data:image/png;base64,") for s in page.sources)
     assert page.links == []
+    # the chart of 100 class names keeps its size (scrolled sideways, so its names stay readable); the rest fit
+    assert [name for name, wide in zip(page.names, page.scrolled) if wide] == ["per_class.png", "val_per_class.png"]
+    assert ".wide img{max-width:none}" in (folder / "report.html").read_text()
+    assert summary["test"]["loss"] == float(f"{summary['test']['loss']:.6g}")  # no float32 noise
+    report_dir = os.path.join(tiny_val_run.name, "report")  # a path from here, as the other commands print
+    assert printed.endswith(f"into {report_dir}; open {os.path.join(report_dir, 'report.html')}\n"), printed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -903,13 +943,24 @@ def test_the_preview_shows_exactly_what_the_trainer_feeds_the_model(monkeypatch,
     assert (named > 0) == (aug == "advanced")
 
 
-def test_preview_command_draws_the_grid(tiny_cifar100, tmp_path, capsys):
+def test_preview_command_draws_the_grid(tiny_cifar100, tmp_path, capsys, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
     out = tmp_path / "aug.png"
     assert cr.main(["preview-aug", "--data-dir", str(tiny_cifar100), "--no-download", "--batch-size", "32",
                     "--out", str(out), "--images", "6"]) == 0
-    assert "step 1:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "step 1:" in printed
     assert plt.imread(out).shape[:2] == (1287, 1155)  # 6 columns x 1.75 in, 6 rows x 1.95 in, at 110 dpi
+    # the CutMix box printed is the one drawn: first and last row and column, both included
+    boxes = re.findall(r"box rows (\d+)-(\d+) columns (\d+)-(\d+)", printed)
+    assert len(boxes) == 1, printed  # one batch of each method is shown
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    assert cr.main(["preview-aug", "--data-dir", str(tiny_cifar100), "--no-download", "--batch-size", "32",
+                    "--out", str(out), "--images", "6"]) == 0
+    titles = [panel._suptitle.get_text() for panel in figures[0].subfigs]
+    (top, bottom, left, right), = boxes
+    assert any(f"rows {top}-{bottom}, columns {left}-{right} pasted" in title for title in titles), titles
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -939,6 +990,14 @@ def test_the_output_size_formula_is_what_conv2d_produces_for_every_size_kernel_s
 
 def test_the_named_filters_do_what_they_say():
     flat = torch.full((1, 1, 9, 9), 0.7)
+    vertical = torch.zeros(1, 1, 9, 9)
+    vertical[..., 5:] = 1.0  # dark left, bright right
+    for name in lab.CONV_FILTERS:  # one pixel has no neighbours: at 1x1 each filter is the weight 1
+        assert torch.equal(lab.conv_filter(name, 1), torch.ones(1, 1))
+    for k in (3, 5, 7):  # the edge filter finds a vertical edge at every size, a horizontal one not at all
+        edge = lab.conv_filter("edge", k).view(1, 1, k, k)
+        assert F.conv2d(vertical, edge).max() == pytest.approx(1.0)  # right half bright, left half dark
+        assert F.conv2d(vertical.transpose(2, 3), edge).abs().max() < 1e-6
     for k in (3, 5, 7):
         assert torch.allclose(F.conv2d(flat, lab.conv_filter("edge", k).view(1, 1, k, k)), torch.zeros(1), atol=1e-5)
         assert torch.allclose(F.conv2d(flat, lab.conv_filter("blur", k).view(1, 1, k, k)), torch.tensor(0.7))
@@ -965,14 +1024,26 @@ def test_conv_demo_draws_what_conv2d_refuses_as_refused_and_says_nothing_of_torc
                                                                          len(kernel[0]) > 100)
 
 
-def test_conv_demo_command_prints_the_table_and_draws_the_figures(tiny_cifar100, tiny_val_run, tmp_path, capsys):
+def test_conv_demo_command_prints_the_table_and_draws_the_figures(tiny_cifar100, tiny_val_run, tmp_path, capsys,
+                                                                  monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
     out = tmp_path / "conv" / "conv_demo.png"
     assert cr.main(["conv-demo", "--index", "5", "--filter", "blur", "--out", str(out), "--checkpoint",
                     str(tiny_val_run), "--device", "cpu", "--data-dir", str(tiny_cifar100), "--no-download"]) == 0
     printed = capsys.readouterr().out
     assert "test image 5 (class_" in printed and "floor((n + 2p - k) / s) + 1" in printed
-    assert plt.imread(out).shape[:2] == (957, 1430)
+    assert printed.endswith(f"wrote {out} and {out.parent / 'network.png'}\n")  # both paths as --out was given
+    assert plt.imread(out).shape[:2] == (957, 1760)
+    # each output with its kernel beside it and the input's border drawn over it
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    assert cr.main(["conv-demo", "--index", "5", "--out", str(tmp_path / "again.png"), "--data-dir",
+                    str(tiny_cifar100), "--no-download"]) == 0
+    outputs = [ax for ax in figures[0].axes if ax.get_title().startswith("k ")]
+    assert len(outputs) == 11  # 4 kernel sizes, 3 strides, 4 paddings
+    for ax in outputs:
+        assert len(ax.child_axes) == 1 and ax.child_axes[0].get_title().startswith("kernel ")
+        assert [p.get_linestyle() for p in ax.patches] == ["--"]
     # a row of its 4 first-layer filters and one per stage (5), 1.6 inches each; 9 columns of 1.45 inches
     assert plt.imread(tmp_path / "conv" / "network.png").shape[:2] == (1056, 1435)
     # your own kernel, and an image file

@@ -1021,7 +1021,7 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
     assert "extended_from" in cr.TrainConfig().saved()  # a library-only setting is still saved with the run
     text = cr.build_parser().format_help()
     assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
-    assert "(0: only the line per epoch)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
+    assert "at least every 30 s (0: by time only)" in actions["log_every"].help and "--t0 EPOCHS|auto" in text
     r = run_cli("--help")
     assert r.returncode == 0 and "--mixup-alpha" in r.stdout
     # the usage line, then the commands, one line each, before any flag
