@@ -2467,7 +2467,7 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
 # Command line: train and eval here; the lab's commands (cifar100_lab.py) through the same main()
 
 LAB_COMMANDS = ("lr-find", "sweep", "plot", "report", "preview-aug", "conv-demo", "bench")
-COMMANDS_HELP = """\
+_COMMANDS_HELP = """\
 Train a ResNet on CIFAR-100 with the notebook's recipe: the defaults are its values.
 
 commands (each with its own --help):
@@ -2546,7 +2546,7 @@ def _t0_arg(text: str) -> Optional[float]:
 def build_parser() -> argparse.ArgumentParser:
     """The train command's flags, made from TrainConfig's declarations."""
     p = _Parser(prog=_program(), allow_abbrev=False, usage="%(prog)s [COMMAND] [flags]",
-                formatter_class=argparse.RawDescriptionHelpFormatter, description=COMMANDS_HELP)
+                formatter_class=argparse.RawDescriptionHelpFormatter, description=_COMMANDS_HELP)
     groups = {key: p.add_argument_group(title) for key, title in (
         ("recipe", "recipe"), ("schedule", "schedule (cosine annealing with warm restarts, set every step)"),
         ("model", "model"), ("data", "data"), ("running", "running"), ("output", "output"))}
@@ -2636,8 +2636,12 @@ def _train_command(argv: list) -> int:
         config, resume = _resume_config(args, argv)
     else:
         config, resume = config_from_args(args), None
-        if config.out_dir is None:
-            config.out_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if config.out_dir is None:  # runs started in the same second (a shell loop) get -2, -3, ...
+            stamp = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            config.out_dir, n = stamp, 1
+            while os.path.exists(config.out_dir):
+                n += 1
+                config.out_dir = f"{stamp}-{n}"
     set_backend_flags()
     joined = join_torchrun(config.device)
     try:

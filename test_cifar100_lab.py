@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -1075,3 +1076,36 @@ def test_each_picture_command_without_matplotlib_exits_2_with_the_hint_and_still
     for command in (["preview-aug", "--data-dir", str(tiny_cifar100)], ["conv-demo", "--data-dir", str(tiny_cifar100)]):
         assert cr.main([*command, "--no-download"]) == 2
         assert "pip install" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The README's first screens: every command of "Run it", at a tiny size
+
+
+def test_readme_first_screens_commands_run(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    readme = (HERE / "README.md").read_text()
+    screens = readme[readme.index("## Run it"):readme.index("## Continue a run")]
+    blocks = re.findall(r"```bash\n(.*?)```", screens, flags=re.S)
+    commands = [shlex.split(line.split("  #")[0]) for block in blocks for line in block.splitlines()
+                if line.startswith("cifar100-resnet ")]
+    assert len(commands) == 8, commands  # the two main jobs, the first run, and the five after it
+    monkeypatch.chdir(tmp_path)
+    data = ["--data-dir", str(tiny_data_dir), "--no-download", "--device", "cpu"]
+    tiny = [*data, "--arch", "resnet18", "--width", "4", "--limit-train", "96", "--limit-test", "32",
+            "--batch-size", "32", "--quiet"]
+    for i, words in enumerate(commands):
+        argv = [str(tiny_data_dir) if word == "DATA" else word for word in words[1:]]
+        command = argv[0] if argv[0] in ("eval", "plot", "lr-find", "bench") else "train"
+        if command == "train" and "--resume" in argv:
+            argv += [*data, "--quiet"]
+        elif command == "train":  # the main jobs at their own settings, then as small as a test takes
+            argv += [*tiny, *(["--epochs", "3", "--out-dir", f"main{i}"] if "DATA" not in words else [])]
+        elif command == "eval":
+            argv += data
+        elif command == "lr-find":
+            argv += [*tiny, "--steps", "8", "--out-dir", "lrf"]
+        elif command == "bench":
+            argv += [*tiny, "--bench-epochs", "1"]
+        assert cr.main(argv) == 0, (words, capsys.readouterr())
+    assert len(metric_rows(tmp_path / "runs" / "first")) == 5 and (tmp_path / "runs" / "first" / "curves.png").exists()
