@@ -917,6 +917,7 @@ class CtrlCOnTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             os.kill(os.getpid(), signal.SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a test runner may ignore SIGINT)
 sys.meta_path.insert(0, CtrlCOnTorch())
 sys.argv = [{MODULE!r}, "--data-dir", {str(tmp_path)!r}, "--out-dir", {str(tmp_path / "run")!r}]
 runpy.run_path({MODULE!r}, run_name="__main__")
