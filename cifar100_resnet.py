@@ -222,6 +222,8 @@ class TrainConfig:
                                    check=_NOT_NEGATIVE)
     cutmix_prob: float = _setting(0.5, "with both on, the chance that a batch gets CutMix rather than MixUp",
                                   "recipe", check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    mix_off_epochs: int = _setting(0, "the last N epochs train on crop and flip only, without MixUp or CutMix",
+                                   "recipe", check=_NOT_NEGATIVE)
     aug: str = _setting("basic", "basic: random crop (4-pixel padding) and flip; advanced: then the notebook's "
                         "Albumentations policy as batch operations on the device (colour jitter, grey, CLAHE; "
                         "coarse dropout, grid distortion, elastic: see the README)", "recipe",
@@ -234,6 +236,9 @@ class TrainConfig:
                              check=(lambda v: v >= 1, ">= 1"))
     warmup_epochs: float = _setting(0.0, "linear warm-up from 0 before the first cycle, in epochs", "schedule")
     min_lr: float = _setting(0.0, "the rate at the bottom of each cycle (torch's eta_min)", "schedule")
+    restart_warmup: float = _setting(0.0, "after each restart, a linear ramp over this many epochs from the end "
+                                     "of the cycle to the peak (0: a jump, the notebook's)", "schedule",
+                                     check=_NOT_NEGATIVE)
     # --- model
     arch: str = _setting("resnet34", "network depth", "model", choices=tuple(ARCHITECTURES))
     stem: str = _setting("cifar", "cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7/2 conv + "
@@ -315,6 +320,12 @@ class TrainConfig:
                             f"epochs")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
+        if self.mix_off_epochs > self.epochs:
+            raise UserError(f"--mix-off-epochs {self.mix_off_epochs} is longer than the run ({self.epochs} epochs)")
+        second = resolve_t0(self.planned_epochs - self.warmup_epochs, self.t_mult, self.t0) * self.t_mult
+        if self.restart_warmup and self.restart_warmup >= second:
+            raise UserError(f"--restart-warmup {self.restart_warmup:g} must be shorter than the cycles after a "
+                            f"restart (the first of them: {second:g} epochs)")
         ends = [*self.extended_from, self.epochs]
         if any(a >= b for a, b in zip(ends, ends[1:])):
             raise UserError(f"the run's extensions must add epochs, got --epochs {' then '.join(map(str, ends))}")
@@ -1147,10 +1158,16 @@ def learning_rate(epoch: float, config: TrainConfig, t0: Optional[float] = None)
         ends = [*config.extended_from, config.epochs]
         start = max(e for e in ends[:-1] if e <= epoch)
         t_cur, length = epoch - start, ends[ends.index(start) + 1] - start
+        restarted = True
     else:  # at the run's end, the end of its last cycle rather than the next one's peak
         hair = 1e-6 if epoch >= config.epochs - 1e-9 else 0.0
         t_cur, length = cycle_position(epoch - config.warmup_epochs - hair, t0, config.t_mult)
         t_cur += hair
+        restarted = length > t0 + 1e-9 or (config.t_mult == 1 and epoch - config.warmup_epochs >= t0 - 1e-9)
+    ramp = min(config.restart_warmup, length / 2) if restarted else 0.0  # --restart-warmup: from the cycle's end
+    if t_cur < ramp:
+        return config.min_lr + (config.lr - config.min_lr) * t_cur / ramp
+    t_cur, length = t_cur - ramp, length - ramp
     return config.min_lr + (config.lr - config.min_lr) * (1 + math.cos(math.pi * t_cur / length)) / 2
 
 
@@ -1429,6 +1446,7 @@ class Trainer:
         # scalars (lam, the box, MixUp or CutMix) on the CPU, where drawing them costs no device sync.
         self.data_rng = torch.Generator(self.device).manual_seed(config.seed + 1)
         self.mix_rng = torch.Generator().manual_seed(config.seed + 2)
+        self.unmixed = dataclasses.replace(config, mixup=False, cutmix=False)  # the --mix-off-epochs at the end
         # How a step runs (see _step). dynamic=False: the last, smaller batch gets a compiled graph of its own
         # instead of turning every batch size into a symbol (slower kernels).
         self.use_compile, self.use_graphs = self.env.compile, self.env.cuda_graphs
@@ -1515,7 +1533,8 @@ class Trainer:
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
         """One training step on a (global) batch of augmented uint8 images at the rate set: normalise, mix,
         and train on this process's share. Returns the loss (a device tensor) and the share's image count."""
-        x, y_a, y_b, lam = mix_batch(self.normalize(images), labels, self.config, self.mix_rng)
+        mixing = self.config if self.epoch < self.config.epochs - self.config.mix_off_epochs else self.unmixed
+        x, y_a, y_b, lam = mix_batch(self.normalize(images), labels, mixing, self.mix_rng)
         n, weight = len(images), 1.0
         if self.world > 1:  # this process's share of the global batch, mixed as a whole above
             first, last = self._share(len(images))

@@ -145,6 +145,44 @@ def test_learning_rate_from_the_config_alone_is_the_runs_own_to_its_annealed_end
     assert cr.learning_rate(45, mid_cycle) == pytest.approx(0.4 * (1 + math.cos(math.pi / 4)) / 2)
 
 
+def test_restart_warmup_ramps_from_the_cycles_end_to_the_peak_then_anneals_the_rest_of_the_cycle():
+    plain = cr.TrainConfig(epochs=400, lr=0.4, warmup_epochs=2)
+    ramped = dataclasses.replace(plain, restart_warmup=2.0)
+    t0 = 398 / 7  # cycles of 56.9, 113.7 and 227.4 epochs after the 2 warm-up epochs
+    for restart, length in ((2 + t0, 2 * t0), (2 + 3 * t0, 4 * t0)):
+        assert cr.learning_rate(restart, ramped) == 0.0  # where the cycle before ended, not the peak
+        assert cr.learning_rate(restart + 0.5, ramped) == pytest.approx(0.1)
+        assert cr.learning_rate(restart + 2, ramped) == pytest.approx(0.4)
+        for into in (3.0, length / 2, length - 1):  # then cosine over the cycle's other length - 2 epochs
+            expected = 0.4 * (1 + math.cos(math.pi * (into - 2) / (length - 2))) / 2
+            assert cr.learning_rate(restart + into, ramped) == pytest.approx(expected), into
+    for epoch in (0, 1, 2, 30, 2 + t0 - 1e-3):  # the warm-up and the first cycle are the plain schedule's
+        assert cr.learning_rate(epoch, ramped) == cr.learning_rate(epoch, plain)
+    assert cr.learning_rate(400, ramped) == 0.0
+    flat = cr.TrainConfig(epochs=60, lr=0.1, t0=20, t_mult=1, restart_warmup=1)  # equal cycles restart too
+    assert cr.learning_rate(20, flat) == 0.0 and cr.learning_rate(21, flat) == pytest.approx(0.1)
+    assert cr.learning_rate(0, flat) == 0.1 and cr.learning_rate(10, flat) == pytest.approx(0.05)
+
+
+def test_mix_off_epochs_train_the_last_epochs_unmixed_and_change_nothing_before_them(monkeypatch):
+    data = synthetic_data(n_train=96, n_test=32)
+    common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=3, batch_size=32, device="cpu", quiet=True)
+    real, mixed = cr.mix_batch, []
+
+    def spy(images, labels, config, generator=None):
+        out = real(images, labels, config, generator)
+        mixed.append(out[3] != 1.0)  # lam: 1.0 only when the batch was not mixed
+        return out
+
+    monkeypatch.setattr(cr, "mix_batch", spy)
+    plain = cr.train(cr.TrainConfig(**common), data=data).history
+    mixed_plain, mixed = mixed, []
+    off = cr.train(cr.TrainConfig(**common, mix_off_epochs=1), data=data).history
+    assert mixed_plain == [True] * 9 and mixed == [True] * 6 + [False] * 3  # 3 steps per epoch
+    assert [r["train_loss"] for r in off[:2]] == [r["train_loss"] for r in plain[:2]]  # the same draws before
+    assert off[2]["train_loss"] != plain[2]["train_loss"]
+
+
 def test_warmup_is_linear_then_cosine_starts_at_peak():
     cfg = cr.TrainConfig(epochs=30, lr=0.4, warmup_epochs=2)
     t0 = cr.resolve_t0(28, 2.0)
