@@ -55,6 +55,7 @@ __all__ = [  # what a vendoring user may rely on
 ]
 
 import argparse
+import copy
 import csv
 import dataclasses
 import datetime
@@ -277,6 +278,9 @@ class TrainConfig:
                                     resumable=True)
     tta: bool = _setting(False, "also report flip test-time augmentation metrics (extra *_tta_* columns; the plain "
                          "ones stay, and best.pt is still chosen on them)", "running", resumable=True)
+    bn_recal: int = _setting(0, "also evaluate a copy whose BatchNorm statistics are re-estimated on N batches of "
+                             "clean training images (crop and flip, no mixing): *_bnrecal_* columns; training is "
+                             "unchanged (0: off)", "running", check=_NOT_NEGATIVE, resumable=True)
     # --- output
     out_dir: Optional[str] = _setting(None, "the run folder; library use without one writes nothing", "output",
                                       shown="runs/<timestamp> on the command line",
@@ -1671,26 +1675,50 @@ class Trainer:
             bad = next(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
             raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
-    def evaluate(self, split: str = "test") -> dict:
-        """The metrics of every image of the split. With several processes each evaluates its share with the
-        BatchNorm statistics of process 0 (those its checkpoints hold) and the counts are summed: each image
-        counted once."""
-        images, labels = self.splits[split]
+    def evaluate(self, split: str = "test", model: Optional[nn.Module] = None) -> dict:
+        """The metrics of every image of the split, by the run's model or the one given. With several processes
+        each evaluates its share with the BatchNorm statistics of process 0 (those its checkpoints hold) and
+        the counts are summed: each image counted once."""
+        images, labels, model = *self.splits[split], model or self.model
         if self.world == 1:
-            return evaluate(self.model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
+            return evaluate(model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
                             tta=self.config.tta)
-        for buffer in self.model.buffers():
+        for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
         first, last = self._share(len(images))
         keys = ("loss", "top1", "top5") + (("tta_loss", "tta_top1", "tta_top5") if self.config.tta else ())
         sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         if last > first:
-            local = evaluate(self.model, images[first:last], labels[first:last], self.normalize,
+            local = evaluate(model, images[first:last], labels[first:last], self.normalize,
                              self.config.eval_batch_size, self.amp_dtype, tta=self.config.tta)
             counts = [round(local[k] * local["n"]) if "top" in k else local[k] * local["n"] for k in keys]
             sums += torch.tensor(counts, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(sums)
         return {"n": len(images), **{k: float(v) / max(len(images), 1) for k, v in zip(keys, sums)}}
+
+    def recalibration_batches(self) -> list:
+        """The --bn-recal batches after epoch self.epoch: clean training images (crop and flip, no mixing, no
+        advanced policy), from a generator of their own (seed + 3 + epoch), so training draws what it drew."""
+        rng = torch.Generator(self.device).manual_seed(self.config.seed + 3 + self.epoch)
+        size = self.config.batch_size * self.world
+        order = torch.randperm(self.n_train, generator=rng, device=self.device)[:self.config.bn_recal * size]
+        images = random_flip(random_crop(self.splits["train"][0][order], generator=rng), generator=rng)
+        return list(images.split(size))
+
+    def recalibrated(self) -> nn.Module:
+        """A copy of the model whose BatchNorm running statistics are the plain average over the
+        recalibration_batches (momentum None) of each batch's mean and unbiased variance."""
+        model = copy.deepcopy(self.model)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
+        with torch.no_grad(), autocast:
+            model.train()
+            for images in self.recalibration_batches():
+                model(self.normalize(images))
+        return model.eval()
 
     # --- several processes
 
@@ -1815,7 +1843,9 @@ def check_architecture(ckpt: dict, config: TrainConfig) -> None:
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "val_loss", "val_top1",
                   "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds",
-                  "test_tta_loss", "test_tta_top1", "test_tta_top5", "val_tta_loss", "val_tta_top1", "val_tta_top5"]
+                  "test_tta_loss", "test_tta_top1", "test_tta_top5", "val_tta_loss", "val_tta_top1", "val_tta_top5",
+                  "test_bnrecal_loss", "test_bnrecal_top1", "test_bnrecal_top5", "val_bnrecal_loss", "val_bnrecal_top1",
+                  "val_bnrecal_top5"]
 _RUN_FILES = ("config.json", "last.pt")  # a folder holding either holds a run
 TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
 FAULT_PAUSE_ENV = "CIFAR100_RESNET_FAULT_PAUSE"  # for the fault tests: see _fault_point
@@ -2390,6 +2420,11 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
                 if config.tta:
                     row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
+            if config.bn_recal:
+                recalibrated = trainer.recalibrated()
+                for split in ("test", "val") if config.val_split else ("test",):
+                    metrics = trainer.evaluate(split, recalibrated)
+                    row.update({f"{split}_bnrecal_{k}": metrics[k] for k in ("loss", "top1", "top5")})
             trainer.check_weights_finite(f"in epoch {trainer.epoch}")
             if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
                 raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
@@ -2412,6 +2447,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
                 f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
                 + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
+                + (f" bnrecal_top1 {row['test_bnrecal_top1']:.2%}" if config.bn_recal else "")
                 + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
                 + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA "
                 f"{format_duration(eta)}")

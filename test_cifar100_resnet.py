@@ -183,6 +183,36 @@ def test_mix_off_epochs_train_the_last_epochs_unmixed_and_change_nothing_before_
     assert off[2]["train_loss"] != plain[2]["train_loss"]
 
 
+def test_bn_recal_reestimates_batchnorm_on_clean_batches_in_a_copy_and_reports_it_beside_the_plain_numbers():
+    data = synthetic_data(n_train=96, n_test=32)
+    common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=16, device="cpu", quiet=True)
+    plain = cr.train(cr.TrainConfig(**common), data=data)
+    config = cr.TrainConfig(**common, bn_recal=3)
+    recal = cr.train(config, data=data)
+    # training is unchanged: the same weights and numbers, with the re-estimated model's beside them
+    assert_same_tensors(plain.model.state_dict(), recal.model.state_dict())
+    for before, after in zip(plain.history, recal.history):
+        assert {k: v for k, v in after.items() if "bnrecal" not in k and "seconds" not in k and "per_s" not in k} \
+            == {k: v for k, v in before.items() if "seconds" not in k and "per_s" not in k}
+        assert {"test_bnrecal_top1", "test_bnrecal_top5", "test_bnrecal_loss"} <= set(after)
+    # the copy's first BatchNorm holds the plain mean of each clean batch's mean and unbiased variance, by hand
+    trainer = cr.Trainer(config, data, log=lambda m: None)
+    trainer.model.load_state_dict(recal.model.state_dict())
+    trainer.epoch = 2
+    batches = trainer.recalibration_batches()
+    assert len(batches) == 3 and all(b.dtype == torch.uint8 and b.shape == (16, 3, 32, 32) for b in batches)
+    copy_ = trainer.recalibrated()
+    with torch.no_grad():
+        features = [trainer.model.conv1(trainer.normalize(b)) for b in batches]
+    means = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    variances = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in features]).mean(0)
+    assert torch.allclose(copy_.bn1.running_mean, means, atol=1e-6)
+    assert torch.allclose(copy_.bn1.running_var, variances, rtol=1e-5, atol=1e-7)
+    assert torch.equal(trainer.model.bn1.running_mean, recal.model.bn1.running_mean)  # the run's own untouched
+    evaluated = cr.evaluate(copy_, *trainer.splits["test"], trainer.normalize)
+    assert recal.history[-1]["test_bnrecal_top1"] == evaluated["top1"]
+
+
 def test_warmup_is_linear_then_cosine_starts_at_peak():
     cfg = cr.TrainConfig(epochs=30, lr=0.4, warmup_epochs=2)
     t0 = cr.resolve_t0(28, 2.0)

@@ -572,6 +572,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--bogus"], "unrecognized arguments: --bogus"), (["stray"], "unknown command 'stray'; the commands: train, eval,"),
     (["--epochs", "3", "stray"], "unrecognized arguments: stray"),
     (["--mix-off-epochs", "5"], "--mix-off-epochs 5 is longer than the run (4 epochs)"),
+    (["--bn-recal", "-2"], "--bn-recal must be >= 0"),
     (["--mix-off-epochs", "-1"], "--mix-off-epochs must be >= 0"), (["--restart-warmup", "-1"], "must be >= 0"),
     (["--restart-warmup", "8"], "must be shorter than the cycles after a restart (the first of them: 8 epochs)"),
     (["trian"], "(did you mean train?)"), (["lr_find"], "(did you mean lr-find?)"), (["evaluate"], "(did you mean eval?)"),
