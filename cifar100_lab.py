@@ -1654,13 +1654,13 @@ def _report_html(title: str, sections: list, folder: str) -> str:
 
 
 def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData] = None,
-           data_dir: Optional[str] = None, device: str = "auto", download: bool = True) -> dict:
+           data_dir: Optional[str] = None, device: str = "auto", download: bool = True, ema: bool = False) -> dict:
     """What a checkpoint gets right and wrong, on the test set (and on a --val-split run's validation images):
     per_class.csv, confused_pairs.csv, calibration.csv and summary.json always; with matplotlib also the
     figures (per-class accuracy, confusion matrix ordered by superclass, misclassified images, reliability
     diagram, the run's learning curves) and report.html, all in out_dir (default: report/ beside the
     checkpoint). Returns the analyses and the paths written."""
-    run = cr.load_run(path, data, data_dir, device, download=download)
+    run = cr.load_run(path, data, data_dir, device, download=download, ema=ema)  # ema: the --ema average
     run_dir = os.path.dirname(os.path.abspath(run.path))
     if read_run_metrics(run_dir):  # the run's files checked before anything is written
         _run_schedule(run_dir, 1)
@@ -1692,7 +1692,7 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
                        if k in a} | {"ece": a["calibration"]["ece"]} for split, a in analyses.items()}
     summary = {split: {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in numbers.items()}
                for split, numbers in summary.items()}  # 0.06, not float32's 0.05999999865889549
-    summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"])
+    summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"], weights="ema" if ema else "raw")
     cr.atomic_save(json.dumps(summary, indent=2) + "\n", os.path.join(folder, "summary.json"))
     written.append(os.path.join(folder, "summary.json"))
 
@@ -1978,8 +1978,10 @@ def report_main(argv: list) -> int:
     p.add_argument("checkpoint", help="a checkpoint, or a run folder (its last.pt)")
     p.add_argument("--out-dir", help="where to write (default: report/ in the checkpoint's folder)")
     cr.add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
+    p.add_argument("--ema", action="store_true", help="the run's --ema average instead of its weights (default: off)")
     args = p.parse_args(argv)
-    r = report(args.checkpoint, args.out_dir, data_dir=args.data_dir, device=args.device, download=args.download)
+    r = report(args.checkpoint, args.out_dir, data_dir=args.data_dir, device=args.device, download=args.download,
+               ema=args.ema)
     for split, s in r["summary"].items():
         if isinstance(s, dict):
             print(f"{split} ({s['n']} images): top-1 {s['top1']:.2%}, top-5 {s['top5']:.2%}, calibration error "

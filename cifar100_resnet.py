@@ -223,6 +223,10 @@ class TrainConfig:
                                    check=_NOT_NEGATIVE)
     cutmix_prob: float = _setting(0.5, "with both on, the chance that a batch gets CutMix rather than MixUp",
                                   "recipe", check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    ema: float = _setting(0.0, "also keep an exponential moving average of the weights and BatchNorm statistics, "
+                          "updated every step with this decay after timm's ModelEmaV3 warm-up (e.g. 0.999): "
+                          "evaluated beside the raw weights (*_ema_* columns), saved in the checkpoints, read by "
+                          "eval --ema (0: off)", "recipe", check=(lambda v: 0 <= v < 1, "in (0, 1), or 0 for off"))
     mix_off_epochs: int = _setting(0, "the last N epochs train on crop and flip only, without MixUp or CutMix",
                                    "recipe", check=_NOT_NEGATIVE)
     aug: str = _setting("basic", "basic: random crop (4-pixel padding) and flip; advanced: then the notebook's "
@@ -1451,6 +1455,12 @@ class Trainer:
         self.data_rng = torch.Generator(self.device).manual_seed(config.seed + 1)
         self.mix_rng = torch.Generator().manual_seed(config.seed + 2)
         self.unmixed = dataclasses.replace(config, mixup=False, cutmix=False)  # the --mix-off-epochs at the end
+        self.ema, self.ema_updates = None, 0  # --ema: the averaged model, and how many steps it has averaged
+        if config.ema:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+            pairs = list(zip(self.ema.state_dict().values(), self.model.state_dict().values()))  # the tensors
+            self._ema_floats = [pair for pair in pairs if pair[0].is_floating_point()]  # themselves (views)
+            self._ema_counts = [pair for pair in pairs if not pair[0].is_floating_point()]
         # How a step runs (see _step). dynamic=False: the last, smaller batch gets a compiled graph of its own
         # instead of turning every batch size into a symbol (slower kernels).
         self.use_compile, self.use_graphs = self.env.compile, self.env.cuda_graphs
@@ -1544,7 +1554,22 @@ class Trainer:
             first, last = self._share(len(images))
             x, y_a, y_b, n = x[first:last], y_a[first:last], y_b[first:last], last - first
             weight = n * self.world / len(images)  # the gradients' average is then the batch's mean
-        return self._step(x, y_a, y_b, torch.full((), lam, device=self.device), weight), n
+        loss = self._step(x, y_a, y_b, torch.full((), lam, device=self.device), weight)
+        if self.ema is not None:
+            self.update_ema()
+        return loss, n
+
+    def update_ema(self) -> None:
+        """One --ema step, as timm's ModelEmaV3(use_warmup=True): update k (from 1) uses the decay
+        min(ema, 1 - k ** -2/3), 0 at the first (a copy); every floating tensor of the state (weights and
+        BatchNorm statistics) moves towards the model's by 1 - decay, the step counts are copied."""
+        self.ema_updates += 1
+        k = self.ema_updates - 1
+        decay = min(self.config.ema, 1 - (1 + k) ** (-2 / 3)) if k > 0 else 0.0
+        with torch.no_grad():
+            torch._foreach_lerp_([e for e, _ in self._ema_floats], [m for _, m in self._ema_floats], 1.0 - decay)
+            for ema, model in self._ema_counts:
+                ema.copy_(model)
 
     # --- one epoch
 
@@ -1778,12 +1803,16 @@ class Trainer:
                 "partial_epoch": dataclasses.asdict(self.partial) if self.partial is not None else None,
                 "best": dict(self.best), "processes": self.world, "history": [dict(row) for row in self.history],
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **({"ema": self.ema.state_dict(), "ema_updates": self.ema_updates} if self.ema is not None else {}),
                 "scaler": self.scaler.state_dict(),
                 "rng": {"data": self.data_rng.get_state(), "mix": self.mix_rng.get_state(),
                         "data_device": self.device.type}}
 
     def load_state_dict(self, ckpt: dict, path: str = "the checkpoint") -> None:
         load_weights(self.model, ckpt, path)
+        if self.ema is not None:  # a run that had --ema from its start (the setting cannot change on resume)
+            load_weights(self.ema, {"model": ckpt["ema"]}, path)
+            self.ema_updates = int(ckpt["ema_updates"])
         self.optimizer.load_state_dict(ckpt["optimizer"])  # new momentum tensors: a captured graph is stale
         match_param_layout(self.optimizer)
         self.graph, self.eager_steps = None, 0
@@ -1844,13 +1873,14 @@ def check_architecture(ckpt: dict, config: TrainConfig) -> None:
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "val_loss", "val_top1",
                   "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds",
                   "test_tta_loss", "test_tta_top1", "test_tta_top5", "val_tta_loss", "val_tta_top1", "val_tta_top5",
+                  "test_ema_loss", "test_ema_top1", "test_ema_top5", "val_ema_loss", "val_ema_top1", "val_ema_top5",
                   "test_bnrecal_loss", "test_bnrecal_top1", "test_bnrecal_top5", "val_bnrecal_loss", "val_bnrecal_top1",
                   "val_bnrecal_top5"]
 _RUN_FILES = ("config.json", "last.pt")  # a folder holding either holds a run
 TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
 FAULT_PAUSE_ENV = "CIFAR100_RESNET_FAULT_PAUSE"  # for the fault tests: see _fault_point
 _faults_paused: set = set()
-_WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model")  # what best.pt keeps
+_WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model", "ema")  # what best.pt keeps
 
 
 def _fault_point(label: str) -> None:
@@ -1990,7 +2020,7 @@ def _derived_files(state: dict) -> list:
     files = []
     if state["partial_epoch"] is None and state["epoch"] > 0:
         if state["best"]["epoch"] == state["epoch"]:
-            files.append(("best.pt", _with_checksum({k: state[k] for k in _WEIGHT_KEYS})))
+            files.append(("best.pt", _with_checksum({k: state[k] for k in _WEIGHT_KEYS if k in state})))
         every = state["config"]["checkpoint_every"]
         if every and state["epoch"] % every == 0:
             files.append((f"ckpt_ep{state['epoch']}.pt", state))
@@ -2420,6 +2450,9 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
                 if config.tta:
                     row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
+            for split in ("test", "val") if config.ema and config.val_split else ("test",) if config.ema else ():
+                metrics = trainer.evaluate(split, trainer.ema)
+                row.update({f"{split}_ema_{k}": metrics[k] for k in ("loss", "top1", "top5")})
             if config.bn_recal:
                 recalibrated = trainer.recalibrated()
                 for split in ("test", "val") if config.val_split else ("test",):
@@ -2447,6 +2480,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
                 f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
                 + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
+                + (f" ema_top1 {row['test_ema_top1']:.2%}" if config.ema else "")
                 + (f" bnrecal_top1 {row['test_bnrecal_top1']:.2%}" if config.bn_recal else "")
                 + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
                 + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA "
@@ -2481,11 +2515,14 @@ class LoadedRun:
 
 
 def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None, device: str = "auto",
-             limit_test: Optional[int] = None, download: bool = True) -> LoadedRun:
-    """Load a checkpoint (or a run folder's last.pt) with its model in eval mode on `device`."""
+             limit_test: Optional[int] = None, download: bool = True, ema: bool = False) -> LoadedRun:
+    """Load a checkpoint (or a run folder's last.pt) with its model in eval mode on `device`; with ema, the
+    model holds the run's --ema average instead of its raw weights."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     ckpt = load_checkpoint(path, full=False)
+    if ema and not isinstance(ckpt.get("ema"), dict):
+        raise UserError(f"{path} holds no averaged weights: its run was trained without --ema")
     config = TrainConfig.from_dict(ckpt["config"])
     config.device = device
     if limit_test is not None:
@@ -2495,7 +2532,7 @@ def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str
     if data is None:
         data = load_dataset(data_dir or config.data_dir, config.dataset, download)
     model = build_model(config)
-    load_weights(model, ckpt, path)
+    load_weights(model, {"model": ckpt["ema"]} if ema else ckpt, path)
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format).eval()
     normalize = Normalizer(data.info.mean, data.info.std, dev, channels_last=dev.type == "cuda")
     return LoadedRun(path, ckpt, config, model, dev, env.amp_dtype, normalize, data, split_data(data, config))
@@ -2503,13 +2540,13 @@ def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str
 
 def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
                         device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
-                        batch_size: Optional[int] = None, download: bool = True) -> dict:
+                        batch_size: Optional[int] = None, download: bool = True, ema: bool = False) -> dict:
     """Test metrics (and val metrics, if the run held some out) of a checkpoint's weights, measured as the
     training run measured them: same images (its --limit-test unless limit_test is given), same precision,
     same batches (its --eval-batch-size unless batch_size is given).
-    path: a checkpoint, or a run folder (its last.pt)."""
-    run = load_run(path, data, data_dir, device, limit_test, download)
-    result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"],
+    path: a checkpoint, or a run folder (its last.pt); ema: the run's --ema average instead of its weights."""
+    run = load_run(path, data, data_dir, device, limit_test, download, ema)
+    result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"], "weights": "ema" if ema else "raw",
               "partial_epoch": run.ckpt.get("partial_epoch") is not None}
     for split in ("test", "val") if run.config.val_split else ("test",):
         images, labels = run.splits[split]
@@ -2716,14 +2753,17 @@ def _eval_command(argv: list) -> int:
     p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
     add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
     p.add_argument("--tta", action="store_true", help="also with flip test-time augmentation (default: off)")
+    p.add_argument("--ema", action="store_true", help="the run's --ema average instead of its weights (default: off)")
     p.add_argument("--limit-test", type=int, help="the first N test images (0: all; default: as the run did)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's --eval-batch-size)")
     args = p.parse_args(argv)
     if (args.batch_size is not None and args.batch_size < 1) or (args.limit_test is not None and args.limit_test < 0):
         raise UserError("--batch-size must be at least 1 and --limit-test at least 0")
     r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, tta=args.tta,
-                            limit_test=args.limit_test, batch_size=args.batch_size, download=args.download)
-    where = f"epoch {r['epoch']}" + (" (stopped inside the next epoch)" if r["partial_epoch"] else "")
+                            limit_test=args.limit_test, batch_size=args.batch_size, download=args.download,
+                            ema=args.ema)
+    where = f"epoch {r['epoch']}" + (" (stopped inside the next epoch)" if r["partial_epoch"] else "") \
+        + (", EMA weights" if args.ema else "")
     for split, m in ((split, r[split]) for split in ("test", "val") if split in r):
         print(f"{r['checkpoint']}, {where}, {split} ({m['n']} images): top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} "
               f"loss {m['loss']:.4f}" + (f"; with flip TTA: top-1 {m['tta_top1']:.2%} top-5 {m['tta_top5']:.2%} "

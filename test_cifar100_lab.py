@@ -721,9 +721,9 @@ def tiny_cifar100(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_val_run(tiny_cifar100, tmp_path_factory) -> Path:
-    """A 2-epoch tiny CIFAR-100 run that holds out 64 training images."""
+    """A 2-epoch tiny CIFAR-100 run that holds out 64 training images, and keeps an --ema average."""
     out = tmp_path_factory.mktemp("run") / "run"
-    assert cr.main(tiny_args(tiny_cifar100, out, "--val-split", "64")) == 0
+    assert cr.main(tiny_args(tiny_cifar100, out, "--val-split", "64", "--ema", "0.9")) == 0
     return out
 
 
@@ -899,6 +899,11 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
     assert [name for name, wide in zip(page.names, page.scrolled) if wide] == ["per_class.png", "val_per_class.png"]
     assert ".wide img{max-width:none}" in (folder / "report.html").read_text()
     assert summary["test"]["loss"] == float(f"{summary['test']['loss']:.6g}")  # no float32 noise
+    # --ema: the same report of the run's averaged weights, which measure what the run wrote for them
+    averaged = lab.report(tiny_val_run.name, out_dir="report_ema", device="cpu", ema=True)["summary"]
+    last = metric_rows(tiny_val_run)[-1]
+    assert averaged["weights"] == "ema" and summary["weights"] == "raw"
+    assert averaged["test"]["top1"] == pytest.approx(float(last["test_ema_top1"]), abs=1e-6)
     report_dir = os.path.join(tiny_val_run.name, "report")  # a path from here, as the other commands print
     assert printed.endswith(f"into {report_dir}; open {os.path.join(report_dir, 'report.html')}\n"), printed
 

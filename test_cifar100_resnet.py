@@ -213,6 +213,52 @@ def test_bn_recal_reestimates_batchnorm_on_clean_batches_in_a_copy_and_reports_i
     assert recal.history[-1]["test_bnrecal_top1"] == evaluated["top1"]
 
 
+def test_ema_is_timms_average_of_every_step_buffers_too_and_resumes_bit_identically(tmp_path, capsys):
+    data = synthetic_data(n_train=96, n_test=32)
+    common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=16, device="cpu", quiet=True,
+                  ema=0.9)
+    trainer = cr.Trainer(cr.TrainConfig(**common), data, log=lambda m: None)
+    states, real = [], trainer._step
+
+    def step_and_record(*args):
+        loss = real(*args)
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return loss
+
+    trainer._step = step_and_record
+    trainer.train_epoch()
+    # the slow way: ModelEmaV3(decay=0.9, use_warmup=True) updated with step=1, 2, ... after each step
+    expected = None
+    for step, state in enumerate(states, start=1):
+        decay = 0.0 if step == 1 else min(0.9, 1 - step ** (-2 / 3))
+        expected = {k: v.clone() if expected is None or not v.is_floating_point() else
+                    decay * expected[k] + (1 - decay) * v for k, v in state.items()}
+    averaged = trainer.ema.state_dict()
+    assert trainer.ema_updates == len(states) == 6 and averaged.keys() == expected.keys()
+    for name, value in expected.items():  # weights, BatchNorm means and variances, and their step counts
+        assert torch.allclose(averaged[name], value, rtol=1e-5, atol=1e-7), name
+    assert any("running_var" in name for name in expected)
+
+    # evaluated beside the raw weights each epoch; a run stopped inside epoch 2 resumes to the same average
+    straight = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "a")), data=data)
+    assert {"test_ema_top1", "test_ema_top5", "test_ema_loss"} <= set(straight.history[-1])
+    stopped = cr.TrainConfig(**common, out_dir=str(tmp_path / "b"))
+    assert cr.train(stopped, data=data, should_stop=stop_on_call(9)).interrupted  # after epoch 2's 3rd step
+    inside = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert inside["partial_epoch"]["step"] == 3 and inside["ema_updates"] == 9
+    cr.train(stopped, data=data, resume=str(tmp_path / "b"))
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("a", "b"))
+    assert a["ema_updates"] == b["ema_updates"] == 12
+    assert_same_tensors(a["ema"], b["ema"])
+    assert_same_tensors(a["model"], b["model"])
+    assert [r["test_ema_top1"] for r in metric_rows(tmp_path / "a")] == \
+        [r["test_ema_top1"] for r in metric_rows(tmp_path / "b")]
+    # eval --ema measures the average and gives the number the run wrote
+    measured = cr.evaluate_checkpoint(str(tmp_path / "a"), data=data, device="cpu", ema=True)
+    assert measured["weights"] == "ema" and measured["test"]["top1"] == straight.history[-1]["test_ema_top1"]
+    assert cr.evaluate_checkpoint(str(tmp_path / "a" / "best.pt"), data=data, device="cpu", ema=True)["epoch"] >= 1
+
+
 def test_warmup_is_linear_then_cosine_starts_at_peak():
     cfg = cr.TrainConfig(epochs=30, lr=0.4, warmup_epochs=2)
     t0 = cr.resolve_t0(28, 2.0)
@@ -1148,7 +1194,8 @@ def test_validation_comes_from_the_same_declarations():
     saved = cr.TrainConfig().saved()
     assert "quiet" not in saved and "log_every" not in saved and "epochs" in saved
     assert cr.RESUMABLE_OVERRIDES == {"device", "quiet", "data_dir", "download", "checkpoint_every", "log_every",
-                                      "out_dir", "compile", "cuda_graphs", "eval_batch_size", "tta", "tensorboard"}
+                                      "out_dir", "compile", "cuda_graphs", "eval_batch_size", "tta", "bn_recal",
+                                      "tensorboard"}
 
 
 # ----------------------------------------------------------------------------------------------------------
