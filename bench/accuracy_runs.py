@@ -11,6 +11,10 @@ Parts, each sized for one 10-minute command on an H100 (batch 512, lr 0.4 = the 
            notebook's own mixing with its bugs (bench/notebook_mixing.py), and the baseline's seed 1 (the
            run-to-run spread the others are read against)
   full400  the notebook's recipe for 400 epochs, the user's main job
+  levers   what the 400-epoch curves ask for, at 100 epochs each, every run also evaluating its --ema average
+           and re-estimated BatchNorm statistics (--bn-recal) beside its raw weights, with flip TTA: the
+           main job's recipe; a warm-up after each restart and mixing off for the last 10 epochs; one cosine
+           cycle and mixing off; weight decay 5e-4 without decay on BatchNorm and biases
   report   results.md (a table of every run with its command) and the learning curves of each part
 
 Runs live in --runs (checkpoints included: keep it on a disk with room). A run that would pass --budget
@@ -45,6 +49,9 @@ PLAIN = B512 + ["--nesterov", "--weight-decay", "5e-4", "--no-mixup", "--no-cutm
 # MixUp + CutMix with alpha 1, cosine warm restarts) at batch 512; compiled, since these runs are long
 NOTEBOOK = B512 + ["--compile", "on"]
 NOTEBOOK_MIXING = "bench/notebook_mixing.py"  # the notebook's MixUp-then-CutMix, its bugs kept
+# levers: 100 epochs; --t0 14 gives the main job's three cycles at a quarter of their length (14 + 28 + 56
+# after 2 warm-up epochs, as 57 + 114 + 227 in 400): --t0 auto would fit one cycle into 100 epochs
+LEVERS = NOTEBOOK + ["--epochs", "100", "--ema", "0.999", "--bn-recal", "20", "--tta"]
 
 RUNS = [  # (part, name, flags): the exact commands, in the order they run
     # short: no --compile, whose 30-75 s would count against the time to 75 %; the most telling runs first,
@@ -65,8 +72,14 @@ RUNS = [  # (part, name, flags): the exact commands, in the order they run
     ("compare", "notebook{E}-seed1", NOTEBOOK + ["--epochs", "{E}", "--seed", "1"]),
     # full400: the main job at batch 512
     ("full400", "notebook400", NOTEBOOK + ["--epochs", "400"]),
+    # levers: each run measures its raw weights, their EMA and their re-estimated BatchNorm statistics at every
+    # epoch (the last two change nothing in training); one cycle is --t0 98: the epochs after 2 of warm-up
+    ("levers", "levers-base", LEVERS + ["--t0", "14"]),
+    ("levers", "levers-restart-warmup-mixoff", LEVERS + ["--t0", "14", "--restart-warmup", "2", "--mix-off-epochs", "10"]),
+    ("levers", "levers-one-cycle-mixoff", LEVERS + ["--t0", "98", "--mix-off-epochs", "10"]),
+    ("levers", "levers-wd5e-4", LEVERS + ["--t0", "14", "--weight-decay", "5e-4", "--no-decay-norm-bias"]),
 ]
-PARTS = ("short", "compare", "full400")
+PARTS = ("short", "compare", "full400", "levers")
 COMPARE_EPOCHS = 100
 
 
@@ -99,7 +112,7 @@ def command(flags: list, run_dir: str, data_dir: str, smoke: bool, resume: bool)
         if "--compile" in flags:
             at = flags.index("--compile")
             del flags[at:at + 2]
-        for flag, value in (("--epochs", SMOKE_EPOCHS), ("--warmup-epochs", 1)):
+        for flag, value in (("--epochs", SMOKE_EPOCHS), ("--warmup-epochs", 1), ("--mix-off-epochs", 1)):
             if flag in flags:
                 flags[flags.index(flag) + 1] = str(value)
         flags += SMOKE
@@ -230,6 +243,8 @@ def summarize(part: str, name: str, flags: list, args) -> dict:
         best_top1=float(best["test_top1"]), best_epoch=int(best["epoch"]),
         tta_top1=float(last["test_tta_top1"]) if last.get("test_tta_top1") else final.get("tta_top1"),
         tta_top5=float(last["test_tta_top5"]) if last.get("test_tta_top5") else final.get("tta_top5"),
+        ema_top1=float(last["test_ema_top1"]) if last.get("test_ema_top1") else None,
+        bnrecal_top1=float(last["test_bnrecal_top1"]) if last.get("test_bnrecal_top1") else None,
         epoch_to_75=epoch75, seconds_to_75=seconds75, tta_epoch_to_75=tta_epoch75, tta_seconds_to_75=tta_seconds75,
         command_seconds=sum(c["seconds"] for c in commands) or None,
         start_to_75=from_command_start(rows, commands, epoch75),
@@ -248,8 +263,8 @@ def report(args) -> None:
     lines = [f"Runs of `bench/accuracy_runs.py` ({kind}), "
              f"report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| part | run | epochs | device | wall s | command s | top-1 % | top-5 % | best top-1 % (epoch) | "
-             "TTA top-1 % | s to 75 % (epoch) | s to 75 % with TTA |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "TTA top-1 % | EMA top-1 % | BN-recal top-1 % | s to 75 % (epoch) | s to 75 % with TTA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if not r["epochs_done"]:
             lines.append(f"| {r['part']} | {r['name']} | 0/{r['epochs_planned']} | not run |")
@@ -264,7 +279,8 @@ def report(args) -> None:
         command_s = f"{r['command_seconds']:.0f}" if r["command_seconds"] else ""
         lines.append(f"| {r['part']} | {r['name']} | {r['epochs_done']}/{r['epochs_planned']} | {r['device']} | "
                      f"{r['wall_seconds']:.0f} | {command_s} | {pct(r['top1'])} | {pct(r['top5'])} | "
-                     f"{pct(r['best_top1'])} ({r['best_epoch']}) | {pct(r['tta_top1'])} | "
+                     f"{pct(r['best_top1'])} ({r['best_epoch']}) | {pct(r['tta_top1'])} | {pct(r.get('ema_top1'))} | "
+                     f"{pct(r.get('bnrecal_top1'))} | "
                      f"{to75(r['seconds_to_75'], r['epoch_to_75'], r['start_to_75'])} | {tta75} |")
     lines += ["", "wall s: the run's elapsed_seconds (training and per-epoch evaluation from its first step, "
               "first-epoch compilation and CUDA-graph capture included; startup and data loading before it not "
@@ -274,7 +290,9 @@ def report(args) -> None:
               "last checkpoint's write and exit: an upper bound), for a run one command trained whole. "
               "top-1/top-5: the last epoch; best: chosen on the test set, so optimistic. TTA top-1: with "
               "flip test-time augmentation, from the run's --tta columns or, for a run without them, from "
-              "`cifar100_resnet.py eval --tta` of its final weights.", "",
+              "`cifar100_resnet.py eval --tta` of its final weights. EMA and BN-recal top-1: the last epoch's "
+              "--ema average and its raw weights with BatchNorm statistics re-estimated on clean images "
+              "(--bn-recal), for the runs that measured them.", "",
               "Commands (each also takes --data-dir DIR --no-download --out-dir DIR):", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in results]
     os.makedirs(args.results, exist_ok=True)

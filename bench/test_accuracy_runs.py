@@ -104,3 +104,24 @@ def test_accuracy_script_time_to_target_is_the_first_epoch_reaching_it():
                                                               "epochs_after": 4}]
     for commands in (resumed, [{**whole[0], "exit": 1}], []):  # several commands, a failed one, or none known
         assert ar.from_command_start(rows, commands, 2) is None
+
+
+def test_the_levers_part_runs_the_four_recipes_of_issue_26_each_measuring_ema_and_bn_recal(tiny_data_dir):
+    ar = accuracy_runs()
+    levers = [(name, flags) for part, name, flags in ar.planned_runs() if part == "levers"]
+    assert [name for name, _ in levers] == ["levers-base", "levers-restart-warmup-mixoff", "levers-one-cycle-mixoff",
+                                            "levers-wd5e-4"]
+    for name, flags in levers:  # each a valid run, at its size and at the smoke test's
+        for smoke in (False, True):
+            cmd = ar.command(flags, "/tmp/unused", str(tiny_data_dir), smoke=smoke, resume=False)
+            config = cr.config_from_args(cr.build_parser().parse_args(cmd[2:]))
+            config.validate()
+            assert config.ema == 0.999 and config.bn_recal == 20 and config.tta, name
+            assert (config.epochs, config.batch_size, config.lr) == ((3, 32, 0.4) if smoke else (100, 512, 0.4))
+            if not smoke:  # three cycles (14 + 28 + 56) or one, each run ends annealed: no mid-cycle warning
+                assert cr.schedule_end_warning(config, cr.resolve_t0(98, config.t_mult, config.t0)) is None, name
+    base = dict(levers)["levers-base"]
+    main_like = cr.config_from_args(cr.build_parser().parse_args(base))  # 14 epochs after warm-up: a restart
+    assert base[-2:] == ["--t0", "14"] and cr.learning_rate(2 + 14, main_like) == pytest.approx(0.4)
+    assert dict(levers)["levers-restart-warmup-mixoff"] == base + ["--restart-warmup", "2", "--mix-off-epochs", "10"]
+    assert dict(levers)["levers-wd5e-4"] == base + ["--weight-decay", "5e-4", "--no-decay-norm-bias"]
