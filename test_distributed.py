@@ -208,7 +208,7 @@ def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_o
     two.send_signal(signal.SIGTERM)
     stdout, stderr = two.communicate(timeout=60)
     assert two.returncode != 0 and stdout.count("SIGTERM: writing last.pt") == 1, (stdout, stderr)
-    assert "processes = 32" in stdout and stdout.count("epoch 2/6 ") == 1, stdout  # process 0 speaks for both
+    assert "processes = 32" in stdout and stdout.count("epoch 2/6 lr ") == 1, stdout  # process 0 speaks for both
     stopped = torch.load(run / "last.pt", weights_only=True)
     assert stopped["processes"] == 2 and 2 <= stopped["epoch"] < 6, (stopped["epoch"], stdout, stderr)
 
