@@ -540,8 +540,8 @@ def test_sweep_workers_end_with_their_parent_and_a_lost_worker_is_one_line(tmp_p
     again = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
     assert again.stderr.readline().startswith("fault point: renamed metrics.csv")
     os.kill(workers_of(again.pid)[0], signal.SIGKILL)
-    _, err = again.communicate(timeout=120)
-    assert again.returncode == 1 and err.splitlines() == [
+    _, err = again.communicate(timeout=120)  # (the other worker may announce its own pause first)
+    assert again.returncode == 1 and [line for line in err.splitlines() if not line.startswith("fault point")] == [
         "error: a worker process of the sweep ended before its run did (killed, or out of memory); each run folder "
         "keeps its last checkpoint, and the same command continues the sweep"], err
 
