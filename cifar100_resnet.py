@@ -1564,8 +1564,7 @@ class Trainer:
         min(ema, 1 - k ** -2/3), 0 at the first (a copy); every floating tensor of the state (weights and
         BatchNorm statistics) moves towards the model's by 1 - decay, the step counts are copied."""
         self.ema_updates += 1
-        k = self.ema_updates - 1
-        decay = min(self.config.ema, 1 - (1 + k) ** (-2 / 3)) if k > 0 else 0.0
+        decay = min(self.config.ema, 1 - self.ema_updates ** (-2 / 3))  # 0 at the first
         with torch.no_grad():
             torch._foreach_lerp_([e for e, _ in self._ema_floats], [m for _, m in self._ema_floats], 1.0 - decay)
             for ema, model in self._ema_counts:
@@ -1700,22 +1699,23 @@ class Trainer:
             bad = next(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
             raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
-    def evaluate(self, split: str = "test", model: Optional[nn.Module] = None) -> dict:
-        """The metrics of every image of the split, by the run's model or the one given. With several processes
-        each evaluates its share with the BatchNorm statistics of process 0 (those its checkpoints hold) and
-        the counts are summed: each image counted once."""
+    def evaluate(self, split: str = "test", model: Optional[nn.Module] = None, tta: Optional[bool] = None) -> dict:
+        """The metrics of every image of the split, by the run's model or the one given (with flip TTA as the
+        run's --tta unless tta says). With several processes each evaluates its share with the BatchNorm
+        statistics of process 0 (those its checkpoints hold) and the counts are summed: each image counted once."""
         images, labels, model = *self.splits[split], model or self.model
+        tta = self.config.tta if tta is None else tta
         if self.world == 1:
             return evaluate(model, images, labels, self.normalize, self.config.eval_batch_size, self.amp_dtype,
-                            tta=self.config.tta)
+                            tta=tta)
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
         first, last = self._share(len(images))
-        keys = ("loss", "top1", "top5") + (("tta_loss", "tta_top1", "tta_top5") if self.config.tta else ())
+        keys = ("loss", "top1", "top5") + (("tta_loss", "tta_top1", "tta_top5") if tta else ())
         sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         if last > first:
             local = evaluate(model, images[first:last], labels[first:last], self.normalize,
-                             self.config.eval_batch_size, self.amp_dtype, tta=self.config.tta)
+                             self.config.eval_batch_size, self.amp_dtype, tta=tta)
             counts = [round(local[k] * local["n"]) if "top" in k else local[k] * local["n"] for k in keys]
             sums += torch.tensor(counts, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(sums)
@@ -2445,19 +2445,15 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                     + (f"; last.pt written, continue with --resume --out-dir {folder.path}" if folder else ""))
                 return TrainResult(trainer.model, trainer.history[first:], config.out_dir, interrupted=True)
             row, evaluation_started = {"epoch": trainer.epoch, **stats}, time.perf_counter()
-            for split in ("test", "val") if config.val_split else ("test",):
-                metrics = trainer.evaluate(split)
-                row.update({f"{split}_{k}": metrics[k] for k in ("loss", "top1", "top5")})
-                if config.tta:
-                    row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
-            for split in ("test", "val") if config.ema and config.val_split else ("test",) if config.ema else ():
-                metrics = trainer.evaluate(split, trainer.ema)
-                row.update({f"{split}_ema_{k}": metrics[k] for k in ("loss", "top1", "top5")})
+            models = {"": trainer.model, "ema_": trainer.ema} if config.ema else {"": trainer.model}
             if config.bn_recal:
-                recalibrated = trainer.recalibrated()
+                models["bnrecal_"] = trainer.recalibrated()
+            for prefix, model in models.items():  # flip TTA for the raw weights only
                 for split in ("test", "val") if config.val_split else ("test",):
-                    metrics = trainer.evaluate(split, recalibrated)
-                    row.update({f"{split}_bnrecal_{k}": metrics[k] for k in ("loss", "top1", "top5")})
+                    metrics = trainer.evaluate(split, model, tta=config.tta and not prefix)
+                    row.update({f"{split}_{prefix}{k}": metrics[k] for k in ("loss", "top1", "top5")})
+                    if config.tta and not prefix:
+                        row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
             trainer.check_weights_finite(f"in epoch {trainer.epoch}")
             if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
                 raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
