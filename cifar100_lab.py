@@ -1201,7 +1201,7 @@ def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
     "restarts": [epochs], "into_cycle": epochs into the last cycle, "cycle": its length}."""
     plt = _pyplot()
     config.validate()
-    t0 = cr.resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0)
+    t0 = config.first_cycle
     points, rates = schedule_per_step(config, t0, _cifar_steps_per_epoch(config), config.epochs)
     restarts, start, length = [], config.warmup_epochs + t0, t0
     while start < config.planned_epochs - 1e-9:

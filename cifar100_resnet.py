@@ -42,7 +42,7 @@ __all__ = [  # what a vendoring user may rely on
     "resolve_amp", "resolve_compile", "resolve_cuda_graphs", "Environment", "resolve", "process_group",
     "join_torchrun",
     # training and evaluation
-    "predict", "classification_metrics", "evaluate", "EpochState", "CapturedStep", "Trainer",
+    "autocast", "predict", "classification_metrics", "evaluate", "EpochState", "CapturedStep", "Trainer",
     "GRAPH_WARMUP_STEPS", "PROGRESS_FIRST_SECONDS", "PROGRESS_EVERY_SECONDS",
     "check_architecture", "train", "TrainResult", "ResumePoint", "find_resume", "LoadedRun", "load_run",
     "evaluate_checkpoint",
@@ -55,6 +55,7 @@ __all__ = [  # what a vendoring user may rely on
 ]
 
 import argparse
+import concurrent.futures
 import copy
 import csv
 import dataclasses
@@ -118,6 +119,11 @@ class RunWarning(UserWarning):
 
 def warn(message: str) -> None:
     warnings.warn(message, RunWarning, stacklevel=2)
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to `limit` characters: for one-line reports."""
+    return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
 def format_duration(seconds: float) -> str:
@@ -330,7 +336,7 @@ class TrainConfig:
             raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
         if self.mix_off_epochs > self.epochs:
             raise UserError(f"--mix-off-epochs {self.mix_off_epochs} is longer than the run ({self.epochs} epochs)")
-        second = resolve_t0(self.planned_epochs - self.warmup_epochs, self.t_mult, self.t0) * self.t_mult
+        second = self.first_cycle * self.t_mult
         if self.restart_warmup and self.restart_warmup >= second:
             raise UserError(f"--restart-warmup {self.restart_warmup:g} must be shorter than the cycles after a "
                             f"restart (the first of them: {second:g} epochs)")
@@ -342,6 +348,12 @@ class TrainConfig:
     def planned_epochs(self) -> int:
         """The run's --epochs before any extension: what its restarts schedule was fitted to."""
         return self.extended_from[0] if self.extended_from else self.epochs
+
+    @property
+    def first_cycle(self) -> float:
+        """The first cosine cycle in epochs: --t0, or (auto) whole cycles fitted into the planned epochs after the
+        warm-up (resolve_t0)."""
+        return resolve_t0(self.planned_epochs - self.warmup_epochs, self.t_mult, self.t0)
 
     def _check_types(self) -> None:
         """Each value has its field's type (a saved config.json or checkpoint may hold anything)."""
@@ -492,9 +504,8 @@ def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True
                 download_and_extract_archive(info.url, download_root=data_dir, md5=info.archive_md5)
                 reason = ""
             except Exception as e:  # no network, a proxy page, a bad md5, a full disk: all end the same way
-                first_line = (str(e).strip().splitlines() or [""])[0][:160]
                 reason = ("downloading needs torchvision (pip install torchvision)" if isinstance(e, ImportError)
-                          else f"download failed ({type(e).__name__}: {first_line})")
+                          else f"download failed ({type(e).__name__}: {_first_line(e)})")
                 if created:  # leave no empty or half-filled folder behind
                     shutil.rmtree(data_dir, ignore_errors=True)
         missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
@@ -1153,13 +1164,12 @@ def cycle_position(t: float, t0: float, t_mult: float) -> tuple[float, float]:
 def learning_rate(epoch: float, config: TrainConfig, t0: Optional[float] = None) -> float:
     """The learning rate of a run at a fractional epoch: linear warm-up, then cosine annealing with warm
     restarts, from 0 to config.epochs (the end: the annealed rate the last weights were trained to). t0: the
-    first cycle, by default the run's own (resolve_t0 over the epochs after the warm-up, before extensions).
+    first cycle, by default the run's own (config.first_cycle).
 
     At whole epochs (after warm-up) this equals torch's CosineAnnealingWarmRestarts(T_0=t0, T_mult, eta_min)
     stepped once per epoch; here it is set every step so the rate falls smoothly within an epoch.
     """
-    if t0 is None:
-        t0 = resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0)
+    t0 = config.first_cycle if t0 is None else t0
     if epoch < config.warmup_epochs:
         return config.lr * epoch / config.warmup_epochs
     if config.extended_from and epoch >= config.extended_from[0]:  # the epochs added by `--resume --epochs N`
@@ -1294,7 +1304,7 @@ def resolve(config: TrainConfig) -> Environment:
                  "runs outside the captured step")
         graphs = False
     return Environment(device, amp_dtype, resolve_compile(config.compile, device, config.epochs), graphs,
-                       resolve_t0(config.planned_epochs - config.warmup_epochs, config.t_mult, config.t0), rank, world)
+                       config.first_cycle, rank, world)
 
 
 def process_group() -> tuple[int, int]:
@@ -1325,6 +1335,11 @@ def join_torchrun(device: str) -> bool:
 # Training and evaluation
 
 
+def autocast(device: torch.device, dtype: Optional[torch.dtype], **kwargs):
+    """torch.autocast to `dtype` on the device's type, or no autocast for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype, **kwargs) if dtype else nullcontext()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = 1000,
             amp_dtype: Optional[torch.dtype] = None, tta: bool = False) -> dict:
@@ -1332,11 +1347,10 @@ def predict(model: nn.Module, images: torch.Tensor, normalize: Normalizer, batch
     of its mirror image} (flip test-time augmentation)."""
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     plain, mirrored = [], []
     for start, end in epoch_batches(len(images), batch_size):
         x = normalize(images[start:end])
-        with autocast:
+        with autocast(images.device, amp_dtype):
             plain.append(model(x).float())
             if tta:
                 mirrored.append(model(x.flip(3)).float())
@@ -1408,6 +1422,13 @@ class CapturedStep:
         return self.loss
 
 
+def _compile_failed(error: Exception) -> bool:
+    """Whether torch.compile itself failed (running out of memory, say, is not a compile failure)."""
+    from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile already
+
+    return isinstance(error, TorchDynamoException) and not isinstance(error, torch.cuda.OutOfMemoryError)
+
+
 class Trainer:
     """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time.
 
@@ -1461,17 +1482,15 @@ class Trainer:
             pairs = list(zip(self.ema.state_dict().values(), self.model.state_dict().values()))  # the tensors
             self._ema_floats = [pair for pair in pairs if pair[0].is_floating_point()]  # themselves (views)
             self._ema_counts = [pair for pair in pairs if not pair[0].is_floating_point()]
-        # How a step runs (see _step). dynamic=False: the last, smaller batch gets a compiled graph of its own
-        # instead of turning every batch size into a symbol (slower kernels).
+        # How a step runs (see _step). dynamic=False: the smaller last batch gets a compiled graph of its own
+        # instead of turning every batch size into a symbol (slower kernels). With CUDA graphs the rate lives
+        # on the device, where the recorded SGD kernels read it at each replay.
         self.use_compile, self.use_graphs = self.env.compile, self.env.cuda_graphs
         if self.use_compile and self.device.type == "cpu":
             warn("--compile on the CPU is not what it is for and not trusted: with torch 2.14 on an AMD EPYC it "
                  "computed a wrong weight gradient for the strided 1x1 shortcut convolutions (eager is right)")
         self.forward_loss = torch.compile(self._forward_loss, dynamic=False) if self.use_compile else self._forward_loss
-        self.compile_trial = self.use_compile and config.compile == "auto"
-        self.graph: Optional[CapturedStep] = None
-        self.eager_steps = 0
-        # with graphs the rate lives on the device, where the recorded SGD kernels read it at each replay
+        self.graph, self.eager_steps = None, 0  # the captured step, and the steps run before it
         self.lr_tensor = torch.tensor(config.lr, device=self.device) if self.use_graphs else None
 
         self.epoch = 0  # epochs completed
@@ -1488,9 +1507,7 @@ class Trainer:
 
     def _forward_loss(self, x, labels_a, labels_b, lam):
         # no autocast weight cache: each weight is cast once per step anyway, and a cache breaks graph replay
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype
-                    else nullcontext())
-        with autocast:
+        with autocast(self.device, self.amp_dtype, cache_enabled=False):
             logits = (self.ddp if self.ddp is not None else self.model)(x)
         return mixed_cross_entropy(logits, labels_a, labels_b, lam, self.config.label_smoothing)
 
@@ -1508,14 +1525,13 @@ class Trainer:
         """One training step, run one of three ways: eagerly; with forward and loss compiled (--compile); or,
         with CUDA graphs, a full batch replays the step recorded after GRAPH_WARMUP_STEPS eager ones, which
         run on a side stream as capture needs (a smaller last batch always runs eagerly). Under --compile auto
-        the first step is a trial: if compiling fails, the run goes on without it."""
+        a failure to compile is a warning, and the run goes on without it."""
         batch, full = (x, labels_a, labels_b, lam), len(x) == self.config.batch_size
         if self.use_graphs and full and self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
             self.graph = CapturedStep(self._update, batch)
         if self.graph is not None and full:
             return self.graph(*batch)
         self.eager_steps += 1
-        trial, self.compile_trial = self.compile_trial, False
         side = torch.cuda.Stream(self.device) if self.use_graphs and self.graph is None else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -1523,13 +1539,9 @@ class Trainer:
             try:
                 loss = self._update(*batch, weight)
             except Exception as e:  # compiling fails before the optimiser step: nothing has changed yet
-                from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile already
-
-                if not trial or not isinstance(e, TorchDynamoException) or isinstance(
-                        e, torch.cuda.OutOfMemoryError):  # running out of memory, say, is not a compile failure
+                if not (self.use_compile and self.config.compile == "auto" and _compile_failed(e)):
                     raise
-                first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training on without it "
+                warn(f"torch.compile failed ({type(e).__name__}: {_first_line(e, 200)}); training on without it "
                      f"(--compile off skips the attempt, --compile on stops instead)")
                 self.forward_loss, self.use_compile = self._forward_loss, False
                 loss = self._update(*batch, weight)
@@ -1651,33 +1663,27 @@ class Trainer:
         self._cpu_cost_note(state.seen * self.world, seconds)
 
     def _cpu_cost_note(self, seen: int, seconds: float, epoch_done: bool = False) -> None:
-        """On a CPU, a note when the run would take over an hour. Estimated from the steps between the first two
-        step lines (the first steps hold the warm-up), and corrected by the first epoch done if it was off."""
-        cfg = self.config
-        if self.device.type != "cpu" or self.cost_note == "final":
+        """On a CPU, a note when the run would take over an hour. Estimated from the steps after the first step
+        line (the steps before it hold the warm-up), and corrected by the first epoch done if it was off."""
+        note, cfg = self.cost_note, self.config
+        if self.device.type != "cpu" or note == "final" or isinstance(note, float) and not epoch_done:
             return
-        if not epoch_done and self.cost_note is None:  # the first step line: measure from here
+        if note is None and not epoch_done:  # the first step line: measure from here
             self.cost_note = (seen, seconds)
             return
-        if epoch_done:
-            epoch_seconds = seconds
-        elif isinstance(self.cost_note, tuple):
-            epoch_seconds = self.n_train * (seconds - self.cost_note[1]) / max(seen - self.cost_note[0], 1)
-        else:
-            return  # estimated already: the epoch's end corrects it
-        run = f"{cfg.epochs} epochs: about {format_duration(epoch_seconds * cfg.epochs)}"
-        if isinstance(self.cost_note, float):
-            if abs(epoch_seconds - self.cost_note) > 0.25 * self.cost_note:
-                self.log(f"note: epoch {self.epoch} took {format_duration(epoch_seconds)} (estimated: "
-                         f"{format_duration(self.cost_note)}), so {run}")
-        elif epoch_seconds * cfg.epochs > 3600:
+        estimate = seconds if epoch_done else self.n_train * (seconds - note[1]) / max(seen - note[0], 1)
+        run = f"{cfg.epochs} epochs: about {format_duration(estimate * cfg.epochs)}"
+        if isinstance(note, float):  # the epoch's end corrects the estimate said
+            if abs(estimate - note) > 0.25 * note:
+                self.log(f"note: epoch {self.epoch} took {format_duration(estimate)} (estimated: "
+                         f"{format_duration(note)}), so {run}")
+        elif estimate * cfg.epochs > 3600:
             smaller = [flag for flag, bigger in [("--arch resnet18", cfg.arch != "resnet18"), ("--width 16",
                        cfg.width > 16), ("--limit-train 5000", self.n_train > 5000)] if bigger]
             self.log(f"note: on this CPU one epoch of {self.n_train:,} images takes about "
-                     f"{format_duration(epoch_seconds)} ({run}); this recipe is meant for a GPU."
+                     f"{format_duration(estimate)} ({run}); this recipe is meant for a GPU."
                      + (f" For a first try: {' '.join(smaller)}" if smaller else ""))
-            self.cost_note = "final" if epoch_done else epoch_seconds
-            return
+            self.cost_note = estimate
         if epoch_done:
             self.cost_note = "final"
 
@@ -1738,8 +1744,7 @@ class Trainer:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.reset_running_stats()
                 module.momentum = None
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
             model.train()
             for images in self.recalibration_batches():
                 model(self.normalize(images))
@@ -1967,8 +1972,7 @@ def load_checkpoint(path: str, full: bool = True) -> dict:
                             f"which a checkpoint of this module never does (loading them could run code)") from None
         raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save)") from None
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
         raise UserError(f"{path} is not a cifar100_resnet checkpoint")
     needed = {"config": dict, "epoch": int, "best": dict, "model": dict}
@@ -2150,15 +2154,15 @@ class CheckpointWriter:
     """
 
     def __init__(self):
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending: Optional[concurrent.futures.Future] = None  # the write in flight, or the last one
         self._pinned: dict = {}  # key path in the state dict -> its page-locked CPU buffer
         self._copies_done: Optional[torch.cuda.Event] = None
         self._cuda_device: Optional[torch.device] = None
 
     @property
     def failed(self) -> bool:
-        return self._error is not None
+        return self._pending is not None and self._pending.done() and self._pending.exception() is not None
 
     def snapshot(self, state):
         """A CPU copy of a (nested) state dict that training cannot change. It shares buffers with the next
@@ -2200,24 +2204,23 @@ class CheckpointWriter:
         """Run write() on the writer thread, after the copies of the last snapshot have landed."""
         self.wait()
         copies_done, self._copies_done = self._copies_done, None
-        self._thread = threading.Thread(target=self._write, args=(write, copies_done), name="checkpoint-writer")
-        self._thread.start()
 
-    def _write(self, write: Callable[[], None], copies_done: Optional[torch.cuda.Event]) -> None:
-        try:
+        def run():
             if copies_done is not None:
                 copies_done.synchronize()
             write()
-        except BaseException as e:  # handed to the training thread by wait()
-            self._error = e
+
+        self._pending = self._pool.submit(run)
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        """Wait for the write in flight; raise its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the write in flight, whatever its outcome, and end the thread."""
+        self._pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2354,8 +2357,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
         again = f"resume with --resume --out-dir {folder.path}" if folder.holds_run() else "run the same command again"
         raise WriteFailed(f"{e}; {folder.on_disk()}: free some space, then {again}") from None
     finally:
-        if writer._thread is not None:
-            writer._thread.join()
+        writer.close()
         if folder:
             folder.close()
 
@@ -2473,14 +2475,12 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 on_epoch(row)
             per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
             eta = (config.epochs - trainer.epoch) * per_epoch
+            also = "".join(f" {name} {row[column]:.2%}" for name, column in (
+                ("tta_top1", "test_tta_top1"), ("ema_top1", "test_ema_top1"), ("bnrecal_top1", "test_bnrecal_top1"),
+                ("val_top1", "val_top1")) if column in row)
             log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
-                f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}"
-                + (f" tta_top1 {row['test_tta_top1']:.2%}" if config.tta else "")
-                + (f" ema_top1 {row['test_ema_top1']:.2%}" if config.ema else "")
-                + (f" bnrecal_top1 {row['test_bnrecal_top1']:.2%}" if config.bn_recal else "")
-                + (f" val_top1 {row['val_top1']:.2%}" if config.val_split else "")
-                + f" {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA "
-                f"{format_duration(eta)}")
+                f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{also} "
+                f"{row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA {format_duration(eta)}")
             if trainer.epoch < config.epochs and trainer.agree_to_stop(should_stop(), wait=True):
                 log(f"stopped after epoch {trainer.epoch}" + (f"; continue with --resume --out-dir {folder.path}"
                                                               if folder else ""))
@@ -2804,11 +2804,10 @@ def main(argv: Optional[list] = None) -> int:
                                                              f"half-written", 130)
             return _fail(message, code)
         except RuntimeError as e:  # with several processes: another one failed (it, or torchrun, says why)
-            first_line = (str(e).strip().splitlines() or [""])[0]
             if not _under_torchrun() or not any(
-                    word in first_line for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
+                    word in _first_line(e, 10000) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
                 raise
-            return _fail(f"another process of this run stopped, and this one lost it ({first_line[:160]})", 1)
+            return _fail(f"another process of this run stopped, and this one lost it ({_first_line(e)})", 1)
 
 
 def _speaker() -> Optional[str]:

@@ -1323,7 +1323,7 @@ def test_checkpoint_writer_writes_in_background_and_reports_failures(tmp_path, m
     assert torch.load(tmp_path / "two.pt", weights_only=True) == {"b": 1}
     monkeypatch.setattr(cr.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full")))
     writer.submit(lambda: cr.atomic_save({"a": 1}, str(tmp_path / "three.pt")))
-    writer._thread.join()
+    cr.concurrent.futures.wait([writer._pending])
     assert writer.failed  # seen by the training loop after its next step
     with pytest.raises(cr.WriteFailed, match="could not write .*three.pt: disk full"):
         writer.wait()
