@@ -25,7 +25,7 @@ import torch
 import cifar100_resnet as cr
 from conftest import DETERMINISTIC_COLUMNS, MODULE, metric_rows, write_official_layout
 
-RUN_FLAGS = ["--arch", "resnet18", "--width", "8", "--limit-train", "500", "--limit-test", "200", "--batch-size",
+RUN_FLAGS = ["--arch", "resnet18", "--width", "4", "--limit-train", "500", "--limit-test", "200", "--batch-size",
              "50", "--epochs", "4", "--checkpoint-every", "1", "--device", "cpu", "--no-download", "--log-every", "1"]
 STEPS = 10  # per epoch
 
