@@ -121,8 +121,8 @@ def warn(message: str) -> None:
     warnings.warn(message, RunWarning, stacklevel=2)
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message, cut to `limit` characters: for one-line reports."""
+def _first_line(error: BaseException, limit: Optional[int] = 160) -> str:
+    """The first line of an exception's message, cut to `limit` characters (None: whole): for one-line reports."""
     return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
@@ -1480,7 +1480,8 @@ class Trainer:
         if config.ema:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
             pairs = list(zip(self.ema.state_dict().values(), self.model.state_dict().values()))  # the tensors
-            self._ema_floats = [pair for pair in pairs if pair[0].is_floating_point()]  # themselves (views)
+            floats = [pair for pair in pairs if pair[0].is_floating_point()]  # themselves (views)
+            self._ema_floats = ([e for e, _ in floats], [m for _, m in floats])  # (averages, weights): lerped
             self._ema_counts = [pair for pair in pairs if not pair[0].is_floating_point()]
         # How a step runs (see _step). dynamic=False: the smaller last batch gets a compiled graph of its own
         # instead of turning every batch size into a symbol (slower kernels). With CUDA graphs the rate lives
@@ -1578,7 +1579,7 @@ class Trainer:
         self.ema_updates += 1
         decay = min(self.config.ema, 1 - self.ema_updates ** (-2 / 3))  # 0 at the first
         with torch.no_grad():
-            torch._foreach_lerp_([e for e, _ in self._ema_floats], [m for _, m in self._ema_floats], 1.0 - decay)
+            torch._foreach_lerp_(*self._ema_floats, 1.0 - decay)
             for ema, model in self._ema_counts:
                 ema.copy_(model)
 
@@ -1666,7 +1667,7 @@ class Trainer:
         """On a CPU, a note when the run would take over an hour. Estimated from the steps after the first step
         line (the steps before it hold the warm-up), and corrected by the first epoch done if it was off."""
         note, cfg = self.cost_note, self.config
-        if self.device.type != "cpu" or note == "final" or isinstance(note, float) and not epoch_done:
+        if self.device.type != "cpu" or note == "final" or (isinstance(note, float) and not epoch_done):
             return
         if note is None and not epoch_done:  # the first step line: measure from here
             self.cost_note = (seen, seconds)
@@ -2450,11 +2451,12 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             models = {"": trainer.model, "ema_": trainer.ema} if config.ema else {"": trainer.model}
             if config.bn_recal:
                 models["bnrecal_"] = trainer.recalibrated()
-            for prefix, model in models.items():  # flip TTA for the raw weights only
+            for prefix, model in models.items():
+                tta = config.tta and not prefix  # flip TTA for the raw weights only
                 for split in ("test", "val") if config.val_split else ("test",):
-                    metrics = trainer.evaluate(split, model, tta=config.tta and not prefix)
+                    metrics = trainer.evaluate(split, model, tta=tta)
                     row.update({f"{split}_{prefix}{k}": metrics[k] for k in ("loss", "top1", "top5")})
-                    if config.tta and not prefix:
+                    if tta:
                         row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
             trainer.check_weights_finite(f"in epoch {trainer.epoch}")
             if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
@@ -2805,7 +2807,7 @@ def main(argv: Optional[list] = None) -> int:
             return _fail(message, code)
         except RuntimeError as e:  # with several processes: another one failed (it, or torchrun, says why)
             if not _under_torchrun() or not any(
-                    word in _first_line(e, 10000) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
+                    word in _first_line(e, None) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
                 raise
             return _fail(f"another process of this run stopped, and this one lost it ({_first_line(e)})", 1)
 
