@@ -24,7 +24,7 @@ __all__ = [  # what a vendoring user may rely on
     # dataset, reader and errors
     "DatasetInfo", "DATASETS", "IMAGE_SIZE", "CROP_PADDING", "CifarData", "read_cifar", "load_dataset",
     "Normalizer", "split_data", "epoch_batches", "UserError", "DataError", "TrainingDiverged", "WriteFailed",
-    "RunWarning", "warn", "FAULT_PAUSE_ENV", "TEMP_SUFFIX",
+    "RunWarning", "warn", "TEMP_SUFFIX",
     # settings
     "TrainConfig", "RESUMABLE_OVERRIDES", "PRESETS", "ARCHITECTURES", "COMPILE_AUTO_EPOCHS",
     # augmentation, mixing and loss
@@ -1884,20 +1884,7 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_t
                   "val_bnrecal_top5"]
 _RUN_FILES = ("config.json", "last.pt")  # a folder holding either holds a run
 TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
-FAULT_PAUSE_ENV = "CIFAR100_RESNET_FAULT_PAUSE"  # for the fault tests: see _fault_point
-_faults_paused: set = set()
 _WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model", "ema")  # what best.pt keeps
-
-
-def _fault_point(label: str) -> None:
-    """For the fault tests: with $CIFAR100_RESNET_FAULT_PAUSE set to a label's start ("written best.pt"), the
-    first step of a write whose label starts so is announced on stderr and paused for 3 s, so that the test
-    can kill the process exactly there. Labels: opened|written|renamed <file name>. Nothing otherwise."""
-    target = os.environ.get(FAULT_PAUSE_ENV)
-    if target and label.startswith(target) and target not in _faults_paused:
-        _faults_paused.add(target)
-        print(f"fault point: {label}", file=sys.stderr, flush=True)
-        time.sleep(3.0)
 
 
 def _serialize(obj, f) -> None:
@@ -1915,11 +1902,9 @@ def atomic_save(obj, path: str) -> None:
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:  # honours the umask, unlike mkstemp's 0600
-            _fault_point(f"opened {name}")
             _serialize(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        _fault_point(f"written {name}")
         os.replace(tmp, path)
         with suppress(OSError):  # make the rename durable (POSIX; Windows cannot open a folder)
             fd = os.open(folder, os.O_RDONLY)
@@ -1935,7 +1920,6 @@ def atomic_save(obj, path: str) -> None:
         if isinstance(cause, OSError):
             raise WriteFailed(f"could not write {path}: {cause.strerror or cause}") from None
         raise
-    _fault_point(f"renamed {name}")
 
 
 def tensor_checksum(state) -> str:

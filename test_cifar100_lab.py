@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import cifar100_lab as lab
 import cifar100_resnet as cr
-from conftest import (HERE, LAB, MODULE, SHARED, metric_rows, official_layout, read_csv, run_cli,
+from conftest import (FAULT_PAUSE_ENV, HERE, LAB, MODULE, SHARED, metric_rows, official_layout, read_csv, run_cli,
                       start_cli, stop_on_call, synthetic_data, tiny_args, write_official_layout)
 
 
@@ -186,7 +186,7 @@ def test_an_lr_find_killed_between_its_two_files_is_finished_by_the_same_command
     out = tmp_path / "lrf"
     args = ["lr-find", "--data-dir", str(data_dir), "--arch", "resnet18", "--width", "4", "--batch-size", "32",
             "--device", "cpu", "--no-download", "--out-dir", str(out), "--steps", "8"]
-    process = start_cli(*args, env={cr.FAULT_PAUSE_ENV: "written lr_find.png"})
+    process = start_cli(*args, env={FAULT_PAUSE_ENV: "written lr_find.png"})
     killed_at(process, "written lr_find.png")
     assert (out / "lr_find.csv").exists() and not (out / "lr_find.png").exists()
     assert cr.main(args) == 0 and (out / "lr_find.png").exists()  # finished, not refused
@@ -355,7 +355,7 @@ def test_a_killed_sweep_continues_where_it_stopped_and_a_larger_grid_trains_only
     kept = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
 
     # a larger grid, killed (SIGKILL) inside the first of its new runs, after that run's first epoch
-    second = sweep_cli(data_dir, out, "lr=0.05,0.2", env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    second = sweep_cli(data_dir, out, "lr=0.05,0.2", env={FAULT_PAUSE_ENV: "renamed metrics.csv"})
     assert second.stderr.readline().startswith("fault point: renamed metrics.csv")
     second.send_signal(signal.SIGKILL)
     second.wait(timeout=30)
@@ -465,9 +465,9 @@ def test_a_killed_study_continues_its_trial_from_last_pt_and_leaves_no_temporary
     write_official_layout(data_dir, n_train=128, n_test=32)
     out = tmp_path / "study"
     # killed after trial 0's first epoch (it stays "running" in the study), then killed while writing sweep.json
-    killed_at(study_cli(data_dir, out, 2, {cr.FAULT_PAUSE_ENV: "renamed metrics.csv"}), "renamed metrics.csv")
+    killed_at(study_cli(data_dir, out, 2, {FAULT_PAUSE_ENV: "renamed metrics.csv"}), "renamed metrics.csv")
     epoch_1 = read_csv(out / "runs" / "trial-0000" / "metrics.csv")
-    killed_at(study_cli(data_dir, out, 2, {cr.FAULT_PAUSE_ENV: "written sweep.json"}), "written sweep.json")
+    killed_at(study_cli(data_dir, out, 2, {FAULT_PAUSE_ENV: "written sweep.json"}), "written sweep.json")
     assert list(out.glob(f".sweep.json.*{cr.TEMP_SUFFIX}"))
     rerun = study_cli(data_dir, out, 2)
     _, err = rerun.communicate(timeout=300)
@@ -526,7 +526,7 @@ def test_sweep_workers_end_with_their_parent_and_a_lost_worker_is_one_line(tmp_p
     write_official_layout(data_dir, n_train=128, n_test=32)
     out = tmp_path / "sweep"
     devices = ["--devices", "cpu,cpu"]
-    parent = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    parent = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={FAULT_PAUSE_ENV: "renamed metrics.csv"})
     assert parent.stderr.readline().startswith("fault point: renamed metrics.csv")  # a worker, after an epoch
     workers = workers_of(parent.pid)
     assert len(workers) == 2
@@ -537,7 +537,7 @@ def test_sweep_workers_end_with_their_parent_and_a_lost_worker_is_one_line(tmp_p
         time.sleep(0.2)
     assert not any(alive(w) for w in workers)
     # at once the same command continues, and a worker killed under it ends the sweep with one line
-    again = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    again = sweep_cli(data_dir, out, "lr=0.05,0.2", *devices, env={FAULT_PAUSE_ENV: "renamed metrics.csv"})
     assert again.stderr.readline().startswith("fault point: renamed metrics.csv")
     os.kill(workers_of(again.pid)[0], signal.SIGKILL)
     _, err = again.communicate(timeout=120)  # (the other worker may announce its own pause first)

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import cifar100_lab as lab
 import cifar100_resnet as cr
-from conftest import (DETERMINISTIC_COLUMNS, HERE, MODULE, metric_rows, official_layout, stop_on_call,
+from conftest import (DETERMINISTIC_COLUMNS, FAULT_PAUSE_ENV, HERE, MODULE, metric_rows, official_layout, stop_on_call,
                       synthetic_data, tiny_args)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
@@ -203,7 +203,7 @@ def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_o
     capsys.readouterr()
 
     # one process's checkpoint continues in two; SIGTERM to torchrun stops both after the same step
-    two = torchrun(*args, "--resume", "--epochs", "6", env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})
+    two = torchrun(*args, "--resume", "--epochs", "6", env={FAULT_PAUSE_ENV: "renamed metrics.csv"})
     wait_for_fault_point(two)  # epoch 2 is written; process 0 pauses there 3 s
     two.send_signal(signal.SIGTERM)
     stdout, stderr = two.communicate(timeout=60)
@@ -232,7 +232,7 @@ def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_o
 def test_a_lost_process_ends_the_others_with_one_message_not_a_hang(data_dir, tmp_path):
     run = tmp_path / "run"
     args = tiny_args(data_dir, run, "--batch-size", "16", "--epochs", "6")
-    job = torchrun(*args, env={cr.FAULT_PAUSE_ENV: "renamed metrics.csv"})  # process 0 pauses after epoch 1
+    job = torchrun(*args, env={FAULT_PAUSE_ENV: "renamed metrics.csv"})  # process 0 pauses after epoch 1
     wait_for_fault_point(job)
     killed = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -240,7 +240,7 @@ def test_a_lost_process_ends_the_others_with_one_message_not_a_hang(data_dir, tm
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"LOCAL_RANK=1" in environ and f"{cr.FAULT_PAUSE_ENV}=renamed metrics.csv".encode() in environ:
+        if b"LOCAL_RANK=1" in environ and f"{FAULT_PAUSE_ENV}=renamed metrics.csv".encode() in environ:
             os.kill(int(pid), signal.SIGKILL)  # process 1 is lost while process 0 waits for nothing
             killed.append(pid)
     assert len(killed) == 1

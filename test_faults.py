@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import cifar100_resnet as cr
-from conftest import DETERMINISTIC_COLUMNS, MODULE, metric_rows, write_official_layout
+from conftest import DETERMINISTIC_COLUMNS, FAULT_PAUSE_ENV, MODULE, metric_rows, write_official_layout
 
 RUN_FLAGS = ["--arch", "resnet18", "--width", "4", "--limit-train", "500", "--limit-test", "200", "--batch-size",
              "50", "--epochs", "4", "--checkpoint-every", "1", "--device", "cpu", "--no-download", "--log-every", "1"]
@@ -138,7 +138,7 @@ class ForkServer:
         Returns (exit code, or -signal; its output; whether the trigger came)."""
         self.count += 1
         log = self.logs / f"attempt{self.count}.log"
-        self.proc.stdin.write(json.dumps({"argv": argv, "env": {cr.FAULT_PAUSE_ENV: fault_point},
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": {FAULT_PAUSE_ENV: fault_point},
                                           "log": str(log)}) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self.proc.stdout.readline())["pid"]
