@@ -73,3 +73,12 @@ def _signal_and_note(signum, handler):
 
 
 builtins.open, os.replace, signal.signal = _open_and_pause, _replace_and_pause, _signal_and_note
+
+# This file shadows the environment's own sitecustomize, if it has one (coverage's, a distribution's): run it.
+_here = os.path.dirname(os.path.abspath(__file__))
+for _folder in sys.path:
+    _shadowed = os.path.join(_folder or ".", "sitecustomize.py")
+    if os.path.abspath(_folder or ".") != _here and os.path.isfile(_shadowed):
+        with _open(_shadowed) as _f:
+            exec(compile(_f.read(), _shadowed, "exec"), {"__name__": "sitecustomize", "__file__": _shadowed})
+        break
