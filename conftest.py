@@ -32,8 +32,9 @@ torch.set_num_threads(1)  # and the tests' own process, so that a run here and o
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared"
-# ...and loads fault_points/sitecustomize.py at start-up: with FAULT_PAUSE_ENV set to the start of a label
-# ("written best.pt"), it pauses the process at that step of a file's write and says so on stderr
+# ...and loads fault_points/sitecustomize.py at start-up: with FAULT_PAUSE_ENV (its ENV: the same name, kept
+# there too, since importing that file patches the process) set to the start of a label ("written best.pt"),
+# it pauses the process at that step of a file's write and says so on stderr
 FAULT_PAUSE_ENV = "CIFAR100_FAULT_PAUSE"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "fault_points"), os.environ.get("PYTHONPATH")]))
 MODULE = str(HERE / "cifar100_resnet.py")

@@ -204,7 +204,7 @@ def test_torchrun_trains_resumes_across_process_counts_and_stops_every_process_o
 
     # one process's checkpoint continues in two; SIGTERM to torchrun stops both after the same step
     two = torchrun(*args, "--resume", "--epochs", "6", env={FAULT_PAUSE_ENV: "renamed metrics.csv"})
-    wait_for_fault_point(two)  # epoch 2 is written; process 0 pauses there 3 s
+    wait_for_fault_point(two)  # epoch 2 is written; process 0 pauses there until the signal lands (3 s at most)
     two.send_signal(signal.SIGTERM)
     stdout, stderr = two.communicate(timeout=60)
     assert two.returncode != 0 and stdout.count("SIGTERM: writing last.pt") == 1, (stdout, stderr)
