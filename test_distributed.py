@@ -116,7 +116,7 @@ def _process(rank: int, world: int, folder: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_processes(tmp_path_factory) -> Path:
     """What two processes started here trained (see _process); both have ended."""
     folder = tmp_path_factory.mktemp("two")
@@ -208,7 +208,7 @@ def rows(run) -> list:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return official_layout(tmp_path_factory, 256, 64)
 

@@ -30,7 +30,7 @@ RUN_FLAGS = ["--arch", "resnet18", "--width", "4", "--limit-train", "500", "--li
 STEPS = 10  # per epoch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults_data")
     write_official_layout(root, n_train=500, n_test=200)
@@ -41,7 +41,7 @@ def run_args(data_dir, out_dir, *extra) -> list:
     return [*RUN_FLAGS, "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(data_dir, tmp_path_factory) -> Path:
     """An uninterrupted run: what every faulted run must end as."""
     out = tmp_path_factory.mktemp("faults_reference") / "run"
@@ -347,7 +347,7 @@ def one_error_line(capsys, code: int, expected: int = 2) -> str:
     return err[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(data_dir, reference) -> Path:
     return reference
 
@@ -478,7 +478,7 @@ def flip_a_tensor_byte(source: Path, target: Path) -> None:
     target.write_bytes(bytes(raw))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sandbox(data_dir, reference, tmp_path_factory) -> Path:
     """The files the bad invocations name: run folders, checkpoints, sweeps and images, broken in one way each."""
     box = tmp_path_factory.mktemp("sandbox")
