@@ -1,5 +1,5 @@
 """The fault campaign: kills, signals, a full disk, hostile files, corrupt data and bad invocations against a
-tiny run on the CPU (ResNet-18 of width 8, 500/200 images, batches of 50, 4 epochs, a checkpoint every
+tiny run on the CPU (ResNet-18 of width 4, 250/100 images, batches of 25, 4 epochs, a checkpoint every
 epoch). Whatever happens, nothing is lost: the folder ends equal to an uninterrupted run's, and every
 failure is one line on stderr."""
 import errno
@@ -25,15 +25,15 @@ import torch
 import cifar100_resnet as cr
 from conftest import DETERMINISTIC_COLUMNS, FAULT_PAUSE_ENV, MODULE, metric_rows, write_official_layout
 
-RUN_FLAGS = ["--arch", "resnet18", "--width", "4", "--limit-train", "500", "--limit-test", "200", "--batch-size",
-             "50", "--epochs", "4", "--checkpoint-every", "1", "--device", "cpu", "--no-download", "--log-every", "1"]
+RUN_FLAGS = ["--arch", "resnet18", "--width", "4", "--limit-train", "250", "--limit-test", "100", "--batch-size",
+             "25", "--epochs", "4", "--checkpoint-every", "1", "--device", "cpu", "--no-download", "--log-every", "1"]
 STEPS = 10  # per epoch
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults_data")
-    write_official_layout(root, n_train=500, n_test=200)
+    write_official_layout(root, n_train=250, n_test=100)
     return root
 
 
@@ -580,7 +580,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--out-dir", "{R}"], "holds another run"), (["--out-dir", "{S}/stopped"], "pass --resume to continue it"),
     (["--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
     (["--out-dir", "{S}/a_file.txt/sub"], "not a writable folder"),
-    (["--batch-size", "501"], "--batch-size 501 is larger than the training set (500 images)"),
+    (["--batch-size", "251"], "--batch-size 251 is larger than the training set (250 images)"),
     (["--data-dir", "{D}/cifar-100-python"], "is the cifar-100-python folder itself: pass the folder that holds it"),
     (["--data-dir", "{S}/nowhere"], "cifar100 not found"), (["--data-dir", "{S}/a_file.txt"], "not found"),
     (["--resume"], "pass --out-dir"), (["--resume", "{S}/nowhere.pt"], "no checkpoint at"),
@@ -664,7 +664,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["preview-aug", "--images", "0"], "--images must be in 1..16"),
     (["preview-aug", "--out", "{S}/x.txt"], "ends in .png"), (["preview-aug", "--out", "{S}"], "is a folder"),
     (["conv-demo", "--kernel", "1,2,3"], "square number"), (["conv-demo", "--kernel", "a"], "numbers separated"),
-    (["conv-demo", "--index", "999"], "--index must be in 0..199"),
+    (["conv-demo", "--index", "999"], "--index must be in 0..99"),
     (["conv-demo", "--image", "{S}/nowhere.png"], "cannot read the image"),
     (["conv-demo", "--image", "{S}/bomb.png"], "cannot read the image"),
     (["conv-demo", "--out", "{S}/x.txt"], "ends in .png"), (["conv-demo", "--filtr", "edge"], "did you mean"),
@@ -683,7 +683,7 @@ def test_a_bad_invocation_is_one_line_exit_2_and_changes_no_file(sandbox, data_d
     places = {"{S}": str(sandbox), "{R}": str(reference), "{D}": str(data_dir)}
     for key, place in places.items():
         argv = [a.replace(key, place) for a in argv]
-    if argv[0] in TRAIN_FLAG_COMMANDS:  # a sweep holds out 100 of the 500 images unless the row says otherwise
+    if argv[0] in TRAIN_FLAG_COMMANDS:  # a sweep holds out 100 of the 250 images unless the row says otherwise
         argv = [argv[0], *RUN_FLAGS, "--data-dir", str(data_dir), *["--val-split", "100"] * (argv[0] == "sweep"),
                 *argv[1:]]
     elif argv[0] in ("eval", "report", "conv-demo"):
