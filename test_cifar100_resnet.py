@@ -562,7 +562,7 @@ def test_missing_data_without_network_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_tiny_model_learns_a_small_problem():
-    cfg = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=8, epochs=4, batch_size=32, lr=0.05,
+    cfg = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=8, epochs=2, batch_size=32, lr=0.05,
                          weight_decay=5e-4, mixup=False, cutmix=False, device="cpu", quiet=True)
     result = cr.train(cfg, data=synthetic_data())
     first, last = result.history[0], result.history[-1]
