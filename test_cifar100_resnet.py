@@ -1449,13 +1449,13 @@ print(repr((before == after, others)), file=sys.stderr)
 @pytest.mark.skipif(not (SHARED / "data" / "cifar100" / "cifar100_part1.npz").exists(),
                     reason="the real CIFAR-100 (../shared/data/cifar100) is not beside this checkout")
 def test_real_cifar100_subset_learns_well_above_chance(real_cifar100_subset, tmp_path):
-    cfg = cr.TrainConfig(data_dir=str(real_cifar100_subset), arch="resnet18", width=8, epochs=2, batch_size=32,
-                         lr=0.05, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False, mixup=False,
+    cfg = cr.TrainConfig(data_dir=str(real_cifar100_subset), arch="resnet18", width=8, epochs=2, batch_size=64,
+                         lr=0.1, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False, mixup=False,
                          cutmix=False, device="cpu", download=False, quiet=True, limit_train=3000,
                          out_dir=str(tmp_path / "run"))
     result = cr.train(cfg)
     top1 = result.history[-1]["test_top1"]
-    assert top1 > 0.03, top1  # chance is 0.01; 3,000 images, 2 epochs: 0.049 in 7 s on a 2-core AMD EPYC
+    assert top1 > 0.03, top1  # chance is 0.01; 3,000 images, 2 epochs: 0.048 in 9 CPU-s on a 2-core AMD EPYC
 
 
 # ----------------------------------------------------------------------------------------------------------
