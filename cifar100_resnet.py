@@ -108,13 +108,11 @@ class TrainingDiverged(Exception):
 
 
 class WriteFailed(Exception):
-    """A run file could not be written (a full disk, a vanished folder). Exit code 1; the files committed
-    before it are intact and the run resumes from them."""
+    """A run file could not be written (a full disk). Exit code 1; the run resumes from the files before it."""
 
 
 class RunWarning(UserWarning):
-    """Something about a run worth knowing (a schedule that ends mid-cycle, a compile fallback). The commands
-    show each as one 'warning:' line, even with --quiet; library callers filter them like any warning."""
+    """Worth knowing about a run (a schedule ending mid-cycle): one 'warning:' line in the commands, even --quiet."""
 
 
 def warn(message: str) -> None:
@@ -122,7 +120,7 @@ def warn(message: str) -> None:
 
 
 def _first_line(error: BaseException, limit: Optional[int] = 160) -> str:
-    """The first line of an exception's message, cut to `limit` characters (None: whole): for one-line reports."""
+    """The first line of an exception's message, cut to `limit` characters (None: whole)."""
     return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
@@ -189,11 +187,10 @@ COMPILE_AUTO_EPOCHS = 200  # compile + graphs saved 0.35 s per epoch against 30-
 def _setting(default, help: str, group: str, *, check=None, choices=None, flag: Optional[str] = None,
              shown: Optional[str] = None, display: bool = False, resumable: bool = False,
              library_only: bool = False, **argparse_kwargs):
-    """One setting, declared once: its default, its --help text and group, its flag (default --field-name;
-    a bool that defaults to True is switched off by --no-...), its choices or a check (predicate,
-    requirement), and how its default reads in --help. display: it changes only what is printed, and is not
-    saved with the run. resumable: a resumed run may change it, since it changes where or how the run is
-    computed or shown, not what. library_only: no flag (the command line sets it another way)."""
+    """One setting, declared once: default, --help text and group, flag (default --field-name; a True bool is
+    switched off by --no-...), choices or check (predicate, requirement), and its default as --help shows it.
+    display: only changes what is printed, not saved. resumable: a resumed run may change it (it changes where
+    or how the run is computed, not what). library_only: no flag of its own."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, group=group, check=check, choices=choices, flag=flag, shown=shown, display=display,
         resumable=resumable or display, library_only=library_only, argparse=argparse_kwargs))
@@ -206,8 +203,7 @@ _AUTO_ON_OFF = ("auto", "on", "off")
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. The command line's flags, their --help and validate() are made from these
-    declarations (see build_parser)."""
+    """Every setting of a run; the flags, their --help and validate() are made from these declarations."""
     # --- the notebook's hyperparameters (defaults are its values)
     epochs: int = _setting(400, "passes over the training set", "recipe", check=_AT_LEAST_1)
     batch_size: int = _setting(128, "images per optimiser step", "recipe", check=_AT_LEAST_1)
@@ -298,8 +294,8 @@ class TrainConfig:
                                       resumable=True)
     checkpoint_every: int = _setting(20, "also keep ckpt_ep{N}.pt every N epochs (0: never)", "output",
                                      check=_NOT_NEGATIVE, resumable=True)
-    log_every: int = _setting(100, "a progress line every N batches, and at least every 30 s (0: by time only)", "output",
-                              check=_NOT_NEGATIVE, display=True)
+    log_every: int = _setting(100, "a progress line every N batches, and at least every 30 s (0: by time only)",
+                              "output", check=_NOT_NEGATIVE, display=True)
     quiet: bool = _setting(False, "print only warnings and errors", "output", display=True)
     tensorboard: bool = _setting(False, "also write TensorBoard event files into the run folder's tensorboard/: "
                                  "the metrics of each epoch and the learning rate of each step (needs the "
@@ -315,7 +311,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in fields})
 
     def saved(self) -> dict:
-        """The settings a run records (config.json, checkpoints): all but the display ones."""
+        """The settings config.json and checkpoints record: all but the display ones."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["display"]}
 
     def validate(self) -> None:
@@ -351,8 +347,8 @@ class TrainConfig:
 
     @property
     def first_cycle(self) -> float:
-        """The first cosine cycle in epochs: --t0, or (auto) whole cycles fitted into the planned epochs after the
-        warm-up (resolve_t0)."""
+        """The first cosine cycle in epochs: --t0, or whole cycles fitted after the warm-up (resolve_t0)."""
+
         return resolve_t0(self.planned_epochs - self.warmup_epochs, self.t_mult, self.t0)
 
     def _check_types(self) -> None:
@@ -481,11 +477,8 @@ def read_cifar(folder: str, dataset: str = "cifar100") -> CifarData:
 
 
 def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True) -> CifarData:
-    """Read `data_dir/<official folder>`; download the md5-checked archive first if its files are missing.
-
-    A copy whose files differ from the official md5 sums (a user's own rebuild) is read as it is: the reader
-    checks the content instead.
-    """
+    """Read `data_dir/<official folder>`, first downloading the md5-checked archive if files are missing. Files
+    already there are read as they are (a user's rebuild has other md5 sums): the reader checks the content."""
     info = DATASETS[dataset]
     folder = os.path.join(data_dir, info.folder)
     expected = info.train_files + info.test_files + (info.meta_file,)
@@ -532,8 +525,8 @@ class Normalizer:
 
 
 def split_data(data: CifarData, config: TrainConfig) -> dict:
-    """{"train", "val", "test"}: (images, labels) as the run uses them: the first --limit-train training
-    images (all with 0), the last --val-split of those held out as "val", the first --limit-test test images."""
+    """{"train", "val", "test"}: (images, labels) of the run: the first --limit-train training images, the last
+    --val-split of them held out as "val", the first --limit-test test images."""
     n_train = min(config.limit_train, len(data.train_images)) if config.limit_train else len(data.train_images)
     n_test = min(config.limit_test, len(data.test_images)) if config.limit_test else len(data.test_images)
     if config.val_split >= n_train:
@@ -555,12 +548,9 @@ def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def random_crop(images: torch.Tensor, padding: int = CROP_PADDING, generator: Optional[torch.Generator] = None,
                 return_offsets: bool = False):
-    """Each image: zero-pad by `padding`, then cut a same-size window at its own random offset (with
-    return_offsets, also the offsets: rows and columns into the padded image, padding meaning no shift).
-
-    Works on any dtype (uint8 here). Instead of a gather with a large index, the shift is applied one axis
-    at a time with one torch.where per possible offset: 2 * (2 * padding + 1) passes, no host sync.
-    """
+    """Each image: zero-pad by `padding`, then cut a same-size window at its own random offset (return_offsets:
+    also the offsets into the padded image, `padding` being no shift). Any dtype. Instead of a gather with a
+    large index, one torch.where per possible offset and axis: 2 * (2 * padding + 1) passes, no host sync."""
     n, _, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
     dy, dx = (torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator, device=images.device)
@@ -583,11 +573,8 @@ def random_flip(images: torch.Tensor, p: float = 0.5, generator: Optional[torch.
 
 
 def sample_beta(alpha: float, generator: Optional[torch.Generator] = None) -> float:
-    """One draw of Beta(alpha, alpha) from torch's RNG (torch.distributions.Beta takes no generator).
-
-    Beta = X / (X + Y) with X, Y ~ Gamma(alpha), each by Marsaglia and Tsang's method (2000), with the
-    boost Gamma(a) = Gamma(a + 1) * U^(1/a) for a < 1. Runs on the CPU: no device sync for a scalar.
-    """
+    """One draw of Beta(alpha, alpha) from torch's RNG on the CPU (torch.distributions.Beta takes no generator):
+    X / (X + Y), X and Y ~ Gamma(alpha) by Marsaglia and Tsang (2000), boosted Gamma(a + 1) * U^(1/a) for a < 1."""
     def gamma(a: float) -> float:
         boost = 1.0
         if a < 1:
@@ -663,11 +650,9 @@ def apply_mix(images: torch.Tensor, labels: torch.Tensor, method: str, lam: floa
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
               generator: Optional[torch.Generator] = None):
-    """Apply ONE of MixUp or CutMix to the batch (draw_mix, then apply_mix).
+    """ONE of MixUp or CutMix (draw_mix, apply_mix): (images, labels_a, labels_b, lam), the target lam * a +
+    (1 - lam) * b. (The notebook applied both and kept only CutMix's labels, losing MixUp's second label.)"""
 
-    Returns (images, labels_a, labels_b, lam): the target is lam * labels_a + (1 - lam) * labels_b.
-    The notebook applied CutMix after MixUp and kept only CutMix's labels, losing MixUp's second label.
-    """
     return apply_mix(images, labels, *draw_mix(config, images.shape[2], images.shape[3], generator))
 
 
@@ -789,9 +774,8 @@ def _clahe_luts(luminance: torch.Tensor, clip_limit: torch.Tensor, tiles: int) -
 
 
 def clahe_luminance(luminance: torch.Tensor, clip_limit: torch.Tensor, tiles: int = CLAHE_TILES) -> torch.Tensor:
-    """Contrast-limited adaptive histogram equalisation of uint8 (N, H, W) images, OpenCV's algorithm: a
-    clipped histogram and its look-up table per tile, each pixel mapped through the four nearest tiles'
-    tables, bilinearly weighted by its distance to their centres."""
+    """CLAHE of uint8 (N, H, W) images as OpenCV does it: a clipped histogram's look-up table per tile, each
+    pixel mapped through the four nearest tiles' tables, weighted bilinearly by its distance to their centres."""
     n, h, w = luminance.shape
     lut = _clahe_luts(luminance, clip_limit, tiles).float()
     device = luminance.device
@@ -907,9 +891,8 @@ def coarse_dropout(images: torch.Tensor, boxes: torch.Tensor, fill: int = 0) -> 
 
 
 def remap(images: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) -> torch.Tensor:
-    """out[y, x] = image[map_y[y, x], map_x[y, x]], bilinear, zero outside the image (cv2.remap with
-    INTER_LINEAR and BORDER_CONSTANT, as Albumentations' GridDistortion and ElasticTransform call it).
-    map_x, map_y: (N, H, W) source coordinates in pixels."""
+    """out[y, x] = image[map_y[y, x], map_x[y, x]] ((N, H, W) maps in pixels), bilinear, zero outside: cv2.remap
+    with INTER_LINEAR and BORDER_CONSTANT, as Albumentations' GridDistortion and ElasticTransform call it."""
     n, _, h, w = images.shape
     grid = torch.stack([map_x * (2 / (w - 1)) - 1, map_y * (2 / (h - 1)) - 1], -1).float()
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -974,10 +957,10 @@ def displacement_maps(dx: torch.Tensor, dy: torch.Tensor) -> tuple:
 
 def advanced_augment(images: torch.Tensor, generator: Optional[torch.Generator] = None,
                      policy: tuple = ADVANCED_POLICY) -> tuple:
-    """The notebook's advanced policy after crop and flip (ADVANCED_POLICY): in each of its two groups, each
-    image draws whether the group applies (its probability) and, if so, which member, with probability
-    proportional to the members' p (Albumentations' OneOf). Returns the images and, per image, the index of
-    the operation each group ran (-1: none) as an (N, 2) tensor; names: ADVANCED_OPERATIONS."""
+    """The notebook's advanced policy (ADVANCED_POLICY), after crop and flip: per group and image, whether the
+    group applies and which member, in proportion to the members' p (Albumentations' OneOf). Returns the images
+    and the (N, 2) indices into ADVANCED_OPERATIONS of the operation each group ran (-1: none)."""
+
     n, device = len(images), images.device
     h, w = images.shape[2:]
     chosen = torch.full((n, 2), -1, dtype=torch.long, device=device)
@@ -1059,10 +1042,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet of BasicBlocks. stem="cifar": 3x3 stride-1 conv, no max-pool (32x32 stays 32x32 into stage 1);
-    stem="imagenet": torchvision's 7x7 stride-2 conv + 3x3 max-pool, state_dict-compatible with
-    torchvision.models.resnet18/34 when width=64. zero_init_residual: each block's last BatchNorm starts at
-    weight 0, so every block starts as its shortcut (torchvision's option of that name; Goyal et al. 2017)."""
+    """ResNet of BasicBlocks. stem="cifar": 3x3 stride-1 conv, no max-pool (32x32 into stage 1); "imagenet":
+    torchvision's 7x7/2 conv + 3x3 max-pool, state_dict-compatible with torchvision's resnet18/34 at width 64.
+    zero_init_residual: each block's last BatchNorm weight starts at 0 (torchvision's option; Goyal et al. 2017)."""
 
     def __init__(self, blocks_per_stage=(3, 4, 6, 3), num_classes: int = 100, width: int = 64, stem: str = "cifar",
                  zero_init_residual: bool = False):
@@ -1135,9 +1117,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) 
 
 
 def resolve_t0(epochs: float, t_mult: float, t0: Optional[float] = None, notebook_t0: float = 50.0) -> float:
-    """The first cycle length. Given t0 is kept; t0=None fits k whole cycles exactly into `epochs`, with k the
-    largest number whose first cycle is still at least the notebook's 50 epochs (k >= 1): 400 epochs at
-    t_mult=2 give cycles of 57.1, 114.3 and 228.6 epochs; 30 epochs give one 30-epoch cycle."""
+    """The first cycle's length: t0, or (None) k whole cycles fitted into `epochs`, k the most whose first is
+    still >= the notebook's 50 epochs (k >= 1): 400 epochs at t_mult=2 give 57.1, 114.3 and 228.6."""
     if t0 is not None:
         return float(t0)
 
@@ -1162,13 +1143,10 @@ def cycle_position(t: float, t0: float, t_mult: float) -> tuple[float, float]:
 
 
 def learning_rate(epoch: float, config: TrainConfig, t0: Optional[float] = None) -> float:
-    """The learning rate of a run at a fractional epoch: linear warm-up, then cosine annealing with warm
-    restarts, from 0 to config.epochs (the end: the annealed rate the last weights were trained to). t0: the
-    first cycle, by default the run's own (config.first_cycle).
-
-    At whole epochs (after warm-up) this equals torch's CosineAnnealingWarmRestarts(T_0=t0, T_mult, eta_min)
-    stepped once per epoch; here it is set every step so the rate falls smoothly within an epoch.
-    """
+    """The rate at a fractional epoch in [0, config.epochs]: linear warm-up, then cosine annealing with warm
+    restarts (t0: the first cycle, by default config.first_cycle); at the end, the annealed rate. At whole
+    epochs after warm-up it equals torch's CosineAnnealingWarmRestarts(T_0=t0, T_mult, eta_min) stepped per
+    epoch; set every step, it falls smoothly within an epoch."""
     t0 = config.first_cycle if t0 is None else t0
     if epoch < config.warmup_epochs:
         return config.lr * epoch / config.warmup_epochs
@@ -1190,8 +1168,8 @@ def learning_rate(epoch: float, config: TrainConfig, t0: Optional[float] = None)
 
 
 def schedule_end(config: TrainConfig, t0: float) -> tuple[float, float, float]:
-    """Where the planned schedule (before any extension) ends: (epochs into its last cycle, 0 at a cycle's end;
-    that cycle's length; the rate there as a fraction of the peak)."""
+    """Where the planned schedule ends: (epochs into its last cycle, 0 at a cycle's end; its length; the rate
+    there as a fraction of the peak)."""
     t_cur, length = cycle_position(config.planned_epochs - config.warmup_epochs, t0, config.t_mult)
     if t_cur < 1e-6:
         return 0.0, length, config.min_lr / config.lr
@@ -1200,7 +1178,8 @@ def schedule_end(config: TrainConfig, t0: float) -> tuple[float, float, float]:
 
 
 def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
-    """A warning when the run ends inside a cycle, i.e. its last weights are trained at a high rate."""
+    """A warning when the run ends inside a cycle, its last weights trained at a high rate."""
+
     t_cur, length, end_fraction = schedule_end(config, t0)
     if not t_cur:
         return None
@@ -1401,13 +1380,10 @@ GRAPH_WARMUP_STEPS = 3  # eager steps before capture: cuDNN autotuning, momentum
 
 
 class CapturedStep:
-    """One training step (forward, backward, SGD update) recorded once as a CUDA graph and then replayed.
-
-    A ResNet-34 step launches about a thousand kernels; at batch 128 launching them costs more than running
-    them. Replaying the graph launches them all at once. Inputs are copied into the static buffers the graph
-    was recorded with. The step sets the gradients to None first, so backward allocates them in the graph's
-    own memory pool; the learning rate is a device tensor the optimiser reads, updated with fill_().
-    """
+    """One training step (forward, backward, SGD update) recorded once as a CUDA graph, then replayed: a
+    ResNet-34 step is about a thousand kernels, which at batch 128 take longer to launch than to run. Inputs
+    are copied into the recorded buffers; the step sets gradients to None first, so backward allocates them
+    in the graph's pool; the learning rate is a device tensor the optimiser reads, updated with fill_()."""
 
     def __init__(self, step: Callable, inputs: tuple):
         self.inputs = tuple(t.clone() for t in inputs)  # clone keeps channels_last
@@ -1430,11 +1406,9 @@ def _compile_failed(error: Exception) -> bool:
 
 
 class Trainer:
-    """Holds the model, optimiser, scaler, generators and position of one run; trains one epoch at a time.
-
-    With several processes (torchrun) each step takes one global batch of batch_size x processes images, the
-    same on every process (one permutation, one augmentation, one mixing draw); each process trains on its
-    share of it and DistributedDataParallel averages the gradients."""
+    """The model, optimiser, scaler, generators and position of one run; trains one epoch at a time. With
+    several processes (torchrun) every process draws the same global batch of batch_size x processes images,
+    trains on its share, and DistributedDataParallel averages the gradients."""
 
     def __init__(self, config: TrainConfig, data: CifarData, log: Callable[[str], None] = print,
                  env: Optional[Environment] = None, progress: Optional[Callable[[str], None]] = None):
@@ -1513,8 +1487,7 @@ class Trainer:
         return mixed_cross_entropy(logits, labels_a, labels_b, lam, self.config.label_smoothing)
 
     def _update(self, x, labels_a, labels_b, lam, weight: float = 1.0) -> torch.Tensor:
-        """Forward and loss, backward, SGD update; returns the loss. weight scales the gradient: a process's
-        share of a global batch counts by its size."""
+        """Forward and loss, backward (scaled by weight: a process's share counts by its size), SGD update."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_loss(x, labels_a, labels_b, lam)
         self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
@@ -1523,10 +1496,9 @@ class Trainer:
         return loss.detach()
 
     def _step(self, x, labels_a, labels_b, lam, weight: float = 1.0) -> torch.Tensor:
-        """One training step, run one of three ways: eagerly; with forward and loss compiled (--compile); or,
-        with CUDA graphs, a full batch replays the step recorded after GRAPH_WARMUP_STEPS eager ones, which
-        run on a side stream as capture needs (a smaller last batch always runs eagerly). Under --compile auto
-        a failure to compile is a warning, and the run goes on without it."""
+        """One step: eager, compiled (--compile), or with CUDA graphs a full batch replays the step recorded after
+        GRAPH_WARMUP_STEPS eager ones on a side stream (a smaller last batch runs eagerly). Under --compile auto
+        a failure to compile is a warning and the run goes on without it."""
         batch, full = (x, labels_a, labels_b, lam), len(x) == self.config.batch_size
         if self.use_graphs and full and self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
             self.graph = CapturedStep(self._update, batch)
@@ -1558,8 +1530,8 @@ class Trainer:
             group["lr"] = self.lr_tensor if self.lr_tensor is not None else lr
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """One training step on a (global) batch of augmented uint8 images at the rate set: normalise, mix,
-        and train on this process's share. Returns the loss (a device tensor) and the share's image count."""
+        """Normalise and mix a (global) batch of augmented uint8 images, train on this process's share at the
+        rate set; returns the loss (a device tensor) and the share's image count."""
         mixing = self.config if self.epoch < self.config.epochs - self.config.mix_off_epochs else self.unmixed
         x, y_a, y_b, lam = mix_batch(self.normalize(images), labels, mixing, self.mix_rng)
         n, weight = len(images), 1.0
@@ -1573,9 +1545,8 @@ class Trainer:
         return loss, n
 
     def update_ema(self) -> None:
-        """One --ema step, as timm's ModelEmaV3(use_warmup=True): update k (from 1) uses the decay
-        min(ema, 1 - k ** -2/3), 0 at the first (a copy); every floating tensor of the state (weights and
-        BatchNorm statistics) moves towards the model's by 1 - decay, the step counts are copied."""
+        """One --ema step, as timm's ModelEmaV3(use_warmup=True): with decay min(ema, 1 - k ** -2/3) at update k,
+        every floating tensor of the state moves towards the model's by 1 - decay; step counts are copied."""
         self.ema_updates += 1
         decay = min(self.config.ema, 1 - self.ema_updates ** (-2 / 3))  # 0 at the first
         with torch.no_grad():
@@ -1586,10 +1557,9 @@ class Trainer:
     # --- one epoch
 
     def augmented_epoch(self, details: bool = False) -> tuple:
-        """The training images of one epoch in the order drawn for it, cropped and flipped (and with --aug
-        advanced, through the policy), and their labels: the steps take their batches from these in order,
-        and mix each. With details, also which image each is and how it was changed ({"order", "dy", "dx",
-        "flipped", "operations"})."""
+        """One epoch's training images in the order drawn for it, cropped, flipped (and with --aug advanced, the
+        policy), and their labels; with details, also how ({"order", "dy", "dx", "flipped", "operations"})."""
+
         train_images, train_labels = self.splits["train"]
         order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
         cropped, (dy, dx) = random_crop(train_images[order], generator=self.data_rng, return_offsets=True)
@@ -1601,8 +1571,8 @@ class Trainer:
         return (images, train_labels[order], changes) if details else (images, train_labels[order])
 
     def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> Optional[dict]:
-        """Train epoch self.epoch + 1 (or finish an interrupted one). Returns its train metrics, or None when
-        should_stop() asked to stop after a step (self.partial then holds where to continue)."""
+        """Train (or finish) epoch self.epoch + 1: its train metrics, or None when should_stop() stopped it after
+        a step (self.partial then says where to continue)."""
         cfg, dev, state = self.config, self.device, self.partial
         if state is None:
             state = EpochState(self.data_rng.get_state(), loss_sum=torch.zeros((), device=dev),
@@ -1652,8 +1622,7 @@ class Trainer:
                 "train_seconds": state.seconds, "images_per_s": self.n_train / state.seconds}
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
-        """A step line: loss so far, images/s in this epoch, and the time left in the epoch and in the run. With
-        several processes, images/s and the times count every process's images (this one's times the count)."""
+        """A step line: loss so far, images/s in this epoch (every process's), the time left in epoch and run."""
         cfg, rate = self.config, state.seen * self.world / max(seconds, 1e-9)
         epoch_left = (self.n_train - state.seen * self.world) / rate
         run_left = epoch_left + (cfg.epochs - self.epoch - 1) * self.n_train / rate
@@ -1664,8 +1633,8 @@ class Trainer:
         self._cpu_cost_note(state.seen * self.world, seconds)
 
     def _cpu_cost_note(self, seen: int, seconds: float, epoch_done: bool = False) -> None:
-        """On a CPU, a note when the run would take over an hour. Estimated from the steps after the first step
-        line (the steps before it hold the warm-up), and corrected by the first epoch done if it was off."""
+        """On a CPU, a note when the run would take over an hour: estimated from the steps after the first step
+        line (those before it hold the warm-up), corrected by the first epoch if off by over 25 %."""
         note, cfg = self.cost_note, self.config
         if self.device.type != "cpu" or note == "final" or (isinstance(note, float) and not epoch_done):
             return
@@ -1707,9 +1676,8 @@ class Trainer:
             raise TrainingDiverged(f"the weights became non-finite {where} ({bad})")
 
     def evaluate(self, split: str = "test", model: Optional[nn.Module] = None, tta: Optional[bool] = None) -> dict:
-        """The metrics of every image of the split, by the run's model or the one given (with flip TTA as the
-        run's --tta unless tta says). With several processes each evaluates its share with the BatchNorm
-        statistics of process 0 (those its checkpoints hold) and the counts are summed: each image counted once."""
+        """The split's metrics by the run's model or `model` (TTA: the run's --tta unless given). With several
+        processes each evaluates its share with process 0's BatchNorm statistics, and the counts are summed."""
         images, labels, model = *self.splits[split], model or self.model
         tta = self.config.tta if tta is None else tta
         if self.world == 1:
@@ -1729,8 +1697,8 @@ class Trainer:
         return {"n": len(images), **{k: float(v) / max(len(images), 1) for k, v in zip(keys, sums)}}
 
     def recalibration_batches(self) -> list:
-        """The --bn-recal batches after epoch self.epoch: clean training images (crop and flip, no mixing, no
-        advanced policy), from a generator of their own (seed + 3 + epoch), so training draws what it drew."""
+        """The --bn-recal batches after epoch self.epoch: cropped and flipped training images (no mixing, no
+        policy) from a generator of their own (seed + 3 + epoch), leaving training's draws as they were."""
         rng = torch.Generator(self.device).manual_seed(self.config.seed + 3 + self.epoch)
         size = self.config.batch_size * self.world
         order = torch.randperm(self.n_train, generator=rng, device=self.device)[:self.config.bn_recal * size]
@@ -1738,8 +1706,7 @@ class Trainer:
         return list(images.split(size))
 
     def recalibrated(self) -> nn.Module:
-        """A copy of the model whose BatchNorm running statistics are the plain average over the
-        recalibration_batches (momentum None) of each batch's mean and unbiased variance."""
+        """A copy of the model with BatchNorm statistics averaged over the recalibration_batches (momentum None)."""
         model = copy.deepcopy(self.model)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -1767,11 +1734,10 @@ class Trainer:
         return totals[0], int(totals[1])
 
     def agree_to_stop(self, asked: bool, wait: bool = False) -> bool:
-        """Whether to stop now. Alone: when asked. With several processes, every process must stop at the same
-        step, though a signal reaches each at its own moment: each call sends this process's answer to all the
-        others in the background (over the CPU) and reads the answers of the call before, so processes stop
-        together one step after the first was asked, without waiting on each other. wait: decide on this
-        call's answers too (after an epoch)."""
+        """Whether to stop now: alone, when asked. Several processes must stop at the same step though a signal
+        reaches each at its own moment: each call sends this process's answer in the background (over the CPU)
+        and reads the previous call's, so all stop one step after the first was asked, without waiting on each
+        other. wait: decide on this call's answers too (after an epoch)."""
         if self.world == 1:
             return asked
         previous, mine = self._vote, torch.tensor([int(asked)], dtype=torch.int32)
@@ -1786,9 +1752,9 @@ class Trainer:
         return stop
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """With several processes: wait for the stop vote still in flight (a process that ends with a gloo
-        collective in flight aborts), then free the group that carries the votes. timeout: where this process
-        stops alone (a failed write), give up after that many seconds and leave the group as it is."""
+        """With several processes: wait for the stop vote in flight (ending with a gloo collective in flight
+        aborts), then free the votes' group. timeout: stopping alone (a failed write), give up after it."""
+
         if self._vote is not None:
             try:
                 self._vote[1].wait(*([datetime.timedelta(seconds=timeout)] if timeout is not None else []))
@@ -1853,9 +1819,8 @@ class Trainer:
 
 
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give each loaded momentum buffer its parameter's memory layout. Checkpoints hold contiguous tensors
-    (snapshots from CUDA are copied contiguous; a CPU run has no channels_last), while on CUDA the weights
-    are channels_last, and fused SGD refuses buffers whose strides differ from their parameter's."""
+    """Give each loaded momentum buffer its parameter's memory layout: checkpoints hold contiguous tensors, on
+    CUDA the weights are channels_last, and fused SGD refuses buffers whose strides differ from their own."""
     for param, state in optimizer.state.items():
         buffer = state.get("momentum_buffer")
         if buffer is not None and buffer.stride() != param.stride():
@@ -1863,8 +1828,7 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def check_architecture(ckpt: dict, config: TrainConfig) -> None:
-    """Refuse a checkpoint (load_checkpoint's) of another model with one clear message instead of a state_dict
-    key dump."""
+    """Refuse a checkpoint of another model in one line instead of a state_dict key dump."""
     saved = ckpt["config"]
     keys = ("arch", "stem", "width", "dataset")
     theirs, ours = {k: saved.get(k) for k in keys}, {k: getattr(config, k) for k in keys}
@@ -1895,9 +1859,9 @@ def _serialize(obj, f) -> None:
 
 
 def atomic_save(obj, path: str) -> None:
-    """Write `obj` (str, bytes, or anything torch.save takes) to a temporary file beside `path`, fsync it, rename
-    it over `path` and fsync the folder: whatever happens, `path` holds its old content or the whole new one.
-    An OSError (a full disk) becomes WriteFailed naming `path`; the temporary file is removed."""
+    """Write `obj` (str, bytes, or anything torch.save takes) to a temporary file beside `path`, fsync, rename it
+    over `path`, fsync the folder: `path` holds its old content or the whole new one. An OSError (a full disk)
+    becomes WriteFailed, the temporary file removed."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
     try:
@@ -1923,8 +1887,7 @@ def atomic_save(obj, path: str) -> None:
 
 
 def tensor_checksum(state) -> str:
-    """The CRC-32 of every tensor's bytes in a (nested) state, in order: what a checkpoint records beside its
-    tensors (its "checksum"), so that a changed byte in one is found when the file is read."""
+    """The CRC-32 of every tensor's bytes in a (nested) state, in order: a checkpoint's "checksum"."""
     crc = 0
     if isinstance(state, torch.Tensor):
         return f"{zlib.crc32(state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
@@ -1940,9 +1903,8 @@ def _with_checksum(state: dict) -> dict:
 
 
 def load_checkpoint(path: str, full: bool = True) -> dict:
-    """Load a checkpoint written by this module and check its structure: every key a resume needs (full) or
-    the weights' keys (best.pt), and the checksum of its tensors. torch.load runs with weights_only: a crafted
-    file cannot run code."""
+    """Load a checkpoint of this module and check its keys (full: all a resume needs; else the weights') and the
+    checksum of its tensors. torch.load runs with weights_only: a crafted file cannot run code."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a checkpoint file")
     try:
@@ -1993,8 +1955,7 @@ def load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
 
 
 def csv_text(rows: list, columns: list) -> str:
-    """A CSV file's text: a header of `columns`, then one line per row dict (other keys left out, floats to 8
-    significant digits). metrics.csv and every other table this module writes."""
+    """A CSV file's text: a header of `columns`, one line per row dict (other keys left out, floats to 8 digits)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -2004,8 +1965,8 @@ def csv_text(rows: list, columns: list) -> str:
 
 
 def _derived_files(state: dict) -> list:
-    """[(name, content)] of the files written after last.pt from the same state: best.pt when this epoch is
-    the best so far, ckpt_ep{N}.pt when due, and metrics.csv (from the state's history)."""
+    """[(name, content)] of the files derived from last.pt's state: best.pt when the epoch is the best so far,
+    ckpt_ep{N}.pt when due, metrics.csv."""
     files = []
     if state["partial_epoch"] is None and state["epoch"] > 0:
         if state["best"]["epoch"] == state["epoch"]:
@@ -2018,13 +1979,9 @@ def _derived_files(state: dict) -> list:
 
 
 class RunFolder:
-    """The files of one run, and the order they are written in.
-
-    last.pt is the commit point: every other file derives from it (best.pt and ckpt_ep{N}.pt are parts or
-    copies of it, metrics.csv is its history) and is written after it. Each write is atomic. So after a
-    kill or a full disk at any moment, last.pt is whole, and repair() rebuilds from it whatever was left
-    unwritten. One process at a time: open() takes a lock on the folder (POSIX).
-    """
+    """The files of one run. last.pt is the commit point: every other file derives from it (best.pt and
+    ckpt_ep{N}.pt are parts or copies, metrics.csv its history) and is written after it, each write atomic. So
+    after a kill or a full disk, last.pt is whole and repair() rebuilds the rest. open() locks the folder."""
 
     def __init__(self, path: str):
         self.path = path
@@ -2129,14 +2086,12 @@ class RunFolder:
 
 
 class CheckpointWriter:
-    """Commits the run's state on a background thread, so the next epoch starts while last.pt (170 MB for
-    ResNet-34 with its momentum) goes to disk. wait() re-raises a failed write; `failed` says so at once.
+    """Commits the run's state on a background thread while the next epoch trains (last.pt of ResNet-34 is
+    170 MB); wait() re-raises a failed write, `failed` says so at once. snapshot() copies CUDA tensors into
+    page-locked buffers kept between checkpoints, queued on the current stream without waiting (so they run
+    before the next epoch's updates); the writer thread waits for them to land. No host sync, no pageable copy."""
 
-    snapshot() first copies the state to CPU memory. From a CUDA device the copies go into page-locked
-    buffers, kept from one checkpoint to the next, and are queued on the current stream without waiting:
-    the stream runs them before the next epoch's updates, and the writer thread waits for them to land
-    before it writes. So the training loop pays neither a host sync nor a pageable copy per checkpoint.
-    """
+
 
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
@@ -2227,9 +2182,8 @@ def _position(ckpt: dict) -> tuple:
 
 @dataclass
 class ResumePoint:
-    """Where a run continues from, read once: a checkpoint and its path (both None for a run stopped before
-    its first checkpoint, which starts again from its config.json), the run it belongs to, its settings, and
-    the folder it continues in by default."""
+    """Where a run continues from: a checkpoint and its path (None: stopped before its first checkpoint, it
+    starts again from config.json), its run, settings, and the folder it continues in by default."""
     ckpt: Optional[dict]
     path: Optional[str]
     identity: Optional[str]  # the run's id
@@ -2238,8 +2192,7 @@ class ResumePoint:
 
 
 def find_resume(resume: str, out_dir: Optional[str] = None) -> ResumePoint:
-    """What `resume` names: a checkpoint file; a run folder (its last.pt, or its config.json when it stopped
-    before its first checkpoint); or, when empty, the run in out_dir."""
+    """What `resume` names: a checkpoint, a run folder (its last.pt, else its config.json), or (empty) out_dir."""
     if resume and not os.path.isdir(resume):
         ckpt = load_checkpoint(resume)
         folder = os.path.dirname(os.path.abspath(resume))
@@ -2260,8 +2213,8 @@ def find_resume(resume: str, out_dir: Optional[str] = None) -> ResumePoint:
 
 
 def _check_target(folder: RunFolder, point: Optional[ResumePoint]) -> bool:
-    """Refuse a run folder that holds another run, or a later part of the run the checkpoint continues, or
-    that cannot be written. Returns True when the checkpoint branches off into a folder of its own (a new run)."""
+    """Refuse a folder that holds another run or a later part of this one, or cannot be written. True: the
+    checkpoint branches off into a folder of its own (a new run)."""
     branched = False
     if not folder.holds_run():
         branched = point is not None and point.ckpt is not None and \
@@ -2288,16 +2241,13 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
           progress: Optional[Callable[[str], None]] = None,
           on_epoch: Optional[Callable[[dict], None]] = None,
           on_create: Callable[[], None] = lambda: None) -> TrainResult:
-    """Train per `config`; with config.out_dir, write the run folder.
+    """Train per `config`, writing the run folder config.out_dir if set; nothing is created before the
+    settings, the checkpoint and the data are read and checked (then on_create() is called).
 
-    resume: a checkpoint to continue (into config.out_dir: the folder it came from, or an empty one to branch
-    off), a run folder to continue (its last.pt; a run stopped before its first checkpoint starts again), or
-    a ResumePoint that find_resume() made of either.
-    Nothing is created before the settings, the checkpoint and the data have been read and checked.
-    should_stop() is polled after every step; when it returns True, last.pt is written at that exact
-    position (mid-epoch) and the result says interrupted. progress receives the step lines (default: log).
-    on_epoch(row) is called with each epoch's metrics row (a sweep's pruner reads it); last.pt is being written.
-    on_create() is called once, when everything is checked and loaded, just before anything is created.
+    resume: a checkpoint (continued into config.out_dir: its own folder, or an empty one to branch off), a run
+    folder, or a ResumePoint of find_resume(). should_stop() is polled after every step: True writes last.pt
+    at that exact position and the result says interrupted. progress: the step lines (default: log);
+    on_epoch(row): each epoch's metrics row, while its last.pt is being written.
     """
     env = resolve(config)
     board = _tensorboard_writer() if config.tensorboard and env.rank == 0 else None  # before anything is created
@@ -2349,8 +2299,8 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
 
 def _prepare(folder: RunFolder, trainer: Trainer, writer: CheckpointWriter, point: Optional[ResumePoint],
              branched: bool, log: Callable[[str], None]) -> None:
-    """Open the run folder; write config.json for a new run or record an extension (--resume --epochs N); and
-    rebuild from last.pt whatever a stopped process left unwritten."""
+    """Open the run folder, write config.json (a new run, or an extension by --resume --epochs N), and rebuild
+    from last.pt what a stopped process left unwritten."""
     config = trainer.config
     folder.open()
     saved = folder.saved_config()
@@ -2381,8 +2331,7 @@ def _tensorboard_writer():
 
 
 class _Board:
-    """What --tensorboard writes: each metrics row's numbers per epoch ("test/top1" for test_top1), and the
-    rate of every step of the epoch ("lr/step"). metrics.csv stays the record; this is for watching."""
+    """--tensorboard: each metrics row per epoch ("test/top1" for test_top1), and each step's rate ("lr/step")."""
 
     def __init__(self, writer_class, folder: str, trainer: Trainer):
         self.writer, self.trainer = writer_class(folder), trainer
@@ -2483,8 +2432,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
 
 @dataclass
 class LoadedRun:
-    """A checkpoint's model, ready to evaluate as its run did: its settings, device and precision, the
-    normaliser, the dataset and the run's splits (still on the CPU)."""
+    """A checkpoint's model, ready to evaluate as its run did, with its settings, precision, data and splits."""
     path: str
     ckpt: dict
     config: TrainConfig
@@ -2498,8 +2446,7 @@ class LoadedRun:
 
 def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None, device: str = "auto",
              limit_test: Optional[int] = None, download: bool = True, ema: bool = False) -> LoadedRun:
-    """Load a checkpoint (or a run folder's last.pt) with its model in eval mode on `device`; with ema, the
-    model holds the run's --ema average instead of its raw weights."""
+    """Load a checkpoint (or a run folder's last.pt), its model in eval mode on `device` (ema: the --ema average)."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     ckpt = load_checkpoint(path, full=False)
@@ -2523,10 +2470,9 @@ def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str
 def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None,
                         device: str = "auto", tta: bool = False, limit_test: Optional[int] = None,
                         batch_size: Optional[int] = None, download: bool = True, ema: bool = False) -> dict:
-    """Test metrics (and val metrics, if the run held some out) of a checkpoint's weights, measured as the
-    training run measured them: same images (its --limit-test unless limit_test is given), same precision,
-    same batches (its --eval-batch-size unless batch_size is given).
-    path: a checkpoint, or a run folder (its last.pt); ema: the run's --ema average instead of its weights."""
+    """Test (and val) metrics of a checkpoint or run folder's weights (ema: its --ema average), measured as the
+    run measured them: its images, precision and batches unless limit_test or batch_size say otherwise."""
+
     run = load_run(path, data, data_dir, device, limit_test, download, ema)
     result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"], "weights": "ema" if ema else "raw",
               "partial_epoch": run.ckpt.get("partial_epoch") is not None}
@@ -2566,8 +2512,7 @@ PRESETS = {
 
 
 def _program() -> str:
-    """How the program was started, for its usage lines: the console command that `pip install` makes,
-    python -m cifar100_resnet, or a file (cifar100_resnet.py also when called from Python)."""
+    """How the program was started, for its usage lines (cifar100_resnet.py also when called from Python)."""
     if "-m" in getattr(sys, "orig_argv", [])[1:3]:
         return "python -m cifar100_resnet"
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
@@ -2587,9 +2532,8 @@ def _preset_flags(name: str) -> list:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse (abbreviations off: a flag added later never changes what an old command means) whose errors
-    are one line, a UserError, with the closest flag for a misspelt one. --preset NAME stands for the preset's
-    flags typed first, so that flags given beside it win."""
+    """argparse without abbreviations (a later flag never changes an old command), its errors one UserError line
+    with the closest flag for a misspelt one. --preset NAME stands for its flags typed first."""
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
@@ -2645,8 +2589,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_parser(command: str, description: str, train_flags: bool = False) -> argparse.ArgumentParser:
-    """The parser of `PROGRAM command`, with one-line errors; with train_flags it takes every train flag, and
-    the command adds its own after them."""
+    """The parser of `PROGRAM command`, with one-line errors (and with train_flags, every train flag)."""
     parser = build_parser() if train_flags else _Parser(allow_abbrev=False)
     parser.prog, parser.description = f"{_program()} {command}", description
     parser.usage, parser.formatter_class = None, argparse.HelpFormatter
@@ -2673,8 +2616,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _resume_config(args: argparse.Namespace, argv: list) -> tuple[TrainConfig, ResumePoint]:
-    """The run's saved settings plus the flags a resume may change (refusing flags that would alter the run),
-    and the point it resumes from."""
+    """The saved settings with the flags a resume may change (refusing others), and the point it resumes from."""
     if args.preset:  # its epochs, say, would extend the run
         raise UserError("--preset chooses a new run's settings; a resumed run keeps its own (drop --preset)")
     not_given = object()  # the flags the user typed are those not left at this default
@@ -2755,9 +2697,8 @@ def _eval_command(argv: list) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The command line: train (the default), eval, and the lab's commands. Returns the exit code: 0 done, 1
-    diverged or a file could not be written, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt
-    written."""
+    """The command line: train (the default), eval, the lab's commands. Exit codes: 0 done, 1 diverged or a
+    failed write, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt written."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("train", "eval", *LAB_COMMANDS)
     command = argv.pop(0) if argv and argv[0] in commands else "train"
@@ -2797,9 +2738,8 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _speaker() -> Optional[str]:
-    """Which processes of a torchrun job print: process 0 (""), and the first process of each other machine,
-    for errors only, prefixed with its machine's number (a missing data folder may be missing on one machine
-    only). None: this process prints nothing. Alone: ""."""
+    """Who prints under torchrun: process 0 (prefix ""), and for errors only the first process of each other
+    machine (prefix its number: a data folder may be missing on one machine only). None: silent. Alone: ""."""
     if not _under_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         return ""
     return f"[machine {os.environ.get('GROUP_RANK', '?')}] " if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
@@ -2821,12 +2761,10 @@ def _fail(error, code: int) -> int:
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, `timeout`, docker stop) asks to stop: training
-    finishes its step and writes last.pt; the command then exits 128 + the signal's number. A second Ctrl-C
-    stops at once, a second SIGTERM ends the process. With at_once, until defer() is called (train() calls it
-    just before it creates anything) the first one stops at once. Stopping at once raises
-    KeyboardInterrupt(message, exit code), which main() prints as one line. The previous handlers come back on
-    exit."""
+    """Ctrl-C or SIGTERM (SLURM, `timeout`, docker stop) asks to stop: training finishes its step, writes last.pt,
+    and the command exits 128 + the signal's number. A second Ctrl-C stops at once, a second SIGTERM ends the
+    process; with at_once, so does the first until defer() (train() calls it before creating anything).
+    Stopping at once raises KeyboardInterrupt(message, exit code), which main() prints as one line."""
 
     def __init__(self, what: str = "writing last.pt after this step", quiet: bool = False, at_once: bool = False,
                  kept: str = "the run folder keeps its last complete checkpoint"):
@@ -2864,8 +2802,8 @@ class StopSignals:
 
 
 class Console:
-    """Step lines on a terminal rewrite one line in place; every other line, or any output to a file, is a
-    plain line."""
+    """Step lines on a terminal rewrite one line in place; other lines, and output to a file, are plain lines."""
+
 
     def __init__(self, stream):
         self.stream, self.tty, self.pending = stream, stream.isatty(), False
