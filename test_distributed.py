@@ -71,14 +71,20 @@ def _process(rank: int, world: int, folder: str) -> None:
             shutil.copy(f"{folder}/stopped/last.pt", f"{folder}/stopped_inside_epoch_2.pt")
         torch.distributed.barrier()
         cr.train(stopped, data, resume=f"{folder}/stopped")
-        real, calls = cr.mixed_cross_entropy, []
+        real = cr.mixed_cross_entropy
 
-        def poisoned(*args, **kwargs):
-            calls.append(1)
-            loss = real(*args, **kwargs)
-            return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+        def changed_in_process_1_step_3(change):
+            """The loss function, with `change` applied to what process 1's third call of it returns."""
+            calls = []
 
-        cr.mixed_cross_entropy = poisoned
+            def loss_function(*args, **kwargs):
+                calls.append(1)
+                loss = real(*args, **kwargs)
+                return change(loss) if rank == 1 and len(calls) == 3 else loss
+
+            return loss_function
+
+        cr.mixed_cross_entropy = changed_in_process_1_step_3(lambda loss: loss * float("nan"))
         try:
             cr.train(tiny(16, log_every=2), data)
         except cr.TrainingDiverged as e:
@@ -104,16 +110,7 @@ def _process(rank: int, world: int, folder: str) -> None:
         # the command as torchrun starts it (its variables set; the group already joined), and process 1 ends
         # in its third step: killed, or out of memory, as far as process 0 can tell
         os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-        calls.clear()
-
-        def lost_in_step_3(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3:
-                os._exit(0)
-            return real(*args, **kwargs)
-
-        if rank == 1:
-            cr.mixed_cross_entropy = lost_in_step_3
+        cr.mixed_cross_entropy = changed_in_process_1_step_3(lambda loss: os._exit(0))
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             code = cr.main(tiny_args(f"{folder}/data", f"{folder}/lost", "--dataset", "cifar10", "--batch-size", "16"))
