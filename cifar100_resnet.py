@@ -348,7 +348,6 @@ class TrainConfig:
     @property
     def first_cycle(self) -> float:
         """The first cosine cycle in epochs: --t0, or whole cycles fitted after the warm-up (resolve_t0)."""
-
         return resolve_t0(self.planned_epochs - self.warmup_epochs, self.t_mult, self.t0)
 
     def _check_types(self) -> None:
@@ -652,7 +651,6 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
               generator: Optional[torch.Generator] = None):
     """ONE of MixUp or CutMix (draw_mix, apply_mix): (images, labels_a, labels_b, lam), the target lam * a +
     (1 - lam) * b. (The notebook applied both and kept only CutMix's labels, losing MixUp's second label.)"""
-
     return apply_mix(images, labels, *draw_mix(config, images.shape[2], images.shape[3], generator))
 
 
@@ -960,7 +958,6 @@ def advanced_augment(images: torch.Tensor, generator: Optional[torch.Generator] 
     """The notebook's advanced policy (ADVANCED_POLICY), after crop and flip: per group and image, whether the
     group applies and which member, in proportion to the members' p (Albumentations' OneOf). Returns the images
     and the (N, 2) indices into ADVANCED_OPERATIONS of the operation each group ran (-1: none)."""
-
     n, device = len(images), images.device
     h, w = images.shape[2:]
     chosen = torch.full((n, 2), -1, dtype=torch.long, device=device)
@@ -1179,7 +1176,6 @@ def schedule_end(config: TrainConfig, t0: float) -> tuple[float, float, float]:
 
 def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
     """A warning when the run ends inside a cycle, its last weights trained at a high rate."""
-
     t_cur, length, end_fraction = schedule_end(config, t0)
     if not t_cur:
         return None
@@ -1559,7 +1555,6 @@ class Trainer:
     def augmented_epoch(self, details: bool = False) -> tuple:
         """One epoch's training images in the order drawn for it, cropped, flipped (and with --aug advanced, the
         policy), and their labels; with details, also how ({"order", "dy", "dx", "flipped", "operations"})."""
-
         train_images, train_labels = self.splits["train"]
         order = torch.randperm(self.n_train, generator=self.data_rng, device=self.device)
         cropped, (dy, dx) = random_crop(train_images[order], generator=self.data_rng, return_offsets=True)
@@ -1754,7 +1749,6 @@ class Trainer:
     def close(self, timeout: Optional[float] = None) -> None:
         """With several processes: wait for the stop vote in flight (ending with a gloo collective in flight
         aborts), then free the votes' group. timeout: stopping alone (a failed write), give up after it."""
-
         if self._vote is not None:
             try:
                 self._vote[1].wait(*([datetime.timedelta(seconds=timeout)] if timeout is not None else []))
@@ -2090,8 +2084,6 @@ class CheckpointWriter:
     170 MB); wait() re-raises a failed write, `failed` says so at once. snapshot() copies CUDA tensors into
     page-locked buffers kept between checkpoints, queued on the current stream without waiting (so they run
     before the next epoch's updates); the writer thread waits for them to land. No host sync, no pageable copy."""
-
-
 
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
@@ -2472,7 +2464,6 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
                         batch_size: Optional[int] = None, download: bool = True, ema: bool = False) -> dict:
     """Test (and val) metrics of a checkpoint or run folder's weights (ema: its --ema average), measured as the
     run measured them: its images, precision and batches unless limit_test or batch_size say otherwise."""
-
     run = load_run(path, data, data_dir, device, limit_test, download, ema)
     result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"], "weights": "ema" if ema else "raw",
               "partial_epoch": run.ckpt.get("partial_epoch") is not None}
@@ -2803,7 +2794,6 @@ class StopSignals:
 
 class Console:
     """Step lines on a terminal rewrite one line in place; other lines, and output to a file, are plain lines."""
-
 
     def __init__(self, stream):
         self.stream, self.tty, self.pending = stream, stream.isatty(), False
