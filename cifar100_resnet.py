@@ -479,6 +479,8 @@ def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True
     """Read `data_dir/<official folder>`, first downloading the md5-checked archive if files are missing. Files
     already there are read as they are (a user's rebuild has other md5 sums): the reader checks the content."""
     info = DATASETS[dataset]
+    if os.path.isfile(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
     folder = os.path.join(data_dir, info.folder)
     expected = info.train_files + info.test_files + (info.meta_file,)
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
@@ -1907,13 +1909,14 @@ def load_checkpoint(path: str, full: bool = True) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
-    except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: never pass that on
-        if "unsupported global" in str(e).lower():
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
+    except Exception as e:  # torch's own words (a zip reader's, a pickle's) are no use, and they suggest
+        if "unsupported global" in str(e).lower():  # weights_only=False for a refused object: never pass that on
             raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, "
                             f"which a checkpoint of this module never does (loading them could run code)") from None
-        raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save)") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save, or one cut "
+                        f"short)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cifar100_resnet":
         raise UserError(f"{path} is not a cifar100_resnet checkpoint")
     needed = {"config": dict, "epoch": int, "best": dict, "model": dict}
