@@ -2280,9 +2280,9 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
             writer.wait()
         on_disk = folder.on_disk() if folder else "nothing was written (no out_dir)"
         raise TrainingDiverged(f"{e}; stopped, no checkpoint holds the non-finite values: {on_disk}") from None
-    except WriteFailed as e:
-        trainer.close(timeout=60)  # process 0 alone: the others learn it when its group closes
-        if folder is None:
+    except (WriteFailed, RuntimeError) as e:  # process 0's write failed, or another process was lost (gloo, NCCL):
+        trainer.close(timeout=60)  # a stop vote left in flight would abort this process as it exits (SIGABRT)
+        if not isinstance(e, WriteFailed) or folder is None:
             raise
         again = f"resume with --resume --out-dir {folder.path}" if folder.holds_run() else "run the same command again"
         raise WriteFailed(f"{e}; {folder.on_disk()}: free some space, then {again}") from None
