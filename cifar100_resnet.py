@@ -1911,8 +1911,8 @@ def load_checkpoint(path: str, full: bool = True) -> dict:
         raise UserError(f"no checkpoint at {path}") from None
     except PermissionError:
         raise UserError(f"cannot read {path}: permission denied") from None
-    except Exception as e:  # torch's own words (a zip reader's, a pickle's) are no use, and they suggest
-        if "unsupported global" in str(e).lower():  # weights_only=False for a refused object: never pass that on
+    except Exception as e:  # torch's words (an EOFError, a zip reader's OSError) would not help the user
+        if "unsupported global" in str(e).lower():  # torch's text suggests weights_only=False: never pass that on
             raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, "
                             f"which a checkpoint of this module never does (loading them could run code)") from None
         raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save, or one cut "

@@ -1223,7 +1223,7 @@ def test_unwritable_out_dir_is_refused(tiny_data_dir, tmp_path, capsys):
     assert blocker.read_text() == "x"
 
 
-def test_checkpoint_of_another_architecture_is_refused(tiny_data_dir, tmp_path, capsys, monkeypatch):
+def test_checkpoint_of_another_architecture_is_refused(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert cr.main(tiny_args(tiny_data_dir, out, "--epochs", "1")) == 0
     before = (out / "last.pt").read_bytes()
@@ -1240,13 +1240,16 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data_dir, tmp_path, 
     code = cr.main(tiny_args(tiny_data_dir, tmp_path / "other", "--resume", str(tmp_path / "junk.pt")))
     assert code == 2 and "junk.pt is not a readable checkpoint (not a file written by torch.save, or one cut " \
         "short)" in capsys.readouterr().err
-    # and one this user may not read (the tests run as root here, who may read anything: the error is planted)
+
+
+def test_a_checkpoint_this_user_may_not_read_says_so(tmp_path, monkeypatch):
+    # the tests run as root here, who may read anything: the error torch.load would raise is planted
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(torch, "load", denied)
     with pytest.raises(cr.UserError, match="^cannot read .*last.pt: permission denied$"):
-        cr.load_checkpoint(str(out / "last.pt"))
+        cr.load_checkpoint(str(tmp_path / "last.pt"))
 
 
 def test_resuming_an_older_checkpoint_into_its_own_folder_is_refused(tiny_data_dir, tmp_path, capsys):
