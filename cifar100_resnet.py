@@ -1061,8 +1061,7 @@ class ResNet(nn.Module):
         channels = width
         for i, n_blocks in enumerate(blocks_per_stage):
             out_channels = width * 2 ** i
-            stride = 1 if i == 0 else 2
-            blocks = [BasicBlock(channels, out_channels, stride)]
+            blocks = [BasicBlock(channels, out_channels, stride=1 if i == 0 else 2)]
             blocks += [BasicBlock(out_channels, out_channels) for _ in range(n_blocks - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             channels = out_channels
@@ -1430,6 +1429,7 @@ class Trainer:
             raise UserError(f"the last batch of each epoch ({self.n_train % global_batch} images) would leave some "
                             f"of the {self.world} processes without an image: change --batch-size or --limit-train")
         self.batches = epoch_batches(self.n_train, global_batch)
+        self.steps_per_epoch = len(self.batches)
 
         torch.manual_seed(config.seed)  # the model's initial weights
         self.model = build_model(config).to(self.device)
@@ -1471,10 +1471,6 @@ class Trainer:
         self.best: dict = {"metric": "val_top1" if config.val_split else "test_top1", "value": -1.0, "epoch": 0}
         self.history: list = []  # one metrics row per completed epoch: metrics.csv is written from it
         self.run_id: Optional[str] = None  # names the run a checkpoint belongs to (set by train())
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.batches)
 
     # --- one step
 
@@ -1825,9 +1821,8 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
 
 def check_architecture(ckpt: dict, config: TrainConfig) -> None:
     """Refuse a checkpoint of another model in one line instead of a state_dict key dump."""
-    saved = ckpt["config"]
     keys = ("arch", "stem", "width", "dataset")
-    theirs, ours = {k: saved.get(k) for k in keys}, {k: getattr(config, k) for k in keys}
+    theirs, ours = {k: ckpt["config"].get(k) for k in keys}, {k: getattr(config, k) for k in keys}
     if theirs != ours:
         differ = ", ".join(f"{k} {theirs[k]} (checkpoint) vs {ours[k]}" for k in keys if theirs[k] != ours[k])
         raise UserError(f"the checkpoint holds another architecture: {differ}")
@@ -2513,16 +2508,17 @@ def _program() -> str:
     return name if name in ("cifar100-resnet", "cifar100_lab.py") else "cifar100_resnet.py"
 
 
+def _typed(setting: str, value) -> list:
+    """The words that set `setting` to `value` on the command line (a switch: its flag, or none at its default)."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == setting)
+    if isinstance(field.default, bool):
+        return [_flag_of(field)] if value != field.default else []
+    return [_flag_of(field), "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)]
+
+
 def _preset_flags(name: str) -> list:
-    """The flags a preset stands for, as they would be typed (a switch's flag flips its default)."""
-    fields, flags = {f.name: f for f in dataclasses.fields(TrainConfig)}, []
-    for setting, value in PRESETS[name].items():
-        flag = _flag_of(fields[setting])
-        if isinstance(value, bool):
-            flags += [flag] if value != fields[setting].default else []
-        else:
-            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return flags
+    """The flags a preset stands for, as they would be typed."""
+    return [word for setting, value in PRESETS[name].items() for word in _typed(setting, value)]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2629,7 +2625,8 @@ def _resume_config(args: argparse.Namespace, argv: list) -> tuple[TrainConfig, R
                         f"{saved['epochs']}")
     changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES - {"epochs"} and v != saved.get(k)]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in changed)
+        flags = ", ".join(" ".join(_typed(k, given[k])) + (f" (the run has {_typed(k, saved.get(k))[1]})" if not
+                          isinstance(given[k], bool) else " (the run was started without it)") for k in changed)
         raise UserError(f"a resumed run keeps its settings (only --epochs may grow); these differ: {flags}")
     values = {k: v for k, v in saved.items() if k in fields}
     values.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
