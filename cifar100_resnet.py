@@ -208,7 +208,7 @@ class TrainConfig:
     epochs: int = _setting(400, "passes over the training set", "recipe", check=_AT_LEAST_1)
     batch_size: int = _setting(128, "images per optimiser step", "recipe", check=_AT_LEAST_1)
     lr: float = _setting(0.1, "peak learning rate; scale it with the batch size (0.4 at 512 is 0.1 x 512/128)",
-                         "recipe", check=(lambda v: math.isfinite(v) and v > 0, "positive"))
+                         "recipe", check=(lambda v: v > 0, "positive"))
     momentum: float = _setting(0.9, "SGD momentum", "recipe", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     weight_decay: float = _setting(1e-3, "L2 penalty, applied by SGD", "recipe", check=_NOT_NEGATIVE)
     decay_norm_and_bias: bool = _setting(True, "exempt BatchNorm weights and biases from weight decay (the "
@@ -325,6 +325,8 @@ class TrainConfig:
                 raise UserError(f"{flag} must be one of {', '.join(choices)}, got {shown}")
             if check and not check[0](value):
                 raise UserError(f"{flag} must be {check[1]}, got {shown}")
+            if isinstance(value, float) and not math.isfinite(value):  # (an infinite Beta alpha never returns)
+                raise UserError(f"{flag} must be a finite number, got {shown}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise UserError(f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} "
                             f"epochs")
