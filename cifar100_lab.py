@@ -240,6 +240,13 @@ class LRFindResult:
     stopped_early: Optional[str]  # why the test ended before its last step, or None
 
 
+def _check_lr_range(start: float, end: float, steps: int) -> None:
+    if not (0 < start < end and math.isfinite(end)):
+        raise cr.UserError(f"the rates must satisfy 0 < --start < --end, got --start {start:g} --end {end:g}")
+    if steps < 2:
+        raise cr.UserError(f"--steps must be at least 2, got {steps}")
+
+
 def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: float = 1e-5, end: float = 10.0,
             steps: int = 300, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
             smoothing: float = 0.98, diverge_factor: float = 4.0,
@@ -253,10 +260,7 @@ def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: 
     else of the model a run with `config` starts from. Suggestion: a tenth of the rate at the lowest smoothed
     loss, where the loss still falls steadily (fastai's `lr_min` rule).
     """
-    if not (0 < start < end and math.isfinite(end)):
-        raise cr.UserError(f"the rates must satisfy 0 < --start < --end, got --start {start} --end {end}")
-    if steps < 2:
-        raise cr.UserError(f"--steps must be at least 2, got {steps}")
+    _check_lr_range(start, end, steps)
     if cr.process_group()[1] > 1:  # its early stop and its copy of the model are one process's
         raise cr.UserError("lr_find runs in one process, not inside a torch.distributed group")
     config = dataclasses.replace(config, out_dir=None)
@@ -1033,6 +1037,8 @@ def lr_find_main(argv: list) -> int:
     if args.resume is not None:
         raise cr.UserError("lr-find starts from the initial weights of its settings; --resume is for training")
     config = cr.config_from_args(args)
+    config.validate()  # the settings and the rates, before the data is read and the first line printed
+    _check_lr_range(args.start, args.end, args.steps)
     out = config.out_dir or os.path.join("runs", "lr-find-" + time.strftime("%Y%m%d-%H%M%S"))
     if all(os.path.exists(os.path.join(out, name)) for name in ("lr_find.csv", "lr_find.png")):  # png: the last
         raise cr.UserError(f"{out} already holds a finished lr-find (lr_find.csv, lr_find.png); pass another "

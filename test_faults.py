@@ -342,7 +342,9 @@ class Payload:
 
 
 def one_error_line(capsys, code: int, expected: int = 2) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "", captured.out
     assert code == expected and len(err) == 1 and err[0].startswith("error: "), (code, err)
     return err[0]
 
