@@ -114,6 +114,16 @@ def check_png(path: str) -> str:
     return path
 
 
+def make_folder(path: str) -> str:
+    """os.makedirs(path, exist_ok=True), its failure one UserError line (root passes os.access where it cannot
+    write: a check before the work cannot catch everything); returns the path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise cr.UserError(f"cannot create {path}: {e.strerror or e}") from None
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark: the real training step and evaluation, timed on this device
 
@@ -325,6 +335,7 @@ def write_lr_find(result: LRFindResult, folder: str) -> list:
 
 
 SWEEP_VAL_SPLIT = 5000  # a sweep's default --val-split: the training images it chooses on
+MAX_SWEEP_RUNS = 10_000  # more than anyone trains: a mistyped --random 10000000000 says so instead of filling memory
 
 
 def _sweepable() -> dict:
@@ -342,7 +353,10 @@ def _parse_setting(field: dataclasses.Field, text: str):
         if text.lower() not in ("true", "false", "on", "off", "1", "0"):
             raise ValueError(f"expected true or false, got {text!r}")
         return text.lower() in ("true", "on", "1")
-    return kind(text)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{field.name} takes {'whole numbers' if kind is int else 'numbers'}, got {text!r}") from None
 
 
 def parse_sweep_specs(specs: list, ranges: bool = False) -> dict:
@@ -353,7 +367,9 @@ def parse_sweep_specs(specs: list, ranges: bool = False) -> dict:
     for spec in specs:
         name, _, text = spec.partition("=")
         name = name.strip().lstrip("-").replace("-", "_")
-        if name not in fields or not text:
+        if name in fields and not text:
+            raise cr.UserError(f"{spec!r} gives {name} no values: {name}=V1,V2")
+        if name not in fields:
             if name == "seed":
                 raise cr.UserError("vary the seed with --seeds 0,1,2, not in the grid")
             close = difflib.get_close_matches(name, list(fields), n=1)
@@ -367,6 +383,8 @@ def parse_sweep_specs(specs: list, ranges: bool = False) -> dict:
             parts = text.split(":")
             if ranges and ":" in text:
                 kind = "log" if parts[0] == "log" else "uniform"
+                if len(parts) != 2 + (kind == "log"):
+                    raise ValueError("a range is LOW:HIGH or log:LOW:HIGH")
                 low, high = (parts[1:] if kind == "log" else parts)
                 low, high = _parse_setting(field, low), _parse_setting(field, high)
                 if type(field.default) not in (int, float) or not low < high or (kind == "log" and low <= 0):
@@ -629,6 +647,12 @@ def sweep(base: cr.TrainConfig, out_dir: str, grid: Optional[dict] = None, space
     out_dir), so that the same call on other machines joins it. One seed: base.seed.
     """
     cr.RunFolder(out_dir).check_writable()
+    n_settings = math.prod(len(values) for values in grid.values()) if grid is not None else trials
+    n_runs = n_settings * (1 if search == "optuna" else len(seeds))
+    if n_runs > MAX_SWEEP_RUNS:
+        seeds_note = f" ({n_settings:,} settings x {len(seeds)} seeds)" if n_runs != n_settings else ""
+        raise cr.UserError(f"the sweep would train {n_runs:,} runs{seeds_note}; one sweep trains at most "
+                           f"{MAX_SWEEP_RUNS:,}")
     if search == "optuna":
         if tuple(seeds) != (base.seed,) and tuple(seeds) != (0,):
             raise cr.UserError("--seeds is for grid and random sweeps; an Optuna trial trains one seed (--seed)")
@@ -645,7 +669,7 @@ def sweep(base: cr.TrainConfig, out_dir: str, grid: Optional[dict] = None, space
     for run in runs:
         _check_fits(run, data)
     todo = [r for r in runs if run_status(r.config.out_dir, r.config.epochs) not in ("done", "diverged")]
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    make_folder(os.path.join(out_dir, "runs"))
     remove_stale_temporaries(out_dir)
     cr.atomic_save(json.dumps({"base": base.saved(), "grid": grid, "space": space, "trials": trials,
                                "seeds": list(seeds), "sample_seed": sample_seed, "varied": varied,
@@ -986,7 +1010,7 @@ def _optuna_sweep(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, 
     for config in [base, *ends]:
         _check_fits(SweepRun({}, base.seed, config, "of the study"), data)
     created = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)
     try:
         with _study_lock(out_dir):
             study = _open_study(out_dir, storage, study_name)
@@ -997,7 +1021,7 @@ def _optuna_sweep(base: cr.TrainConfig, out_dir: str, space: dict, trials: int, 
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)
         raise
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    make_folder(os.path.join(out_dir, "runs"))
     remove_stale_temporaries(out_dir)
     cr.atomic_save(json.dumps({"base": base.saved(), "search": "optuna", "space": space, "trials": trials,
                                "study": study.study_name, "storage": storage or "optuna.db", "varied": list(space)},
@@ -1057,7 +1081,7 @@ def lr_find_main(argv: list) -> int:
     print(f"lr-find: {len(result.rates)} steps" + (f"; stopped early: {result.stopped_early}"
                                                    if result.stopped_early else ""))
     print(f"suggested peak learning rate: {result.suggestion:.3g} for batch {config.batch_size} ({result.rule})")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     print(f"wrote {' and '.join(write_lr_find(result, out))}")
     return 0
 
@@ -1074,10 +1098,11 @@ def sweep_main(argv: list) -> int:
             action.default = SWEEP_VAL_SPLIT
             action.help = action.help.replace("(default: 0)", f"(default: {SWEEP_VAL_SPLIT} in a sweep)")
     group = parser.add_argument_group("sweep")
-    group.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", help="every combination of these values "
-                       "(any train setting: lr=0.05,0.1 weight_decay=5e-4,1e-3)")
-    group.add_argument("--random", nargs="+", metavar="N NAME=RANGE", help="N settings drawn from ranges: "
-                       "lr=log:0.01:1 (log-uniform), momentum=0.8:0.95 (uniform), arch=resnet18,resnet34 (choice)")
+    group.add_argument("--grid", nargs="+", action="extend", metavar="NAME=V1,V2", help="every combination of "
+                       "these values (any train setting: lr=0.05,0.1 weight_decay=5e-4,1e-3)")
+    group.add_argument("--random", nargs="+", action="append", metavar="N NAME=RANGE", help="N settings drawn from "
+                       "ranges: lr=log:0.01:1 (log-uniform), momentum=0.8:0.95 (uniform), arch=resnet18,resnet34 "
+                       "(choice)")
     group.add_argument("--seeds", default="0", help="train each setting once per seed (default: 0)")
     group.add_argument("--devices", help="cuda:0,cuda:1,...: one worker process per device, side by side "
                        "(default: --device, one run at a time)")
@@ -1095,22 +1120,26 @@ def sweep_main(argv: list) -> int:
         raise cr.UserError("sweep needs --out-dir: the folder of its runs (the same command continues it later)")
     if bool(args.grid) == bool(args.random):
         raise cr.UserError("sweep needs --grid NAME=V1,V2 ... or --random N NAME=RANGE ..., one of the two")
+    if args.random and len(args.random) > 1:  # (repeated --grid flags add up: action="extend")
+        raise cr.UserError("--random is given twice: one --random N NAME=RANGE NAME=RANGE ... draws N settings of "
+                           "them all")
+    random_spec = args.random[0] if args.random else None
     grid = space = None
     trials = 0
     if args.grid:
         grid = parse_sweep_specs(args.grid)
     else:
-        if not args.random[0].isdigit() or int(args.random[0]) < 1:
+        if not random_spec[0].isdigit() or int(random_spec[0]) < 1:
             raise cr.UserError(f"--random needs the number of settings first, then NAME=RANGE specs; got "
-                            f"{args.random[0]!r}")
-        trials, space = int(args.random[0]), parse_sweep_specs(args.random[1:], ranges=True)
+                               f"{random_spec[0]!r}")
+        trials, space = int(random_spec[0]), parse_sweep_specs(random_spec[1:], ranges=True)
     if args.search and grid is not None:
         raise cr.UserError("--search optuna samples ranges: use --random N NAME=RANGE ...")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise cr.UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
-    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices is not None else None
     for device in devices or []:
         cr.resolve_device(device)
     config = cr.config_from_args(args)
@@ -1193,10 +1222,7 @@ def _save(fig, path: str, dpi: int = 110) -> str:
     png = io.BytesIO()
     fig.savefig(png, dpi=dpi, format="png")
     plt.close(fig)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    except OSError as e:
-        raise cr.UserError(f"cannot write {path}: {e.strerror or e}") from None
+    make_folder(os.path.dirname(os.path.abspath(path)))
     cr.atomic_save(png.getvalue(), path)
     return path
 
@@ -1672,7 +1698,7 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
         _run_schedule(run_dir, 1)
     folder = out_dir or os.path.join(run_dir, "report")
     cr.RunFolder(folder).check_writable()
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     classes, written, analyses = run.data.classes, [], {}
     for split in ("test", "val") if run.config.val_split else ("test",):
         images, labels = run.splits[split]

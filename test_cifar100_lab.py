@@ -212,13 +212,19 @@ def test_sweep_specs_parse_with_each_settings_type_and_bad_ones_are_one_message(
                                  ranges=True)
     assert space == {"lr": ("log", 0.01, 1.0), "momentum": ("uniform", 0.8, 0.95), "width": ("uniform", 8, 32),
                      "stem": ["cifar", "imagenet"]}
-    for bad, words in [(["lr"], "not NAME=VALUES"), (["lrr=0.1"], "did you mean lr"), (["seed=1,2"], "--seeds"),
+    for bad, words in [(["lr"], "gives lr no values: lr=V1,V2"), (["=0.1"], "not NAME=VALUES"),
+                       (["lrr=0.1"], "did you mean lr"), (["seed=1,2"], "--seeds"),
                        (["width=8,x"], "cannot read"), (["lr=0.1,0.1"], "repeated"),
-                       (["lr=0.1", "lr=0.2"], "given twice"), (["out_dir=a,b"], "not NAME=VALUES")]:
+                       (["lr=0.1", "lr=0.2"], "given twice"), (["out_dir=a,b"], "not NAME=VALUES"),
+                       (["lr="], "gives lr no values"), (["width=8.5"], "width takes whole numbers, got '8.5'"),
+                       (["lr=0.1,x"], "lr takes numbers, got 'x'")]:
         with pytest.raises(cr.UserError, match=words):
             lab.parse_sweep_specs(bad)
     for bad in (["lr=log:0:1"], ["lr=1:0.1"], ["arch=a:b"]):
         with pytest.raises(cr.UserError, match="LOW < HIGH"):
+            lab.parse_sweep_specs(bad, ranges=True)
+    for bad in (["lr=log:0.1"], ["lr=0.1:0.2:0.3"], ["lr=log:0.1:0.2:0.3"]):
+        with pytest.raises(cr.UserError, match="a range is LOW:HIGH or log:LOW:HIGH"):
             lab.parse_sweep_specs(bad, ranges=True)
 
 
