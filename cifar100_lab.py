@@ -151,6 +151,8 @@ def benchmark(config: cr.TrainConfig, data: cr.CifarData, epochs: int = 2, eval_
     # the run's schedule and settings (env), but step lines that count the bench's own epochs and time left
     env = env or cr.resolve(config)
     trainer = cr.Trainer(dataclasses.replace(config, epochs=1 + epochs), data, log=log, env=env)
+    log(f"bench: times {epochs} training epochs of {trainer.n_train:,} images after one warm-up epoch, then "
+        f"{eval_repeats} evaluations; the step lines count these {1 + epochs} epochs and the time left in them")
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -208,9 +210,6 @@ def bench_main(argv: list) -> int:
     else:
         data = random_cifar(config.dataset, config.limit_train or 50_000, config.limit_test or 10_000, config.seed)
         source = "random data"
-    print(f"bench: times {args.bench_epochs} training epochs of {source} after one warm-up epoch, then 3 "
-          f"evaluations; the step lines count these {1 + args.bench_epochs} epochs and the time left in them",
-          flush=True)
     try:
         r = benchmark(config, data, epochs=args.bench_epochs, env=env, log=lambda m: print(m, flush=True))
     except KeyboardInterrupt:
@@ -1160,9 +1159,15 @@ def sweep_main(argv: list) -> int:
 # Learning curves from metrics.csv (matplotlib, an optional extra: pip install "cifar100_resnet[plot]")
 
 
+SCHEDULE_POINTS = 200_000  # a figure is 1,100 pixels wide: a longer schedule is drawn at every k-th step
+SCHEDULE_RESTARTS = 100  # restarts marked and listed (a schedule with more shows none of them apart)
+
+
 def schedule_per_step(config: cr.TrainConfig, t0: float, steps_per_epoch: int, epochs: float) -> tuple:
-    """(fractional epochs, rates) at every step of the first `epochs` epochs: the rate the run sets."""
-    points = [i / steps_per_epoch for i in range(int(round(epochs * steps_per_epoch)))]
+    """(fractional epochs, rates) at every step of the first `epochs` epochs (every k-th step, when there are
+    SCHEDULE_POINTS or more): the rate the run sets."""
+    steps = int(round(epochs * steps_per_epoch))
+    points = [i / steps_per_epoch for i in range(0, steps, max(1, steps // (SCHEDULE_POINTS // 2)))]
     return points, [cr.learning_rate(x, config, t0) for x in points]
 
 
@@ -1230,13 +1235,14 @@ def _save(fig, path: str, dpi: int = 110) -> str:
 def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
     """Draw the learning rate a run with these settings will set at every step, before any training: the
     restarts and the run's end marked. Returns where the run ends: {"end_fraction": rate at the end / peak,
-    "restarts": [epochs], "into_cycle": epochs into the last cycle, "cycle": its length}."""
+    "restarts": [epochs] (the first SCHEDULE_RESTARTS + 1 at most), "into_cycle": epochs into the last cycle,
+    "cycle": its length}."""
     plt = _pyplot()
     config.validate()
     t0 = config.first_cycle
     points, rates = schedule_per_step(config, t0, _cifar_steps_per_epoch(config), config.epochs)
     restarts, start, length = [], config.warmup_epochs + t0, t0
-    while start < config.planned_epochs - 1e-9:
+    while start < config.planned_epochs - 1e-9 and len(restarts) <= SCHEDULE_RESTARTS:
         restarts.append(start)
         length *= config.t_mult
         start += length
@@ -1246,7 +1252,7 @@ def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
 
     fig, ax = plt.subplots(figsize=(10, 4.4))
     ax.plot(points, rates, label="learning rate at each step")
-    for i, x in enumerate(restarts):
+    for i, x in enumerate(restarts[:SCHEDULE_RESTARTS]):
         ax.axvline(x, color="grey", linestyle=":", label="warm restart" if i == 0 else None)
     ax.plot([config.epochs], [end * config.lr], "o", color="tab:red",
             label=f"the run ends (epoch {config.epochs}): {end:.0%} of the peak rate")
@@ -1446,8 +1452,11 @@ def plot_main(argv: list) -> int:
         r = plot_schedule(config, check_png(out))
         where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
                  else "at the end of a cycle")
+        restarts = ", ".join(f"{x:.4g}" for x in r["restarts"][:SCHEDULE_RESTARTS]) or "none"
+        if len(r["restarts"]) > SCHEDULE_RESTARTS:
+            restarts += f" and more (the first {SCHEDULE_RESTARTS} marked)"
         print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
-              f"{', '.join(f'{x:.4g}' for x in r['restarts']) or 'none'}")
+              f"{restarts}")
         return 0
     p = cr.command_parser("plot", "learning curves of one run, or several compared; the runs of a sweep (a sweep "
                           "folder); or, with --schedule and train flags, the planned learning rate")
@@ -2097,8 +2106,10 @@ def conv_demo_main(argv: list) -> int:
     if args.kernel:
         try:
             values = [float(v) for v in args.kernel.split(",")]
+            if not all(map(math.isfinite, values)):
+                raise ValueError
         except ValueError:
-            raise cr.UserError(f"--kernel must be numbers separated by commas, got {args.kernel!r}") from None
+            raise cr.UserError(f"--kernel must be finite numbers separated by commas, got {args.kernel!r}") from None
         k = math.isqrt(len(values))
         if k * k != len(values):
             raise cr.UserError(f"--kernel needs a square number of values (9 for 3x3), got {len(values)}")

@@ -605,7 +605,7 @@ def test_bench_command_times_training_and_evaluation_on_cpu(capsys, monkeypatch)
     out = capsys.readouterr().out
     assert code == 0
     # it says first what it times, its step lines count its own 3 epochs (not the run's 400), then how long
-    assert out.startswith("bench: times 2 training epochs of random data after one warm-up epoch, then 3 "
+    assert out.startswith("bench: times 2 training epochs of 256 images after one warm-up epoch, then 3 "
                           "evaluations"), out
     steps = [line for line in out.splitlines() if re.match(r"epoch \d+/\d+ step ", line)]
     assert steps and all(line.startswith(("epoch 1/3 ", "epoch 2/3 ", "epoch 3/3 ")) for line in steps), steps
@@ -705,6 +705,19 @@ def test_plot_schedule_shows_that_the_notebooks_400_epochs_end_at_96_percent_of_
     auto = lab.plot_schedule(cr.TrainConfig(epochs=400, warmup_epochs=2, lr=0.4, batch_size=512), str(out))
     assert auto["end_fraction"] == 0 and auto["restarts"] == pytest.approx([2 + 398 / 7, 2 + 3 * 398 / 7])
     assert cr.main(["plot", "--schedule", "--epochs", "0"]) == 2  # the same checks as the training flags
+
+
+def test_plot_schedule_of_an_endless_run_draws_a_bounded_number_of_points_and_restarts(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    # 10^8 epochs of 391 steps were 4e10 points, and the command was killed for memory
+    points, rates = lab.schedule_per_step(cr.TrainConfig(epochs=10 ** 8, t0=50), 50.0, 391, 10 ** 8)
+    assert lab.SCHEDULE_POINTS // 2 <= len(points) <= lab.SCHEDULE_POINTS and points[-1] > 0.99 * 10 ** 8
+    assert rates[0] == 0.1 and len(lab.schedule_per_step(cr.TrainConfig(epochs=2), 2.0, 391, 2)[0]) == 782
+    out = tmp_path / "schedule.png"  # 399 restarts, of which the first 100 are marked and listed
+    assert cr.main(["plot", "--schedule", "--epochs", "400", "--t0", "1", "--t-mult", "1", "--batch-size", "25000",
+                    "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert "restarts at epochs 1, 2, 3, 4," in printed and printed.endswith(", 99, 100 and more (the first 100 marked)")
 
 
 def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):

@@ -691,6 +691,8 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["conv-demo", "--image", "{S}/nowhere.png"], "cannot read the image"),
     (["conv-demo", "--image", "{S}/bomb.png"], "cannot read the image"),
     (["conv-demo", "--out", "{S}/x.txt"], "ends in .png"), (["conv-demo", "--filtr", "edge"], "did you mean"),
+    (["conv-demo", "--kernel=inf,0,0,0,0,0,0,0,0"], "--kernel must be finite numbers separated by commas"),
+    (["bench", "--batch-size", "251"], "--batch-size 251 is larger than the training set (250 images)"),
 ]
 TRAIN_FLAG_COMMANDS = ("lr-find", "sweep", "preview-aug", "bench")  # they take every train flag
 
