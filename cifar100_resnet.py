@@ -2022,11 +2022,8 @@ class RunFolder:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --out-dir {self.path}: {e.strerror or e}") from None
-        try:
+        if os.name == "posix":  # (Windows: no lock)
             import fcntl
-        except ImportError:  # Windows: no lock
-            fcntl = None
-        if fcntl is not None:
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2690,8 +2687,8 @@ def _eval_command(argv: list) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The command line: train (the default), eval, the lab's commands. Exit codes: 0 done, 1 diverged or a
-    failed write, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt written."""
+    """The command line: train (the default), eval, the lab's commands. Exit codes: 0 done, 1 diverged, out of
+    memory or a failed write, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt written."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("train", "eval", *LAB_COMMANDS)
     command = argv.pop(0) if argv and argv[0] in commands else "train"
@@ -2723,7 +2720,10 @@ def main(argv: Optional[list] = None) -> int:
             message, code = e.args if len(e.args) == 2 else (f"{command} stopped by Ctrl-C; no file is left "
                                                              f"half-written", 130)
             return _fail(message, code)
-        except RuntimeError as e:  # with several processes: another one failed (it, or torchrun, says why)
+        except RuntimeError as e:  # out of memory; with several processes, another one failed (it says why)
+            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):  # (CPU: a RuntimeError)
+                return _fail(f"out of memory ({'. '.join(_first_line(e, None).split('. ')[:2])}): a smaller "
+                             f"--batch-size or --eval-batch-size needs less; a run folder keeps its last checkpoint", 1)
             if not _under_torchrun() or not any(
                     word in _first_line(e, None) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
                 raise

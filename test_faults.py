@@ -293,6 +293,37 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_once_there_
     assert_same_run(out, reference)
 
 
+def test_running_out_of_memory_is_one_line_exit_1_and_the_run_resumes_from_its_last_checkpoint(
+        data_dir, reference, tmp_path, monkeypatch, capsys):
+    # a GPU out of memory in epoch 3 (step 25 of 40): the exception torch raises there, from inside the step
+    real, calls = cr.Trainer._step, []
+
+    def step_out_of_memory(self, *args):
+        calls.append(1)
+        if len(calls) == 25:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch "
+                                         "memory, this process has 78.12 GiB memory in use.")
+        return real(self, *args)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(cr.Trainer, "_step", step_out_of_memory)
+    assert cr.main(run_args(data_dir, out, "--quiet")) == 1
+    assert one_error_line(capsys, 1, 1) == (
+        "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): a smaller --batch-size or "
+        "--eval-batch-size needs less; a run folder keeps its last checkpoint")
+    assert load(out / "last.pt")["epoch"] == 2 and not list(out.glob(f"*{cr.TEMP_SUFFIX}"))
+    monkeypatch.undo()
+    assert cr.main(run_args(data_dir, out, "--quiet", "--resume")) == 0
+    assert_same_run(out, reference)
+    # on the CPU torch says so in a plain RuntimeError: a real one, a first stage of 10^6 channels (36 TB)
+    wide = tmp_path / "wide"
+    assert cr.main(run_args(data_dir, wide, "--quiet", "--width", "1000000")) == 1
+    message = one_error_line(capsys, 1, 1)
+    assert message.startswith("error: out of memory (") and "can't allocate memory" in message, message
+    assert not wide.exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Divergence: no checkpoint ever holds non-finite values, and the message says what is on disk
 
