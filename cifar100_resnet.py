@@ -1121,14 +1121,10 @@ def resolve_t0(epochs: float, t_mult: float, t0: Optional[float] = None, noteboo
     still >= the notebook's 50 epochs (k >= 1): 400 epochs at t_mult=2 give 57.1, 114.3 and 228.6."""
     if t0 is not None:
         return float(t0)
-
-    def first_cycle(k: int) -> float:  # epochs / (1 + t_mult + ... + t_mult^(k-1))
-        return epochs / sum(t_mult ** i for i in range(k))
-
-    k = 1
-    while first_cycle(k + 1) >= notebook_t0:
+    k = 1  # the first of k cycles: epochs / (1 + t_mult + ... + t_mult^(k-1))
+    while epochs / sum(t_mult ** i for i in range(k + 1)) >= notebook_t0:
         k += 1
-    return first_cycle(k)
+    return epochs / sum(t_mult ** i for i in range(k))
 
 
 def cycle_position(t: float, t0: float, t_mult: float) -> tuple[float, float]:
@@ -1196,10 +1192,9 @@ def resolve_device(name: str) -> torch.device:
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
+    device = None
+    with suppress(RuntimeError):
         device = torch.device(name)
-    except RuntimeError:
-        device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[device.type]:
@@ -1823,11 +1818,10 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
 
 def check_architecture(ckpt: dict, config: TrainConfig) -> None:
     """Refuse a checkpoint of another model in one line instead of a state_dict key dump."""
-    keys = ("arch", "stem", "width", "dataset")
-    theirs, ours = {k: ckpt["config"].get(k) for k in keys}, {k: getattr(config, k) for k in keys}
-    if theirs != ours:
-        differ = ", ".join(f"{k} {theirs[k]} (checkpoint) vs {ours[k]}" for k in keys if theirs[k] != ours[k])
-        raise UserError(f"the checkpoint holds another architecture: {differ}")
+    differ = [f"{k} {ckpt['config'].get(k)} (checkpoint) vs {getattr(config, k)}"
+              for k in ("arch", "stem", "width", "dataset") if ckpt["config"].get(k) != getattr(config, k)]
+    if differ:
+        raise UserError(f"the checkpoint holds another architecture: {', '.join(differ)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2688,8 +2682,10 @@ def _eval_command(argv: list) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     """The command line: train (the default), eval, the lab's commands. Exit codes: 0 done, 1 diverged, out of
-    memory or a failed write, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM) stopped with last.pt written."""
+    memory or a failed write, 2 bad input, 130 Ctrl-C and 143 SIGTERM (last.pt written), 141 a closed pipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):  # each line written when printed: a closed pipe is seen below, not at exit
+        sys.stdout.reconfigure(line_buffering=True)
     commands = ("train", "eval", *LAB_COMMANDS)
     command = argv.pop(0) if argv and argv[0] in commands else "train"
     with warnings.catch_warnings():  # restores the process's warning display afterwards
@@ -2716,6 +2712,9 @@ def main(argv: Optional[list] = None) -> int:
             return _fail(e, 2)
         except (TrainingDiverged, WriteFailed) as e:
             return _fail(e, 1)
+        except BrokenPipeError:  # (in training: last.pt holds the last epoch that ended, as after any stop)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left to flush goes nowhere
+            return 141  # 128 + SIGPIPE
         except KeyboardInterrupt as e:  # StopSignals says what is kept; elsewhere each write is atomic
             message, code = e.args if len(e.args) == 2 else (f"{command} stopped by Ctrl-C; no file is left "
                                                              f"half-written", 130)

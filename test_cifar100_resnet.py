@@ -1026,6 +1026,15 @@ def test_ctrl_c_before_the_first_step_stops_at_once_creates_nothing_and_a_second
     assert (out / "config.json").exists() and not (out / "last.pt").exists()  # a run that starts again
 
 
+def test_a_closed_output_pipe_ends_a_command_quietly_with_141_not_a_traceback(tiny_run, tiny_data_dir):
+    # `eval RUN | true`: the reader has gone before the first line; a write then fails with EPIPE (BrokenPipeError)
+    child = subprocess.Popen([sys.executable, MODULE, "eval", str(tiny_run), "--data-dir", str(tiny_data_dir),
+                              "--device", "cpu", "--no-download"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == "", err
+
+
 def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(tmp_path):
     # the module run as a script, with Ctrl-C arriving just as `import torch` starts (an import hook sends it)
     script = f"""
@@ -1489,7 +1498,7 @@ def test_the_library_does_not_grow():
     # The budget is 2,400 lines (issue 23, still open); until it is met, a new feature pays for its lines by
     # simplifying what is there, and whoever shrinks the file lowers this number to the new count.
     with open(MODULE) as f:
-        assert sum(1 for _ in f) <= 2825
+        assert sum(1 for _ in f) <= 2824
 
 
 def test_a_copied_library_alone_trains_and_a_lab_command_is_one_line_naming_the_file_it_needs(tmp_path):
