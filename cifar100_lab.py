@@ -250,8 +250,9 @@ class LRFindResult:
 
 
 def _check_lr_range(start: float, end: float, steps: int) -> None:
-    if not (0 < start < end and math.isfinite(end)):
-        raise cr.UserError(f"the rates must satisfy 0 < --start < --end, got --start {start:g} --end {end:g}")
+    if not 0 < start < end < 3.4e38:  # (the optimiser's step computes in float32)
+        raise cr.UserError(f"the rates must satisfy 0 < --start < --end < 3.4e38, got --start {start:g} --end "
+                           f"{end:g}")
     if steps < 2:
         raise cr.UserError(f"--steps must be at least 2, got {steps}")
 
@@ -283,7 +284,9 @@ def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: 
         if optimizer is not None:  # deep-copied: load_state_dict may keep the very tensors it is given
             trainer.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
             cr.match_param_layout(trainer.optimizer)
-    rates = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
+    log(f"lr-find: up to {steps} steps of batch {config.batch_size}, rate {start:g} to {end:g}")  # (settings fit)
+    low, high = math.log(start), math.log(end)  # (end / start overflows for --start 1e-300 --end 1e300)
+    rates = [math.exp(low + (high - low) * i / (steps - 1)) for i in range(steps)]
     result = LRFindResult([], [], [], float("nan"), "", None)
     average, lowest = 0.0, float("inf")
     trainer.model.train()
@@ -1071,9 +1074,7 @@ def lr_find_main(argv: list) -> int:
     cr.set_backend_flags()
     try:
         data = cr.load_dataset(config.data_dir, config.dataset, config.download)
-        print(f"lr-find: up to {args.steps} steps of batch {config.batch_size}, rate {args.start:g} to "
-              f"{args.end:g}", flush=True)
-        result = lr_find(config, data, args.start, args.end, args.steps)
+        result = lr_find(config, data, args.start, args.end, args.steps, log=lambda m: print(m, flush=True))
     except KeyboardInterrupt:
         print(f"error: lr-find stopped by Ctrl-C before it wrote anything into {out}", file=sys.stderr)
         return 130

@@ -325,8 +325,8 @@ class TrainConfig:
                 raise UserError(f"{flag} must be one of {', '.join(choices)}, got {shown}")
             if check and not check[0](value):
                 raise UserError(f"{flag} must be {check[1]}, got {shown}")
-            if isinstance(value, float) and not math.isfinite(value):  # (an infinite Beta alpha never returns)
-                raise UserError(f"{flag} must be a finite number, got {shown}")
+            if isinstance(value, float) and not abs(value) < 3.4e38:  # float32's range, where the step computes
+                raise UserError(f"{flag} must be a finite number below 3.4e38, got {shown}")  # (Beta(inf) hangs)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise UserError(f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} "
                             f"epochs")

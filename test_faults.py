@@ -588,9 +588,11 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--epochs", "0"], "--epochs must be at least 1"), (["--epochs", "-3"], "--epochs must be at least 1"),
     (["--epochs", "2.5"], "invalid int value: '2.5'"), (["--epochs", "many"], "invalid int value"),
     (["--batch-size", "0"], "--batch-size"), (["--lr", "0"], "--lr must be positive"),
-    (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr must be a finite number, got inf"),
-    (["--mixup-alpha", "inf"], "--mixup-alpha must be a finite number, got inf"), (["--t0", "inf"], "--t0 must be a"),
-    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr must be a finite number below 3.4e38, got inf"),
+    (["--lr", "1e39"], "--lr must be a finite number below 3.4e38, got 1e+39"),  # (SGD: an overflow traceback)
+    (["--mixup-alpha", "inf"], "--mixup-alpha must be a finite number below 3.4e38, got inf"),
+    (["--t0", "inf"], "--t0 must be a"), (["--weight-decay", "1e300"], "--weight-decay must be a finite number"),
     (["--momentum", "1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
     (["--label-smoothing", "1"], "--label-smoothing"), (["--mixup-alpha", "-1"], "--mixup-alpha"),
     (["--cutmix-alpha", "-0.5"], "--cutmix-alpha"), (["--cutmix-prob", "1.5"], "--cutmix-prob"),
@@ -649,6 +651,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["conv-demo", "--checkpoint", "{S}/damaged.pt"], "damaged.pt is damaged"),
     # the lab's commands: lr-find
     (["lr-find", "--start", "0"], "0 < --start < --end"), (["lr-find", "--end", "1e-6"], "0 < --start < --end"),
+    (["lr-find", "--end", "1e39"], "0 < --start < --end < 3.4e38, got --start 1e-05 --end 1e+39"),
     (["lr-find", "--steps", "1"], "--steps must be at least 2"), (["lr-find", "--stepz", "9"], "did you mean --steps?"),
     (["lr-find", "--resume"], "--resume is for training"),
     (["lr-find", "--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
