@@ -577,11 +577,12 @@ def random_flip(images: torch.Tensor, p: float = 0.5, generator: Optional[torch.
 
 def sample_beta(alpha: float, generator: Optional[torch.Generator] = None) -> float:
     """One draw of Beta(alpha, alpha) from torch's RNG on the CPU (torch.distributions.Beta takes no generator):
-    X / (X + Y), X and Y ~ Gamma(alpha) by Marsaglia and Tsang (2000), boosted Gamma(a + 1) * U^(1/a) for a < 1."""
-    def gamma(a: float) -> float:
-        boost = 1.0
+    X / (X + Y), X and Y ~ Gamma(alpha) by Marsaglia and Tsang (2000), boosted Gamma(a + 1) * U^(1/a) for a < 1,
+    in logs: U^(1/a) underflows to 0 for a small alpha (at 0.001, X and Y were both 0 in a quarter of the draws)."""
+    def log_gamma(a: float) -> float:  # the log of one Gamma(a) draw
+        log_boost = 0.0
         if a < 1:
-            boost = float(torch.rand((), generator=generator)) ** (1.0 / a)
+            log_boost = math.log(float(torch.rand((), generator=generator)) or 1e-300) / a
             a += 1.0
         d = a - 1.0 / 3.0
         c = 1.0 / math.sqrt(9.0 * d)
@@ -592,10 +593,9 @@ def sample_beta(alpha: float, generator: Optional[torch.Generator] = None) -> fl
                 continue
             u = float(torch.rand((), generator=generator))
             if u > 0 and math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
-                return d * v * boost
+                return math.log(d * v) + log_boost
 
-    x, y = gamma(alpha), gamma(alpha)
-    return x / (x + y) if x + y > 0 else 0.5
+    return 0.5 + 0.5 * math.tanh((log_gamma(alpha) - log_gamma(alpha)) / 2)  # X / (X + Y), the first X
 
 
 def cutmix_box(lam: float, height: int, width: int, generator: Optional[torch.Generator] = None,

@@ -447,13 +447,17 @@ def test_mix_batch_respects_switches():
         torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
 
 
-@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.001, 0.2, 1.0, 2.0])
 def test_sample_beta_has_the_beta_distributions_moments(alpha):
     g = torch.Generator().manual_seed(0)
     draws = np.array([cr.sample_beta(alpha, g) for _ in range(20000)])
     assert ((0 <= draws) & (draws <= 1)).all()
     assert abs(draws.mean() - 0.5) < 0.01
     assert abs(draws.var() - 1 / (4 * (2 * alpha + 1))) < 0.005
+    # the share of draws away from 0 and 1, against numpy's Beta sampler (at 0.001, a quarter of the draws were
+    # 0.5 when both Gamma draws underflowed to 0)
+    inside = lambda x: ((0.01 < x) & (x < 0.99)).mean()  # noqa: E731
+    assert abs(inside(draws) - inside(np.random.default_rng(0).beta(alpha, alpha, 200_000))) < 0.01
     if alpha == 1.0:  # Beta(1, 1) is uniform: compare the CDF
         for q in (0.1, 0.25, 0.5, 0.9):
             assert abs((draws < q).mean() - q) < 0.015
