@@ -334,10 +334,13 @@ class TrainConfig:
             raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
         if self.mix_off_epochs > self.epochs:
             raise UserError(f"--mix-off-epochs {self.mix_off_epochs} is longer than the run ({self.epochs} epochs)")
-        second = self.first_cycle * self.t_mult
-        if self.restart_warmup and self.restart_warmup >= second:
+        t0, span = self.first_cycle, self.planned_epochs - self.warmup_epochs
+        if self.restart_warmup and self.restart_warmup >= t0 * self.t_mult:
             raise UserError(f"--restart-warmup {self.restart_warmup:g} must be shorter than the cycles after a "
-                            f"restart (the first of them: {second:g} epochs)")
+                            f"restart (the first of them: {t0 * self.t_mult:g} epochs)")
+        n = span / t0 if self.t_mult == 1 else math.log1p(span / t0 * (self.t_mult - 1)) / math.log(self.t_mult)
+        if n > 10_000:  # cycles: each step's rate walks those before it, and millions of them would never end
+            raise UserError(f"--t0 {t0:g} --t-mult {self.t_mult:g} make {n:.3g} cycles of the schedule, over 10,000")
         ends = [*self.extended_from, self.epochs]
         if any(a >= b for a, b in zip(ends, ends[1:])):
             raise UserError(f"the run's extensions must add epochs, got --epochs {' then '.join(map(str, ends))}")
@@ -2820,5 +2823,4 @@ def set_backend_flags() -> None:
 
 if __name__ == "__main__":
     import cifar100_resnet  # the module as the lab imports it, not this copy of it named __main__
-
     sys.exit(cifar100_resnet.main())

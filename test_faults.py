@@ -616,6 +616,8 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--ema", "-0.5"], "--ema must be in (0, 1)"), (["eval", "{R}", "--ema"], "trained without --ema"),
     (["--mix-off-epochs", "-1"], "--mix-off-epochs must be >= 0"), (["--restart-warmup", "-1"], "must be >= 0"),
     (["--restart-warmup", "8"], "must be shorter than the cycles after a restart (the first of them: 8 epochs)"),
+    (["--t0", "1e-300", "--t-mult", "1"], "--t0 1e-300 --t-mult 1 make 4e+300 cycles of the schedule, over 10,000"),
+    (["--t0", "0.0001", "--t-mult", "1.0001"], "make 1.61e+04 cycles"),  # (each step walked them: a hang)
     (["trian"], "(did you mean train?)"), (["lr_find"], "(did you mean lr-find?)"),
     (["evaluate"], "(did you mean eval?)"),
     (["--out-dir", "{R}"], "holds another run"), (["--out-dir", "{S}/stopped"], "pass --resume to continue it"),
