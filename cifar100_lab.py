@@ -1785,14 +1785,14 @@ def preview_augmentation(config: cr.TrainConfig, data: cr.CifarData, batches: in
     images, labels, details = trainer.augmented_epoch(details=True)
     train_images = trainer.splits["train"][0]
     shown, methods = [], set()
+    mixing = config if config.mix_off_epochs < config.epochs else trainer.unmixed  # (the epoch-1 rule of train_batch)
     for step, (first, last) in enumerate(trainer.batches):
-        method, lam, box = cr.draw_mix(config, cr.IMAGE_SIZE, cr.IMAGE_SIZE, trainer.mix_rng)
+        method, lam, box = cr.draw_mix(mixing, cr.IMAGE_SIZE, cr.IMAGE_SIZE, trainer.mix_rng)
         if method in methods:
             continue
         methods.add(method)
         x, labels_a, labels_b, lam = cr.apply_mix(trainer.normalize(images[first:last]), labels[first:last], method,
-                                                  lam,
-                                               box)
+                                                  lam, box)
         k = min(per_batch, last - first)
         index = slice(first, first + k)
         shown.append({"step": step + 1, "method": method, "lam": lam, "box": box, "inputs": x,

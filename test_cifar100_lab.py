@@ -975,6 +975,18 @@ def test_the_preview_shows_exactly_what_the_trainer_feeds_the_model(monkeypatch,
     assert (named > 0) == (aug == "advanced")
 
 
+def test_the_preview_of_a_run_whose_mixing_is_off_from_its_first_epoch_shows_no_mixing(monkeypatch):
+    data = synthetic_data(n_train=64, n_test=32, dataset="cifar100")
+    config = cr.TrainConfig(arch="resnet18", width=4, batch_size=32, device="cpu", epochs=2, mix_off_epochs=2)
+    shown = lab.preview_augmentation(config, data)  # it showed a MixUp and a CutMix batch the run never trains
+    fed = []
+    monkeypatch.setattr(cr.Trainer, "_step", lambda self, x, a, b, lam, weight=1.0:
+                        fed.append((x, float(lam))) or torch.zeros(()))
+    cr.Trainer(config, data, log=lambda m: None).train_epoch()
+    assert [b["method"] for b in shown] == ["none"] and fed[0][1] == 1.0
+    assert torch.equal(shown[0]["inputs"], fed[0][0])
+
+
 def test_preview_command_draws_the_grid(tiny_cifar100, tmp_path, capsys, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
     out = tmp_path / "aug.png"
