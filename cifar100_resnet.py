@@ -332,6 +332,8 @@ class TrainConfig:
                             f"epochs")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr}")
+        if self.nesterov and not self.momentum:  # (torch's SGD raises a ValueError)
+            raise UserError("--nesterov needs a momentum: --momentum 0 has none")
         if self.mix_off_epochs > self.epochs:
             raise UserError(f"--mix-off-epochs {self.mix_off_epochs} is longer than the run ({self.epochs} epochs)")
         t0, span = self.first_cycle, self.planned_epochs - self.warmup_epochs
@@ -499,7 +501,6 @@ def load_dataset(data_dir: str, dataset: str = "cifar100", download: bool = True
             created = not os.path.exists(data_dir)
             try:
                 from torchvision.datasets.utils import download_and_extract_archive  # only needed here
-
                 download_and_extract_archive(info.url, download_root=data_dir, md5=info.archive_md5)
                 reason = ""
             except Exception as e:  # no network, a proxy page, a bad md5, a full disk: all end the same way
@@ -1248,10 +1249,9 @@ class Environment:
 
     def record(self) -> dict:
         """What config.json records of it, with the versions the run used."""
-        try:  # from the installed package's metadata: importing torchvision would cost a second per run
+        torchvision_version = None  # (only downloading needs it) read from its metadata: importing it takes 1 s
+        with suppress(importlib.metadata.PackageNotFoundError):
             torchvision_version = importlib.metadata.version("torchvision")
-        except importlib.metadata.PackageNotFoundError:
-            torchvision_version = None  # only downloading needs it
         record = {"device_resolved": str(self.device), "amp_resolved": str(self.amp_dtype or "off"),
                   "compile_resolved": self.compile, "cuda_graphs_resolved": self.cuda_graphs, "t0_resolved": self.t0,
                   "processes": self.world, "torch_version": torch.__version__,

@@ -593,6 +593,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--lr", "1e39"], "--lr must be a finite number below 3.4e38, got 1e+39"),  # (SGD: an overflow traceback)
     (["--mixup-alpha", "inf"], "--mixup-alpha must be a finite number below 3.4e38, got inf"),
     (["--t0", "inf"], "--t0 must be a"), (["--weight-decay", "1e300"], "--weight-decay must be a finite number"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum: --momentum 0 has none"),
     (["--momentum", "1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
     (["--label-smoothing", "1"], "--label-smoothing"), (["--mixup-alpha", "-1"], "--mixup-alpha"),
     (["--cutmix-alpha", "-0.5"], "--cutmix-alpha"), (["--cutmix-prob", "1.5"], "--cutmix-prob"),
