@@ -1342,7 +1342,10 @@ def plot_lr_find(result: LRFindResult, out_path: str) -> str:
            title=f"learning-rate range test: {len(result.rates)} steps, "
                  f"{result.rates[0]:.2g} to {result.rates[-1]:.2g}")
     low, high = min(result.losses), max(result.losses[:max(1, len(result.losses) // 10)] + [result.smoothed[0]])
-    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))  # a divergence would flatten the rest
+    if high <= low:  # the loss only rose (a test of 2 steps, say) or never moved: show all of it
+        high = max(result.losses + result.smoothed)
+    span = high - low or abs(low) / 10 or 1.0  # (matplotlib warns of a range of zero height)
+    ax.set_ylim(low - 0.05 * span, high + 0.1 * span)  # a divergence would flatten the rest
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()

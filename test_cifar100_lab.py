@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -143,6 +144,19 @@ def test_lr_find_stops_when_the_loss_diverges(data):
     result = lab.lr_find(tiny_config(label_smoothing=0.0), data, start=1e-2, end=1e6, steps=60)
     assert result.stopped_early and len(result.rates) < 60
     assert result.suggestion < result.rates[-1]
+
+
+@pytest.mark.parametrize("losses", [[4.6, 4.7], [4.6, 4.6]], ids=["rising", "flat"])
+def test_the_lr_find_figure_of_a_loss_that_never_fell_shows_it_without_a_warning(tmp_path, monkeypatch, losses):
+    pytest.importorskip("matplotlib")
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    result = lab.LRFindResult([1.0, 2.0], losses, [4.6, 4.65 if losses[1] > 4.6 else 4.6], 0.1, "", None)
+    with warnings.catch_warnings():  # the y range had zero height: matplotlib's UserWarning reached stderr
+        warnings.simplefilter("error")
+        lab.plot_lr_find(result, str(tmp_path / "lr_find.png"))
+    low, high = figures[0].axes[0].get_ylim()
+    assert low < min(losses) and max(losses) < high
 
 
 def test_lr_find_command_writes_csv_and_figure_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
