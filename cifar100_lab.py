@@ -1253,8 +1253,9 @@ def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
 
     fig, ax = plt.subplots(figsize=(10, 4.4))
     ax.plot(points, rates, label="learning rate at each step")
+    marked = "warm restart" + (f" (the first {SCHEDULE_RESTARTS} marked)" if len(restarts) > SCHEDULE_RESTARTS else "")
     for i, x in enumerate(restarts[:SCHEDULE_RESTARTS]):
-        ax.axvline(x, color="grey", linestyle=":", label="warm restart" if i == 0 else None)
+        ax.axvline(x, color="grey", linestyle=":", label=marked if i == 0 else None)
     ax.plot([config.epochs], [end * config.lr], "o", color="tab:red",
             label=f"the run ends (epoch {config.epochs}): {end:.0%} of the peak rate")
     ax.set(title=f"planned learning rate: {config.epochs} epochs, t0 {'auto = ' if config.t0 is None else ''}"

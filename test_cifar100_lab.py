@@ -721,7 +721,8 @@ def test_plot_schedule_shows_that_the_notebooks_400_epochs_end_at_96_percent_of_
     assert cr.main(["plot", "--schedule", "--epochs", "0"]) == 2  # the same checks as the training flags
 
 
-def test_plot_schedule_of_an_endless_run_draws_a_bounded_number_of_points_and_restarts(tmp_path, capsys):
+def test_plot_schedule_of_an_endless_run_draws_a_bounded_number_of_points_and_restarts(tmp_path, capsys,
+                                                                                        monkeypatch):
     pytest.importorskip("matplotlib")
     # 10^8 epochs of 391 steps were 4e10 points, and the command was killed for memory
     points, rates = lab.schedule_per_step(cr.TrainConfig(epochs=10 ** 8, t0=50), 50.0, 391, 10 ** 8)
@@ -732,6 +733,10 @@ def test_plot_schedule_of_an_endless_run_draws_a_bounded_number_of_points_and_re
                     "--out", str(out)]) == 0
     printed = capsys.readouterr().out.strip()
     assert "restarts at epochs 1, 2, 3, 4," in printed and printed.endswith(", 99, 100 and more (the first 100 marked)")
+    figures = []  # the figure's legend says so too: the lines stop at epoch 100
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    lab.plot_schedule(cr.TrainConfig(epochs=400, t0=1, t_mult=1, batch_size=25000), str(out))
+    assert "warm restart (the first 100 marked)" in [t.get_text() for t in figures[0].axes[0].get_legend().texts]
 
 
 def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
