@@ -1177,8 +1177,9 @@ def _cifar_steps_per_epoch(config: cr.TrainConfig) -> int:
     return math.ceil((min(config.limit_train or 50_000, 50_000) - config.val_split) / config.batch_size)
 
 
-def _run_schedule(run_dir: str, epochs: float):
-    """The per-step schedule of a run folder, from its config.json (0.3 or later); None without one."""
+def _run_settings(run_dir: str) -> Optional[tuple]:
+    """(settings, first cycle, steps per epoch) of a run folder, from its config.json (0.3 or later); None
+    without one."""
     folder = cr.RunFolder(run_dir)
     saved = folder.saved_config()
     if saved is None or not {"t0_resolved", "steps_per_epoch"} <= set(saved):
@@ -1192,7 +1193,13 @@ def _run_schedule(run_dir: str, epochs: float):
             raise cr.UserError(f"steps_per_epoch must be a positive integer, got {steps!r}")
     except cr.UserError as e:
         raise cr.UserError(f"{folder.file('config.json')} does not hold a run's settings: {e}") from None
-    return schedule_per_step(config, t0, steps, epochs)
+    return config, t0, steps
+
+
+def _run_schedule(run_dir: str, epochs: float):
+    """The per-step schedule of a run folder's first `epochs` epochs (schedule_per_step); None without one."""
+    settings = _run_settings(run_dir)
+    return None if settings is None else schedule_per_step(*settings, epochs)
 
 
 def _pyplot():
@@ -1233,15 +1240,17 @@ def _save(fig, path: str, dpi: int = 110) -> str:
     return path
 
 
-def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
-    """Draw the learning rate a run with these settings will set at every step, before any training: the
-    restarts and the run's end marked. Returns where the run ends: {"end_fraction": rate at the end / peak,
+def plot_schedule(config: cr.TrainConfig, out_path: str, steps_per_epoch: Optional[int] = None,
+                  trained: Optional[int] = None) -> dict:
+    """Draw the learning rate a run with these settings will set at every step (steps_per_epoch: by default
+    those of the full training set in one process): the restarts and the run's end marked, and with `trained`,
+    the epochs a run has done so far. Returns where the run ends: {"end_fraction": rate at the end / peak,
     "restarts": [epochs] (the first SCHEDULE_RESTARTS + 1 at most), "into_cycle": epochs into the last cycle,
     "cycle": its length}."""
     plt = _pyplot()
     config.validate()
     t0 = config.first_cycle
-    points, rates = schedule_per_step(config, t0, _cifar_steps_per_epoch(config), config.epochs)
+    points, rates = schedule_per_step(config, t0, steps_per_epoch or _cifar_steps_per_epoch(config), config.epochs)
     restarts, start, length = [], config.warmup_epochs + t0, t0
     while start < config.planned_epochs - 1e-9 and len(restarts) <= SCHEDULE_RESTARTS:
         restarts.append(start)
@@ -1258,6 +1267,8 @@ def plot_schedule(config: cr.TrainConfig, out_path: str) -> dict:
         ax.axvline(x, color="grey", linestyle=":", label=marked if i == 0 else None)
     ax.plot([config.epochs], [end * config.lr], "o", color="tab:red",
             label=f"the run ends (epoch {config.epochs}): {end:.0%} of the peak rate")
+    if trained is not None:
+        ax.axvspan(0, trained, color="tab:green", alpha=0.12, label=f"trained so far: {trained} epochs")
     ax.set(title=f"planned learning rate: {config.epochs} epochs, t0 {'auto = ' if config.t0 is None else ''}"
                  f"{t0:.4g}, t_mult {config.t_mult:g}, warm-up {config.warmup_epochs:g}, peak {config.lr:g}",
            xlabel="epoch", ylabel="learning rate")
@@ -1438,31 +1449,56 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     return _save(fig, out_path)
 
 
+def _plot_schedule_main(argv: list) -> int:
+    """`plot --schedule`: of train flags, or of a run folder."""
+    parser = cr.command_parser("plot --schedule", "the learning rate a run with these train flags would set "
+                               "at every step, before training; or the one a run folder's run sets",
+                               train_flags=True)
+    parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder: the schedule of its own "
+                        "settings (with no train flags beside it), the epochs it has trained marked")
+    out = None
+    if "--out" in argv:
+        at = argv.index("--out")
+        if at + 1 >= len(argv):
+            raise cr.UserError(f"--out needs a file name; see {parser.prog} --help")
+        out = argv[at + 1]
+        argv = argv[:at] + argv[at + 2:]
+    args = parser.parse_args(argv)
+    steps = trained = None
+    if args.run_dir is None:
+        config, out = cr.config_from_args(args), out or "schedule.png"
+    else:
+        flags = [a for a in argv if a != args.run_dir]
+        if flags:
+            raise cr.UserError(f"plot --schedule {args.run_dir} draws that run's own schedule: train flags beside "
+                               f"it ({' '.join(flags)}) would not change it; drop them, or the folder")
+        if not os.path.isdir(args.run_dir):
+            raise cr.UserError(f"{args.run_dir} is not a run folder")
+        settings = _run_settings(args.run_dir)
+        if settings is None:
+            raise cr.UserError(f"{args.run_dir} holds no run's settings (no config.json of version 0.3 or later)")
+        config, _, steps = settings
+        trained = max((int(r["epoch"]) for r in read_run_metrics(args.run_dir)), default=0)
+        out = out or os.path.join(args.run_dir, "schedule.png")
+    r = plot_schedule(config, check_png(out), steps, trained)
+    where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
+             else "at the end of a cycle")
+    restarts = ", ".join(f"{x:.4g}" for x in r["restarts"][:SCHEDULE_RESTARTS]) or "none"
+    if len(r["restarts"]) > SCHEDULE_RESTARTS:
+        restarts += f" and more (the first {SCHEDULE_RESTARTS} marked)"
+    done = f"; trained so far: {trained} of {config.epochs} epochs" if trained is not None else ""
+    print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
+          f"{restarts}{done}")
+    return 0
+
+
 def plot_main(argv: list) -> int:
     """`plot RUN_DIR [RUN_DIR ...] [--out FILE]`: learning curves of one run, or several compared; of a sweep
     when RUN_DIR is a sweep folder.
-    `plot --schedule [train flags] [--out FILE]`: the learning rate those flags would set, before training."""
+    `plot --schedule [train flags] [--out FILE]`: the learning rate those flags would set, before training.
+    `plot --schedule RUN_DIR [--out FILE]`: the learning rate that run sets, the epochs it has trained marked."""
     if "--schedule" in argv:
-        parser = cr.command_parser("plot --schedule", "the learning rate a run with these train flags would set "
-                                   "at every step, before training", train_flags=True)
-        argv = [a for a in argv if a != "--schedule"]
-        out = "schedule.png"
-        if "--out" in argv:
-            at = argv.index("--out")
-            if at + 1 >= len(argv):
-                raise cr.UserError(f"--out needs a file name; see {parser.prog} --help")
-            out = argv[at + 1]
-            del argv[at:at + 2]
-        config = cr.config_from_args(parser.parse_args(argv))
-        r = plot_schedule(config, check_png(out))
-        where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
-                 else "at the end of a cycle")
-        restarts = ", ".join(f"{x:.4g}" for x in r["restarts"][:SCHEDULE_RESTARTS]) or "none"
-        if len(r["restarts"]) > SCHEDULE_RESTARTS:
-            restarts += f" and more (the first {SCHEDULE_RESTARTS} marked)"
-        print(f"wrote {out}: the run ends {where}, at {r['end_fraction']:.0%} of the peak rate; restarts at epochs "
-              f"{restarts}")
-        return 0
+        return _plot_schedule_main([a for a in argv if a != "--schedule"])
     p = cr.command_parser("plot", "learning curves of one run, or several compared; the runs of a sweep (a sweep "
                           "folder); or, with --schedule and train flags, the planned learning rate")
     p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv, or one sweep folder")

@@ -721,6 +721,33 @@ def test_plot_schedule_shows_that_the_notebooks_400_epochs_end_at_96_percent_of_
     assert cr.main(["plot", "--schedule", "--epochs", "0"]) == 2  # the same checks as the training flags
 
 
+def test_plot_schedule_of_a_run_folder_draws_its_own_steps_and_the_epochs_it_has_trained(tiny_run, tmp_path,
+                                                                                         capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"  # the tiny run, stopped (as metrics.csv says) after its first of 2 epochs
+    run.mkdir()
+    (run / "config.json").write_bytes((tiny_run / "config.json").read_bytes())
+    (run / "metrics.csv").write_text("".join((tiny_run / "metrics.csv").read_text().splitlines(True)[:2]))
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    assert cr.main(["plot", "--schedule", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote {run / 'schedule.png'}: the run ends at the end of a cycle, "
+                                               f"at 0% of the peak rate; restarts at epochs none; trained so far: 1 "
+                                               f"of 2 epochs")
+    ax = figures[0].axes[0]
+    points, rates = lab._run_schedule(str(run), 2)  # its own 6 steps per epoch (flags alone: 50,000 images')
+    assert list(ax.get_lines()[0].get_xdata()) == points == [i / 6 for i in range(12)]
+    assert list(ax.get_lines()[0].get_ydata()) == rates
+    assert "trained so far: 1 epochs" in [t.get_text() for t in ax.get_legend().texts]
+    assert ax.patches[0].get_x() == 0 and ax.patches[0].get_width() == 1  # the span of the epochs trained
+    capsys.readouterr()
+    for argv, message in [([str(run), "--lr", "0.2"], "train flags beside it (--lr 0.2) would not change it"),
+                          ([str(tmp_path / "none")], "is not a run folder"),
+                          ([str(tmp_path)], "holds no run's settings (no config.json")]:
+        assert cr.main(["plot", "--schedule", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_plot_schedule_of_an_endless_run_draws_a_bounded_number_of_points_and_restarts(tmp_path, capsys,
                                                                                         monkeypatch):
     pytest.importorskip("matplotlib")
