@@ -1721,8 +1721,7 @@ class Trainer:
 
     def _sum(self, loss_sum: torch.Tensor, seen: int) -> tuple:
         """The summed loss and image count over every process."""
-        totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(seen), device=loss_sum.device,
-                                                                       dtype=torch.float64)])
+        totals = torch.tensor([float(loss_sum), seen], dtype=torch.float64, device=loss_sum.device)
         torch.distributed.all_reduce(totals)
         return totals[0], int(totals[1])
 
@@ -2722,10 +2721,11 @@ def main(argv: Optional[list] = None) -> int:
             message, code = e.args if len(e.args) == 2 else (f"{command} stopped by Ctrl-C; no file is left "
                                                              f"half-written", 130)
             return _fail(message, code)
-        except RuntimeError as e:  # out of memory; with several processes, another one failed (it says why)
+        except RuntimeError as e:  # out of memory (each process its own); or another process failed (it says why)
             if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):  # (CPU: a RuntimeError)
-                return _fail(f"out of memory ({'. '.join(_first_line(e, None).split('. ')[:2])}): a smaller "
-                             f"--batch-size or --eval-batch-size needs less; a run folder keeps its last checkpoint", 1)
+                cause = ". ".join(_first_line(e, None).split(". ")[:2])
+                return _fail(f"out of memory ({cause}): a smaller --batch-size or --eval-batch-size needs less; a run "
+                             f"folder keeps its last checkpoint", 1, own=True)
             if not _under_torchrun() or not any(
                     word in _first_line(e, None) for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
                 raise
@@ -2747,10 +2747,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         print(f"warning: {message}", file=sys.stderr)
 
 
-def _fail(error, code: int) -> int:
-    """One line on stderr, whatever the message holds (with several processes, from one of them: _speaker)."""
-    speaker = _speaker()
-    if speaker is not None and (speaker == "" or isinstance(error, UserError)):
+def _fail(error, code: int, own: bool = False) -> int:
+    """One line on stderr, whatever the message holds: with several processes from _speaker(), or (own) from each."""
+    speaker = _speaker() if not own or _speaker() == "" else f"[process {os.environ.get('RANK', '?')}] "
+    if speaker is not None and (speaker == "" or own or isinstance(error, UserError)):
         print(f"{speaker}error: " + " ".join(str(error).split()), file=sys.stderr)
     return code
 

@@ -324,6 +324,27 @@ def test_running_out_of_memory_is_one_line_exit_1_and_the_run_resumes_from_its_l
     assert not wide.exists()
 
 
+def test_under_torchrun_a_process_that_runs_out_of_memory_says_so_itself(data_dir, tmp_path, monkeypatch, capsys):
+    # process 3 of 4, not the first of its machine: process 0 speaks for the run, but out of memory is this
+    # process's own failure, which process 0 only sees as a process lost (and it said nothing of it before)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(cr, "join_torchrun", lambda device: False)  # (the group itself is test_distributed's)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 3 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(cr, "train", out_of_memory)
+    assert cr.main(run_args(data_dir, tmp_path / "run", "--quiet")) == 1
+    assert capsys.readouterr().err == (
+        "[process 3] error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): a smaller --batch-size "
+        "or --eval-batch-size needs less; a run folder keeps its last checkpoint\n")
+    assert cr.main(run_args(data_dir, tmp_path / "run", "--no-such-flag")) == 2  # bad input: process 0 says it
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Divergence: no checkpoint ever holds non-finite values, and the message says what is on disk
 
