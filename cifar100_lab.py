@@ -1279,8 +1279,15 @@ def plot_schedule(config: cr.TrainConfig, out_path: str, steps_per_epoch: Option
     return {"end_fraction": end, "restarts": restarts, "into_cycle": into, "cycle": cycle}
 
 
+# the top-1 curves drawn beside the test set's where a run measured them: (column, line style, marker, name)
+OTHER_TOP1 = (("val_top1", "--", "s", "val top-1"), ("test_ema_top1", "-.", "D", "EMA top-1"),
+              ("test_tta_top1", (0, (3, 1, 1, 1, 1, 1)), "v", "flip-TTA top-1"),
+              ("test_bnrecal_top1", (0, (6, 2, 1, 2, 1, 2)), "P", "BN-recal top-1"))
+
+
 def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> str:
-    """Draw loss, accuracy and learning rate of one or more runs into one PNG; returns its path. The rate is
+    """Draw loss, accuracy and learning rate of one or more runs into one PNG; returns its path. The accuracy
+    panel also draws the OTHER_TOP1 curves a run measured (--val-split, --ema, --tta, --bn-recal); the rate is
     drawn per step from each run's config.json (per epoch from metrics.csv without one)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -1301,7 +1308,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     legend_columns = min(len(runs), 4)
     legend_height = _names_height(len(runs), legend_columns)
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height))
-    colours, per_epoch_rate = [], False
+    colours, per_epoch_rate, measured = [], False, set()
     for rows, schedule in zip(runs, schedules):
         epochs = column(rows, "epoch")
         one = len(rows) == 1  # a line of one point is not drawn: a marker is, one shape for each curve
@@ -1312,6 +1319,12 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
                     marker="o" if one else None)
         ax_acc.plot(epochs, [100 * v for v in column(rows, "test_top5")], ":", color=line.get_color(),
                     marker="^" if one else None)
+        for name, style, marker, _ in OTHER_TOP1:  # what the run also measured: --val-split, --ema, --tta, ...
+            values = column(rows, name)
+            if not all(math.isnan(v) for v in values):
+                ax_acc.plot(epochs, [100 * v for v in values], linestyle=style, color=line.get_color(), marker=marker,
+                            markersize=4, markevery=max(1, len(rows) // 10))  # sparse markers tell them apart
+                measured.add(name)
         if schedule is not None:
             ax_lr.plot(*schedule, color=line.get_color())
         else:  # no config.json to compute it from
@@ -1321,7 +1334,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     wide = bool(losses) and max(losses) > 10 * min(losses)  # a spike would flatten the rest on a linear axis
     ax_loss.set(title="loss" + (" (log scale)" if wide else ""), xlabel="epoch", ylabel="cross-entropy",
                 yscale="log" if wide else "linear")
-    ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="%")
+    ax_acc.set(title="accuracy" if "val_top1" in measured else "test accuracy", xlabel="epoch", ylabel="%")
     ax_lr.set(title="learning rate (per step)", xlabel="epoch", ylabel="rate")
 
     def key(ax, styles):
@@ -1330,7 +1343,8 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
 
     single = any(len(rows) == 1 for rows in runs)
     key(ax_loss, [("-", "o" if single else None, "test"), ("--", "x" if single else None, "train")])
-    key(ax_acc, [("-", "o" if single else None, "top-1"), (":", "^" if single else None, "top-5")])
+    key(ax_acc, [("-", "o" if single else None, "top-1"), (":", "^" if single else None, "top-5")]
+        + [(style, marker, text) for name, style, marker, text in OTHER_TOP1 if name in measured])
     if per_epoch_rate:
         key(ax_lr, [("-", None, "per step"), ("-", "o", "at epoch starts (a run without config.json)")])
     for ax in (ax_loss, ax_acc, ax_lr):

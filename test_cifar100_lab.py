@@ -677,6 +677,25 @@ def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path, mon
     assert all(len(line.get_xdata()) > 1 for line in rate.get_lines())  # the rate: per step, a line
 
 
+def test_plot_draws_the_other_top1_curves_each_run_measured(tiny_data_dir, tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "measured"
+    assert cr.main(tiny_args(tiny_data_dir, run, "--ema", "0.5", "--tta", "--val-split", "32", "--bn-recal", "1")) == 0
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    lab.plot_runs([str(run), str(tiny_run)], str(tmp_path / "curves.png"))
+    accuracy = figures[0].axes[1]
+    assert accuracy.get_title() == "accuracy"  # not only the test set's
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == [
+        "top-1", "top-5", "val top-1", "EMA top-1", "flip-TTA top-1", "BN-recal top-1"]
+    rows = metric_rows(run)
+    columns = ("test_top1", "test_top5", "val_top1", "test_ema_top1", "test_tta_top1", "test_bnrecal_top1")
+    drawn = [list(line.get_ydata()) for line in accuracy.get_lines()]
+    assert drawn[:6] == [[100 * float(row[c]) for row in rows] for c in columns]
+    assert [line.get_marker() for line in accuracy.get_lines()[:6]] == ["None", "None", "s", "D", "v", "P"]
+    assert len(drawn) == 8  # the plain run: its top-1 and top-5 only
+
+
 @pytest.mark.parametrize("runs", [1, 6])
 def test_plot_names_each_run_once_under_the_panels_whatever_their_number(tiny_run, tmp_path, monkeypatch, runs):
     pytest.importorskip("matplotlib")
