@@ -1257,9 +1257,11 @@ def plot_schedule(config: cr.TrainConfig, out_path: str, steps_per_epoch: Option
         length *= config.t_mult
         start += length
     into, cycle, end = cr.schedule_end(config, t0)
-    if config.extended_from:  # the run ends with the extension's own cycle, at its bottom
-        end = config.min_lr / config.lr
+    if config.extended_from:  # each extension restarts with a cycle of its own: the run ends at its bottom
+        restarts += [epoch for epoch in config.extended_from if len(restarts) <= SCHEDULE_RESTARTS]
+        into, cycle, end = 0.0, config.epochs - config.extended_from[-1], config.min_lr / config.lr
 
+    extended = f" (extended from {' then '.join(map(str, config.extended_from))})" if config.extended_from else ""
     fig, ax = plt.subplots(figsize=(10, 4.4))
     ax.plot(points, rates, label="learning rate at each step")
     marked = "warm restart" + (f" (the first {SCHEDULE_RESTARTS} marked)" if len(restarts) > SCHEDULE_RESTARTS else "")
@@ -1270,7 +1272,7 @@ def plot_schedule(config: cr.TrainConfig, out_path: str, steps_per_epoch: Option
     if trained is not None:
         ax.axvspan(0, trained, color="tab:green", alpha=0.12, label=f"trained so far: {trained} epochs")
     ax.set(title=f"planned learning rate: {config.epochs} epochs, t0 {'auto = ' if config.t0 is None else ''}"
-                 f"{t0:.4g}, t_mult {config.t_mult:g}, warm-up {config.warmup_epochs:g}, peak {config.lr:g}",
+                 f"{t0:.4g}, t_mult {config.t_mult:g}, warm-up {config.warmup_epochs:g}, peak {config.lr:g}{extended}",
            xlabel="epoch", ylabel="learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)

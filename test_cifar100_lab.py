@@ -759,6 +759,11 @@ def test_plot_schedule_of_a_run_folder_draws_its_own_steps_and_the_epochs_it_has
     assert list(ax.get_lines()[0].get_ydata()) == rates
     assert "trained so far: 1 epochs" in [t.get_text() for t in ax.get_legend().texts]
     assert ax.patches[0].get_x() == 0 and ax.patches[0].get_width() == 1  # the span of the epochs trained
+    # a run extended by --resume --epochs 20 from 12: the extension's own cycle is a restart, and the run ends
+    # at its bottom, not 5.5 epochs into the 8-epoch cycle where the plan of 12 epochs ended
+    extended = lab.plot_schedule(cr.TrainConfig(epochs=20, t0=2, warmup_epochs=0.5, extended_from=(12,)), "x.png")
+    assert extended == {"end_fraction": 0.0, "restarts": [2.5, 6.5, 12], "into_cycle": 0.0, "cycle": 8}
+    assert figures[-1].axes[0].get_title().endswith("peak 0.1 (extended from 12)")
     capsys.readouterr()
     for argv, message in [([str(run), "--lr", "0.2"], "train flags beside it (--lr 0.2) would not change it"),
                           ([str(tmp_path / "none")], "is not a run folder"),
