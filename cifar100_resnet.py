@@ -1904,8 +1904,8 @@ def load_checkpoint(path: str, full: bool = True) -> dict:
         raise UserError(f"no checkpoint at {path}") from None
     except PermissionError:
         raise UserError(f"cannot read {path}: permission denied") from None
-    except Exception as e:  # torch's words (an EOFError, a zip reader's OSError) would not help the user
-        if "unsupported global" in str(e).lower():  # torch's text suggests weights_only=False: never pass that on
+    except Exception as e:  # torch's words (an EOFError; advice to pass weights_only=False) would not help the user
+        if "unsupported global" in str(e).lower() or "unsupported class" in str(e).lower():  # (the latter: torch 2.3)
             raise UserError(f"{path} is refused: it holds Python objects other than tensors and plain values, "
                             f"which a checkpoint of this module never does (loading them could run code)") from None
         raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save, or one cut "
@@ -2722,7 +2722,7 @@ def main(argv: Optional[list] = None) -> int:
                                                              f"half-written", 130)
             return _fail(message, code)
         except RuntimeError as e:  # out of memory (each process its own); or another process failed (it says why)
-            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):  # (CPU: a RuntimeError)
+            if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):  # (CPU: RuntimeError)
                 cause = ". ".join(_first_line(e, None).split(". ")[:2])
                 return _fail(f"out of memory ({cause}): a smaller --batch-size or --eval-batch-size needs less; a run "
                              f"folder keeps its last checkpoint", 1, own=True)

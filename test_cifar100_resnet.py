@@ -499,12 +499,16 @@ def test_reader_matches_torchvision_on_cifar10_layout(tmp_path, monkeypatch):
     assert data.train_labels.tolist() == ref.targets and data.classes == ref.classes
 
 
-def test_reader_accepts_files_written_before_numpy_2(tmp_path):
+def test_reader_accepts_files_written_before_and_after_numpy_2(tmp_path):
+    # numpy 2 pickles its arrays as numpy._core.multiarray, numpy 1 (and the official files) numpy.core: either
+    # is read, whichever numpy wrote the file and whichever reads it
     folder = write_official_layout(tmp_path, n_train=10, n_test=10)
     raw = (folder / "train").read_bytes()
-    assert b"numpy._core.multiarray" in raw
-    (folder / "train").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    assert cr.read_cifar(str(folder)).train_images.shape[0] == 10
+    written = b"numpy._core.multiarray" if b"numpy._core.multiarray" in raw else b"numpy.core.multiarray"
+    assert written in raw
+    for spelling in (b"numpy.core.multiarray", b"numpy._core.multiarray"):
+        (folder / "train").write_bytes(raw.replace(written, spelling))
+        assert cr.read_cifar(str(folder)).train_images.shape[0] == 10
 
 
 class _Exploit:

@@ -301,9 +301,9 @@ def test_running_out_of_memory_is_one_line_exit_1_and_the_run_resumes_from_its_l
     def step_out_of_memory(self, *args):
         calls.append(1)
         if len(calls) == 25:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
-                                         "capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch "
-                                         "memory, this process has 78.12 GiB memory in use.")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                              "capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch "
+                                              "memory, this process has 78.12 GiB memory in use.")
         return real(self, *args)
 
     out = tmp_path / "run"
@@ -331,10 +331,12 @@ def test_under_torchrun_a_process_that_runs_out_of_memory_says_so_itself(data_di
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(cr, "join_torchrun", lambda device: False)  # (the group itself is test_distributed's)
+    # as in torch 2.3 and 2.4 (setup.cfg: torch>=2.3), which have only torch.cuda's (from 2.5 on, the same class)
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
 
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 3 has a total capacity "
-                                     "of 79.19 GiB of which 1.06 GiB is free.")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 3 has a total "
+                                          "capacity of 79.19 GiB of which 1.06 GiB is free.")
 
     monkeypatch.setattr(cr, "train", out_of_memory)
     assert cr.main(run_args(data_dir, tmp_path / "run", "--quiet")) == 1
