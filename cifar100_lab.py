@@ -777,6 +777,8 @@ def _in_worker(function, *args):
 
 
 def _sweep_worker_run(run: SweepRun) -> str:  # in a worker process
+    if _worker_should_stop():  # handed over before the sweep stopped: left for the next invocation, untouched
+        return "partial"
     prefix = f"[{run.name} on {_worker['device']}]"
     return _in_worker(_train_sweep_run, run, _worker["data"], lambda m: print(f"{prefix} {m}", flush=True),
                       _worker_should_stop, None, _worker["device"])
@@ -798,25 +800,33 @@ def _in_workers(function, tasks: list, devices: list, data: cr.CifarData, log, s
                                                 (queue, stop, data, threads)) as pool:
         futures = {pool.submit(function, task): task for task in tasks}
         pending = set(futures)
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=0.2,
-                                                    return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                if future.cancelled():
-                    continue
-                try:
-                    interrupted |= future.result() in ("partial", True)  # a worker's error is raised here
-                except concurrent.futures.process.BrokenProcessPool:
-                    raise WorkerLost("a worker process of the sweep ended before its run did (killed, or out of "
-                                     "memory); each run folder keeps its last checkpoint, and the same command "
-                                     "continues the sweep") from None
-                if isinstance(tasks[0], SweepRun):
-                    log(f"sweep: {_run_line(futures[future])}")
-            if should_stop() and not stop.is_set():
-                stop.set()  # running tasks stop after their step, with last.pt written
-                interrupted = True
-                for future in pending:
-                    future.cancel()
+
+        def stop_all():  # running tasks stop after their step, with last.pt written; no other one starts
+            stop.set()
+            for future in pending:
+                future.cancel()
+
+        try:
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    if future.cancelled():
+                        continue
+                    try:
+                        interrupted |= future.result() in ("partial", True)  # a worker's error is raised here
+                    except concurrent.futures.process.BrokenProcessPool:
+                        raise WorkerLost("a worker process of the sweep ended before its run did (killed, or out "
+                                         "of memory); each run folder keeps its last checkpoint, and the same "
+                                         "command continues the sweep") from None
+                    if isinstance(tasks[0], SweepRun):
+                        log(f"sweep: {_run_line(futures[future])}")
+                if should_stop() and not stop.is_set():
+                    stop_all()
+                    interrupted = True
+        except BaseException:  # a run's error ends the sweep now, not after the pool has run every other task
+            stop_all()
+            raise
     return interrupted
 
 

@@ -329,6 +329,15 @@ def test_the_same_sweep_again_trains_nothing(grid_sweep, data, monkeypatch):
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
 
 
+def test_a_run_that_fails_in_a_worker_ends_the_sweep_at_once_and_no_other_run_starts(data, tmp_path):
+    # width 10^6 cannot be allocated (36 TB): its runs, first in the grid, fail at once in both workers. The
+    # sweep ended only after the workers had trained every width-4 run, which are later in the grid
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        lab.sweep(tiny_config(epochs=20), str(tmp_path / "sweep"), grid={"width": [1_000_000, 4]}, seeds=(0, 1, 2),
+                  devices=["cpu", "cpu"], data=data, log=lambda m: None)
+    assert list((tmp_path / "sweep" / "runs").iterdir()) == []
+
+
 def test_worker_processes_train_the_same_runs_as_one_process(grid_sweep, data, tmp_path):
     out, _, _ = grid_sweep
     result = lab.sweep(tiny_config(), str(tmp_path / "parallel"), grid={"lr": [0.02, 0.1], "weight_decay": [5e-4]},
