@@ -16,6 +16,8 @@ Parts, each sized for one 10-minute command on an H100 (batch 512, lr 0.4 = the 
            main job's recipe; a warm-up after each restart and mixing off for the last 10 epochs; one cosine
            cycle and mixing off; weight decay 5e-4 without decay on BatchNorm and biases
   report   results.md (a table of every run with its command) and the learning curves of each part
+  probe    whether training processes side by side on the one GPU train more images per second in all than one
+           (1, 2 and 4 of them, PROBE_SECONDS each): probe.json in --results, read by --parallel auto
 
 Runs live in --runs (checkpoints included: keep it on a disk with room). A run that would pass --budget
 gets SIGTERM, which makes the training command finish its step, write last.pt and exit; running the same
@@ -23,10 +25,14 @@ part again resumes it with --resume, and a finished run is never run twice. So a
 command finishes over two. The small files of each run (metrics.csv, config.json, its log) are copied to
 --results after every run.
 
+--parallel N runs N runs of a part at once, each its own process (auto: as many as the probe found best, 1
+without a probe.json). So `probe levers --parallel auto --budget 540` measures first, then trains that way.
+
 --smoke runs every command at a toy size on the CPU (the test suite does this) to check the script itself;
 its numbers mean nothing.
 """
 import argparse
+import concurrent.futures
 import csv
 import json
 import os
@@ -81,6 +87,11 @@ RUNS = [  # (part, name, flags): the exact commands, in the order they run
 ]
 PARTS = ("short", "compare", "full400", "levers")
 COMPARE_EPOCHS = 100
+# probe: the levers recipe, without compiling (its 30-75 s would fill the window; compiled steps use the GPU
+# better, so they may gain less from sharing it), for as long as each count of processes trains side by side
+PROBE_FLAGS = B512 + ["--compile", "off", "--epochs", "10000", "--ema", "0.999", "--bn-recal", "20", "--tta"]
+PROBE_PROCESSES, PROBE_SECONDS = (1, 2, 4), 30.0
+SMOKE_PROBE_PROCESSES, SMOKE_PROBE_SECONDS = (1, 2), 12.0
 
 
 def planned_runs(compare_epochs: int = COMPARE_EPOCHS) -> list:
@@ -151,7 +162,7 @@ def run_one(name: str, flags: list, args, deadline: float) -> str:
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         log.write(f"$ {' '.join(cmd[1:])}\n")
         log.flush()
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.join(HERE, ".."))
         try:
             proc.wait(timeout=None if deadline == float("inf") else max(0.0, deadline - time.monotonic()))
@@ -160,8 +171,8 @@ def run_one(name: str, flags: list, args, deadline: float) -> str:
             proc.wait()
         seconds = time.monotonic() - started
     with open(os.path.join(run_dir, "commands.jsonl"), "a") as f:  # the wall time of each command, startup too
-        f.write(json.dumps({"seconds": seconds, "exit": proc.returncode, "epochs_before": epochs_before,
-                            "epochs_after": len(read_rows(run_dir))}) + "\n")
+        f.write(json.dumps({"started": started_at, "seconds": seconds, "exit": proc.returncode,
+                            "epochs_before": epochs_before, "epochs_after": len(read_rows(run_dir))}) + "\n")
     if proc.returncode == 0 and "--tta" not in flags:  # the final weights with flip TTA (a few seconds)
         ev = subprocess.run([sys.executable, MODULE, "eval", run_dir, "--tta", "--no-download", "--data-dir",
                              args.data_dir, *(["--device", "cpu"] if args.smoke else [])],
@@ -183,6 +194,76 @@ def keep(name: str, run_dir: str, results: str) -> None:
     for file in KEPT_FILES:
         if os.path.exists(os.path.join(run_dir, file)):
             shutil.copyfile(os.path.join(run_dir, file), os.path.join(results, f"{name}_{file}"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Probe: how many processes at once
+
+
+def steady_images_per_s(run_dir: str) -> "float | None":
+    """A run's images per second over its epochs after the first (CUDA-graph capture, cuDNN's autotuning), each
+    epoch's evaluation included: its training images over the median epoch_seconds; None with fewer than 2."""
+    seconds = sorted(float(r["epoch_seconds"]) for r in read_rows(run_dir)[1:])
+    if not seconds:
+        return None
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)["train_images"] / seconds[len(seconds) // 2]
+
+
+def probe(args) -> int:
+    """For each count of PROBE_PROCESSES, that many runs of PROBE_FLAGS train side by side for PROBE_SECONDS
+    (then SIGTERM); their total is the sum of each one's steady_images_per_s. Writes probe.json in --results
+    and returns the count with the most images per second in all (1 unless another is measured higher)."""
+    counts, window = (SMOKE_PROBE_PROCESSES, SMOKE_PROBE_SECONDS) if args.smoke else (PROBE_PROCESSES, PROBE_SECONDS)
+    trials = []
+    for count in counts:
+        folders = [os.path.join(args.runs, f"probe-{count}x-{i}") for i in range(count)]
+        for folder in folders:  # each trial from scratch
+            shutil.rmtree(folder, ignore_errors=True)
+        commands = [command(PROBE_FLAGS, folder, args.data_dir, args.smoke, resume=False) for folder in folders]
+        for cmd in commands:  # (--smoke sets few epochs: the window, not the epochs, ends a trial)
+            cmd[cmd.index("--epochs") + 1] = "10000"
+        print(f"\nprobe: {count} process(es) side by side for {window:g} s", flush=True)
+        procs = []
+        for folder, cmd in zip(folders, commands):
+            os.makedirs(folder)
+            with open(os.path.join(folder, "train.log"), "w") as log:
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.join(HERE, "..")))
+        time.sleep(window)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+        rates = [steady_images_per_s(folder) for folder in folders]
+        total = sum(rates) if all(r is not None for r in rates) else None
+        trials.append({"processes": count, "images_per_s": total, "each": rates,
+                       "epochs": [len(read_rows(folder)) for folder in folders]})
+    one = trials[0]["images_per_s"]
+    measured = [t for t in trials if t["images_per_s"] is not None]
+    best = max(measured, key=lambda t: t["images_per_s"])["processes"] if one else 1
+    for t in trials:
+        shown = (f"{t['images_per_s']:,.0f} images/s in all ({t['images_per_s'] / one:.2f}x one)" if t["images_per_s"]
+                 and one else f"not measured (epochs done: {t['epochs']}; a window too short)")
+        print(f"probe: {t['processes']} at once: {shown}", flush=True)
+    print(f"probe: best {best} at once" + ("" if args.smoke else f" (each trial {window:g} s)"), flush=True)
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "probe.json"), "w") as f:
+        json.dump({"best": best, "seconds": window, "flags": PROBE_FLAGS, "smoke": args.smoke, "trials": trials}, f,
+                  indent=2)
+        f.write("\n")
+    return best
+
+
+def parallel_runs(args) -> int:
+    """--parallel: a number, or auto (the probe's best in --results, 1 without one)."""
+    if args.parallel != "auto":
+        return int(args.parallel)
+    path = os.path.join(args.results, "probe.json")
+    if not os.path.exists(path):
+        print("--parallel auto: no probe.json in --results (run the probe part first): one run at a time")
+        return 1
+    with open(path) as f:
+        return int(json.load(f)["best"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +393,7 @@ def report(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("parts", nargs="+", choices=[*PARTS, "report"])
+    ap.add_argument("parts", nargs="+", choices=[*PARTS, "report", "probe"])
     ap.add_argument("--data-dir", required=True, help="folder holding cifar-100-python/")
     ap.add_argument("--runs", default="runs/accuracy", help="where the run folders go (checkpoints: 170 MB each)")
     ap.add_argument("--results", default=None, help="where the small files and the report go (default: --runs)")
@@ -323,21 +404,31 @@ def main(argv=None) -> int:
     ap.add_argument("--min-start", type=float, default=60, help="start no run with fewer seconds of --budget left")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the parts (names as in "
                     "the report); the report still lists every run")
+    ap.add_argument("--parallel", default="1", type=lambda v: v if v == "auto" or (v.isdigit() and int(v) >= 1) else
+                    ap.error(f"--parallel: a number of runs at once, or auto; got {v!r}"),
+                    help="runs of a part at once, each its own process; auto: the probe's best (default: 1)")
     ap.add_argument("--smoke", action="store_true", help="toy size on the CPU, to test this script")
     args = ap.parse_args(argv)
     args.results = args.results or args.runs
+    # the runs' commands start in the repository's folder: a relative --runs (or --data-dir) named a folder there,
+    # where this script, started elsewhere, then found no metrics.csv to read or keep
+    args.runs, args.results, args.data_dir = map(os.path.abspath, (args.runs, args.results, args.data_dir))
     unknown = set(args.only or ()) - {name for _, name, _ in planned_runs(args.compare_epochs)}
     if unknown:
         ap.error(f"--only: no run named {', '.join(sorted(unknown))}")
     deadline = time.monotonic() + args.budget
     status = {}
     for part in args.parts:
-        if part == "report":
+        if part == "probe":
+            probe(args)
+        if part in ("report", "probe"):
             continue
-        for run_part, name, flags in planned_runs(args.compare_epochs):
-            if run_part == part and (args.only is None or name in args.only):
-                status[name] = run_one(name, flags, args, deadline)
-                print(f"{name}: {status[name]}", flush=True)
+        runs = [(name, flags) for run_part, name, flags in planned_runs(args.compare_epochs)
+                if run_part == part and (args.only is None or name in args.only)]
+        with concurrent.futures.ThreadPoolExecutor(parallel_runs(args)) as pool:  # each thread waits on its run
+            for (name, _), result in zip(runs, pool.map(lambda run: run_one(*run, args, deadline), runs)):
+                status[name] = result
+                print(f"{name}: {result}", flush=True)
     if "report" in args.parts:
         report(args)
     unfinished = [name for name, s in status.items() if s in ("stopped", "skipped")]

@@ -125,3 +125,36 @@ def test_the_levers_part_runs_the_four_recipes_of_issue_26_each_measuring_ema_an
     assert base[-2:] == ["--t0", "14"] and cr.learning_rate(2 + 14, main_like) == pytest.approx(0.4)
     assert dict(levers)["levers-restart-warmup-mixoff"] == base + ["--restart-warmup", "2", "--mix-off-epochs", "10"]
     assert dict(levers)["levers-wd5e-4"] == base + ["--weight-decay", "5e-4", "--no-decay-norm-bias"]
+
+
+@pytest.mark.slow
+def test_accuracy_script_probe_measures_processes_side_by_side_and_parallel_auto_follows_it(tiny_data_dir, tmp_path,
+                                                                                           monkeypatch):
+    ar = accuracy_runs()
+    monkeypatch.setattr(ar, "SMOKE_PROBE_SECONDS", 10.0)
+    monkeypatch.chdir(tmp_path)  # relative folders: those here, not the repository's (where the runs start)
+    results = tmp_path / "results"
+    argv = ["--data-dir", str(tiny_data_dir), "--runs", "runs", "--results", "results", "--smoke"]
+    assert ar.main(["probe", *argv]) == 0
+    probe = json.loads((results / "probe.json").read_text())
+    assert [t["processes"] for t in probe["trials"]] == list(ar.SMOKE_PROBE_PROCESSES) == [1, 2]
+    for trial in probe["trials"]:  # each process's epochs after its first, timed: images over the median epoch
+        for i, rate in enumerate(trial["each"]):
+            folder = tmp_path / "runs" / f"probe-{trial['processes']}x-{i}"
+            rows, images = metric_rows(folder), json.loads((folder / "config.json").read_text())["train_images"]
+            seconds = sorted(float(r["epoch_seconds"]) for r in rows[1:])
+            assert len(rows) >= 2 and images == 192 and rate == pytest.approx(images / seconds[len(seconds) // 2])
+        assert trial["images_per_s"] == pytest.approx(sum(trial["each"]))
+    assert probe["best"] == max(probe["trials"], key=lambda t: t["images_per_s"])["processes"]
+    # --parallel 2: two runs of a part at once, each its own process, both finished
+    only = ["levers-base", "levers-wd5e-4"]
+    assert ar.main(["levers", *argv, "--parallel", "2", "--only", *only]) == 0
+    spans = []
+    for name in only:
+        lines = (tmp_path / "runs" / name / "commands.jsonl").read_text().splitlines()
+        (command,) = [json.loads(line) for line in lines]
+        assert command["exit"] == 0 and command["epochs_after"] == ar.SMOKE_EPOCHS
+        spans.append((command["started"], command["started"] + command["seconds"]))
+    assert spans[1][0] < spans[0][1] and spans[0][0] < spans[1][1]  # side by side
+    assert ar.parallel_runs(ar.argparse.Namespace(parallel="auto", results=str(results))) == probe["best"]
+    assert ar.parallel_runs(ar.argparse.Namespace(parallel="auto", results=str(tmp_path))) == 1  # no probe.json
