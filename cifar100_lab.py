@@ -1480,21 +1480,22 @@ def _plot_schedule_main(argv: list) -> int:
     parser = cr.command_parser("plot --schedule", "the learning rate a run with these train flags would set "
                                "at every step, before training; or the one a run folder's run sets",
                                train_flags=True)
-    parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder: the schedule of its own "
-                        "settings (with no train flags beside it), the epochs it has trained marked")
+    parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", type=os.path.expanduser,
+                        help="a run folder: the schedule of its own settings (with no train flags beside it), the "
+                             "epochs it has trained marked")
     out = None
     if "--out" in argv:
         at = argv.index("--out")
         if at + 1 >= len(argv):
             raise cr.UserError(f"--out needs a file name; see {parser.prog} --help")
-        out = argv[at + 1]
+        out = os.path.expanduser(argv[at + 1])
         argv = argv[:at] + argv[at + 2:]
     args = parser.parse_args(argv)
     steps = trained = None
     if args.run_dir is None:
         config, out = cr.config_from_args(args), out or "schedule.png"
     else:
-        flags = [a for a in argv if a != args.run_dir]
+        flags = [a for a in argv if os.path.expanduser(a) != args.run_dir]
         if flags:
             raise cr.UserError(f"plot --schedule {args.run_dir} draws that run's own schedule: train flags beside "
                                f"it ({' '.join(flags)}) would not change it; drop them, or the folder")
@@ -1527,9 +1528,10 @@ def plot_main(argv: list) -> int:
         return _plot_schedule_main([a for a in argv if a != "--schedule"])
     p = cr.command_parser("plot", "learning curves of one run, or several compared; the runs of a sweep (a sweep "
                           "folder); or, with --schedule and train flags, the planned learning rate")
-    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.csv, or one sweep folder")
-    p.add_argument("--out", help="PNG to write (default: curves.png in the first run folder, sweep.png in a "
-                                 "sweep folder)")
+    p.add_argument("run_dirs", nargs="+", type=os.path.expanduser,
+                   help="run folders holding metrics.csv, or one sweep folder")
+    p.add_argument("--out", type=os.path.expanduser,
+                   help="PNG to write (default: curves.png in the first run folder, sweep.png in a sweep folder)")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.run_dirs):
@@ -2083,8 +2085,9 @@ def report_main(argv: list) -> int:
                           "run's validation images): per-class accuracy, superclasses, the confusion matrix, "
                           "misclassified images, calibration and the learning curves, as CSV/JSON files, figures "
                           "and one self-contained report.html")
-    p.add_argument("checkpoint", help="a checkpoint, or a run folder (its last.pt)")
-    p.add_argument("--out-dir", help="where to write (default: report/ in the checkpoint's folder)")
+    p.add_argument("checkpoint", type=os.path.expanduser, help="a checkpoint, or a run folder (its last.pt)")
+    p.add_argument("--out-dir", type=os.path.expanduser,
+                   help="where to write (default: report/ in the checkpoint's folder)")
     cr.add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
     p.add_argument("--ema", action="store_true", help="the run's --ema average instead of its weights (default: off)")
     args = p.parse_args(argv)
@@ -2109,7 +2112,8 @@ def preview_aug_main(argv: list) -> int:
                                "flip, and the MixUp or CutMix with its partner. Takes every train flag (--seed, "
                                "--no-mixup, ...).", train_flags=True)
     group = parser.add_argument_group("preview-aug")
-    group.add_argument("--out", default="augmentation.png", help="PNG to write (default: augmentation.png)")
+    group.add_argument("--out", default="augmentation.png", type=os.path.expanduser,
+                       help="PNG to write (default: augmentation.png)")
     group.add_argument("--images", type=int, default=8, help="images per batch shown (default: 8)")
     args = parser.parse_args(argv)
     if not 1 <= args.images <= 16:
@@ -2157,15 +2161,17 @@ def conv_demo_main(argv: list) -> int:
                           "size from floor((n + 2p - k) / s) + 1 beside the size torch's conv2d produced. With "
                           "--checkpoint, also a trained model's first-layer filters and the image's feature maps.")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--image", help="an image file (PNG, JPEG): its centre square, at most 128 pixels a side")
+    source.add_argument("--image", type=os.path.expanduser,
+                        help="an image file (PNG, JPEG): its centre square, at most 128 pixels a side")
     source.add_argument("--index", type=int, default=0, help="image N of the test set (default: 0)")
     kernel = p.add_mutually_exclusive_group()
     kernel.add_argument("--filter", default="edge", choices=CONV_FILTERS, help="the filter (default: edge)")
     kernel.add_argument("--kernel", help="your own square filter, row by row; write it with = when it starts "
                         "with a minus: --kernel=-1,0,1,-2,0,2,-1,0,1")
-    p.add_argument("--checkpoint", help="a checkpoint or run folder: also draw its network's view of the image")
-    p.add_argument("--out", default="conv_demo.png", help="PNG to write (default: conv_demo.png; with "
-                                                          "--checkpoint also network.png beside it)")
+    p.add_argument("--checkpoint", type=os.path.expanduser,
+                   help="a checkpoint or run folder: also draw its network's view of the image")
+    p.add_argument("--out", default="conv_demo.png", type=os.path.expanduser,
+                   help="PNG to write (default: conv_demo.png; with --checkpoint also network.png beside it)")
     p.add_argument("--dataset", default="cifar100", choices=tuple(cr.DATASETS), help="(default: cifar100)")
     cr.add_data_flags(p, "folder holding cifar-100-python/ (default: ./data, or the checkpoint's)")
     args = p.parse_args(argv)

@@ -257,7 +257,7 @@ class TrainConfig:
     # --- data
     dataset: str = _setting("cifar100", "which CIFAR", "data", choices=tuple(DATASETS))
     data_dir: str = _setting("./data", "the folder that holds cifar-100-python/ (downloaded there if absent)", "data",
-                             resumable=True)
+                             resumable=True, type=os.path.expanduser)  # (and each path flag: --x=~/y, as a shell)
     download: bool = _setting(True, "never download; fail if the data is not in --data-dir", "data",
                               flag="--no-download", shown="download when missing", resumable=True)
     limit_train: int = _setting(0, "use the first N training images (0: all)", "data", check=_NOT_NEGATIVE)
@@ -291,7 +291,7 @@ class TrainConfig:
     out_dir: Optional[str] = _setting(None, "the run folder; library use without one writes nothing", "output",
                                       shown="runs/<timestamp> on the command line",
                                       check=(lambda v: v is None or v.strip() != "", "a folder name"),
-                                      resumable=True)
+                                      resumable=True, type=os.path.expanduser)
     checkpoint_every: int = _setting(20, "also keep ckpt_ep{N}.pt every N epochs (0: never)", "output",
                                      check=_NOT_NEGATIVE, resumable=True)
     log_every: int = _setting(100, "a progress line every N batches, and at least every 30 s (0: by time only)",
@@ -2568,7 +2568,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups["recipe"].add_argument("--preset", choices=list(PRESETS), default=None,
                                   help="a named recipe, as if its flags were given (flags given beside it win): "
                                        + "; ".join(f"{name} = {' '.join(_preset_flags(name))}" for name in PRESETS))
-    groups["output"].add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+    groups["output"].add_argument("--resume", nargs="?", const="", metavar="PATH", type=os.path.expanduser,
                                   help="continue a run: --out-dir's, or the run folder or checkpoint PATH")
     return p
 
@@ -2583,7 +2583,7 @@ def command_parser(command: str, description: str, train_flags: bool = False) ->
 
 def add_data_flags(p: argparse.ArgumentParser, data_dir_help: str) -> None:
     """--data-dir, --no-download and --device, for the commands that read a checkpoint (eval, report, ...)."""
-    p.add_argument("--data-dir", help=data_dir_help)
+    p.add_argument("--data-dir", help=data_dir_help, type=os.path.expanduser)
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download (default: download when missing)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -2660,7 +2660,8 @@ def _train_command(argv: list) -> int:
 def _eval_command(argv: list) -> int:
     """`eval CHECKPOINT|RUN_DIR [--tta]`: test top-1/top-5 and loss of saved weights."""
     p = command_parser("eval", "test top-1/top-5 and loss of saved weights")
-    p.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
+    p.add_argument("checkpoint", type=os.path.expanduser,
+                   help="a checkpoint (best.pt, last.pt, ckpt_ep{N}.pt) or a run folder (its last.pt)")
     add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
     p.add_argument("--tta", action="store_true", help="also with flip test-time augmentation (default: off)")
     p.add_argument("--ema", action="store_true", help="the run's --ema average instead of its weights (default: off)")
@@ -2811,8 +2812,7 @@ class Console:
     def progress(self, message: str) -> None:
         if not self.tty:
             return self.log(message)
-        self.stream.write("\r\033[K" + message[:shutil.get_terminal_size().columns - 1])
-        self.stream.flush()
+        print("\r\033[K" + message[:shutil.get_terminal_size().columns - 1], end="", file=self.stream, flush=True)
         self.pending = True
 
 

@@ -799,6 +799,16 @@ def test_plot_schedule_of_an_endless_run_draws_a_bounded_number_of_points_and_re
     assert "warm restart (the first 100 marked)" in [t.get_text() for t in figures[0].axes[0].get_legend().texts]
 
 
+def test_the_labs_path_flags_expand_a_tilde_that_the_shell_left(tiny_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").symlink_to(tiny_run)
+    assert cr.main(["plot", "~/run", "--out=~/curves.png"]) == 0
+    assert cr.main(["plot", "--schedule", "~/run", "--out", "~/schedule.png"]) == 0
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "schedule.png").exists()
+    assert f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().out
+
+
 def test_plot_errors_are_one_message(tmp_path, capsys, monkeypatch):
     assert cr.main(["plot", str(tmp_path)]) == 2
     assert "has no metrics.csv rows" in capsys.readouterr().err

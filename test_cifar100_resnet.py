@@ -952,6 +952,25 @@ def test_console_rewrites_step_lines_in_place_on_a_terminal_only(tmp_path):
             assert stream.getvalue() == "step 1\nstep 2\nepoch 1 done\n"
 
 
+def test_path_flags_expand_a_tilde_that_the_shell_left(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    # bash leaves the ~ of --out-dir=~/run (and of a quoted "~/run") as it is: the run went into a folder named
+    # "~" here, which a later `rm -rf ~` meant for it would not remove
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir()
+    here.mkdir()
+    (home / "data").symlink_to(tiny_data_dir)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    args = tiny_args("~/data", "~/run")
+    args[:4] = ["--data-dir=~/data", "--out-dir=~/run"]
+    assert cr.main(args) == 0
+    assert (home / "run" / "last.pt").exists() and list(here.iterdir()) == []
+    assert json.loads((home / "run" / "config.json").read_text())["out_dir"] == str(home / "run")
+    assert cr.main(["eval", "~/run", "--data-dir", "~/data", "--device", "cpu", "--no-download"]) == 0
+    assert cr.main(["--resume=~/run", "--data-dir=~/data", "--quiet"]) == 0  # complete: nothing to train
+    assert "EVAL_JSON" in capsys.readouterr().out and list(here.iterdir()) == []
+
+
 def test_cli_resume_after_one_epoch_is_bit_identical(tiny_data_dir, tiny_run, tmp_path, capsys):
     straight, split = tiny_run, tmp_path / "split"
     assert cr.main(tiny_args(tiny_data_dir, split, "--epochs", "1")) == 0
