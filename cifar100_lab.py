@@ -1483,19 +1483,14 @@ def _plot_schedule_main(argv: list) -> int:
     parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", type=os.path.expanduser,
                         help="a run folder: the schedule of its own settings (with no train flags beside it), the "
                              "epochs it has trained marked")
-    out = None
-    if "--out" in argv:
-        at = argv.index("--out")
-        if at + 1 >= len(argv):
-            raise cr.UserError(f"--out needs a file name; see {parser.prog} --help")
-        out = os.path.expanduser(argv[at + 1])
-        argv = argv[:at] + argv[at + 2:]
+    parser.add_argument("--out", type=os.path.expanduser,
+                        help="PNG to write (default: schedule.png, in RUN_DIR with one)")
     args = parser.parse_args(argv)
-    steps = trained = None
+    out, steps, trained = args.out, None, None
     if args.run_dir is None:
         config, out = cr.config_from_args(args), out or "schedule.png"
     else:
-        flags = [a for a in argv if os.path.expanduser(a) != args.run_dir]
+        flags = sorted({word.split("=")[0] for word in argv if word.startswith("-")} - {"--out"})
         if flags:
             raise cr.UserError(f"plot --schedule {args.run_dir} draws that run's own schedule: train flags beside "
                                f"it ({' '.join(flags)}) would not change it; drop them, or the folder")

@@ -774,7 +774,7 @@ def test_plot_schedule_of_a_run_folder_draws_its_own_steps_and_the_epochs_it_has
     assert extended == {"end_fraction": 0.0, "restarts": [2.5, 6.5, 12], "into_cycle": 0.0, "cycle": 8}
     assert figures[-1].axes[0].get_title().endswith("peak 0.1 (extended from 12)")
     capsys.readouterr()
-    for argv, message in [([str(run), "--lr", "0.2"], "train flags beside it (--lr 0.2) would not change it"),
+    for argv, message in [([str(run), "--lr", "0.2"], "train flags beside it (--lr) would not change it"),
                           ([str(tmp_path / "none")], "is not a run folder"),
                           ([str(tmp_path)], "holds no run's settings (no config.json")]:
         assert cr.main(["plot", "--schedule", *argv]) == 2
@@ -804,7 +804,7 @@ def test_the_labs_path_flags_expand_a_tilde_that_the_shell_left(tiny_run, tmp_pa
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "run").symlink_to(tiny_run)
     assert cr.main(["plot", "~/run", "--out=~/curves.png"]) == 0
-    assert cr.main(["plot", "--schedule", "~/run", "--out", "~/schedule.png"]) == 0
+    assert cr.main(["plot", "--schedule", "~/run", "--out=~/schedule.png"]) == 0
     assert (tmp_path / "curves.png").exists() and (tmp_path / "schedule.png").exists()
     assert f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().out
 
