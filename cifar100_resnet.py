@@ -2437,8 +2437,7 @@ def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str
     ckpt = load_checkpoint(path, full=False)
     if ema and not isinstance(ckpt.get("ema"), dict):
         raise UserError(f"{path} holds no averaged weights: its run was trained without --ema")
-    config = TrainConfig.from_dict(ckpt["config"])
-    config.device = device
+    config = TrainConfig.from_dict({**ckpt["config"], "device": device})
     if limit_test is not None:
         config.limit_test = limit_test
     env = resolve(config)
@@ -2723,8 +2722,9 @@ def main(argv: Optional[list] = None) -> int:
                                                              f"half-written", 130)
             return _fail(message, code)
         except RuntimeError as e:  # out of memory (each process its own); or another process failed (it says why)
-            if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):  # (CPU: RuntimeError)
-                cause = ". ".join(_first_line(e, None).split(". ")[:2])
+            plain = ("can't allocate memory", "not enough memory", "MPS backend out of memory")  # CPU, Windows, MPS<2.5
+            if isinstance(e, torch.cuda.OutOfMemoryError) or any(text in str(e) for text in plain):
+                cause = ". ".join(_first_line(e, None).split(". ")[:2]).rstrip(".")
                 return _fail(f"out of memory ({cause}): a smaller --batch-size or --eval-batch-size needs less; a run "
                              f"folder keeps its last checkpoint", 1, own=True)
             if not _under_torchrun() or not any(

@@ -324,6 +324,26 @@ def test_running_out_of_memory_is_one_line_exit_1_and_the_run_resumes_from_its_l
     assert not wide.exists()
 
 
+@pytest.mark.parametrize("message, cause", [
+    ("[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough memory: you tried to allocate "
+     "36000000000000 bytes.", "[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough memory: "
+     "you tried to allocate 36000000000000 bytes"),  # the CPU on Windows
+    ("MPS backend out of memory (MPS allocated: 17.50 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). Tried "
+     "to allocate 2.00 GB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit",
+     "MPS backend out of memory (MPS allocated: 17.50 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). "
+     "Tried to allocate 2.00 GB on private pool"),  # Apple's GPU before torch 2.5 (from 2.5: torch's class)
+])
+def test_out_of_memory_said_in_a_plain_runtime_error_is_one_line_too(data_dir, tmp_path, monkeypatch, capsys,
+                                                                     message, cause):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(cr, "train", out_of_memory)
+    assert cr.main(run_args(data_dir, tmp_path / "run", "--quiet")) == 1
+    assert one_error_line(capsys, 1, 1) == (f"error: out of memory ({cause}): a smaller --batch-size or "
+                                            f"--eval-batch-size needs less; a run folder keeps its last checkpoint")
+
+
 def test_under_torchrun_a_process_that_runs_out_of_memory_says_so_itself(data_dir, tmp_path, monkeypatch, capsys):
     # process 3 of 4, not the first of its machine: process 0 speaks for the run, but out of memory is this
     # process's own failure, which process 0 only sees as a process lost (and it said nothing of it before)
