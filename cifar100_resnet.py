@@ -257,7 +257,7 @@ class TrainConfig:
     # --- data
     dataset: str = _setting("cifar100", "which CIFAR", "data", choices=tuple(DATASETS))
     data_dir: str = _setting("./data", "the folder that holds cifar-100-python/ (downloaded there if absent)", "data",
-                             resumable=True, type=os.path.expanduser)  # (and each path flag: --x=~/y, as a shell)
+                             resumable=True, type=os.path.expanduser)  # ~ expanded: bash leaves --data-dir=~/d
     download: bool = _setting(True, "never download; fail if the data is not in --data-dir", "data",
                               flag="--no-download", shown="download when missing", resumable=True)
     limit_train: int = _setting(0, "use the first N training images (0: all)", "data", check=_NOT_NEGATIVE)
