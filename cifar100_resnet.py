@@ -1437,7 +1437,8 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # the same parameters and names
         if cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, config, fused=cuda)
+        # not fused beside fp16's scaler: torch's fused SGD leaves its momentum unwritten on a skipped first step
+        self.optimizer = build_optimizer(self.model, config, fused=cuda and self.amp_dtype != torch.float16)
         self.ddp, self.control, self._vote = None, None, None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
