@@ -1268,7 +1268,7 @@ def plot_schedule(config: cr.TrainConfig, out_path: str, steps_per_epoch: Option
         start += length
     into, cycle, end = cr.schedule_end(config, t0)
     if config.extended_from:  # each extension restarts with a cycle of its own: the run ends at its bottom
-        restarts += [epoch for epoch in config.extended_from if len(restarts) <= SCHEDULE_RESTARTS]
+        restarts = (restarts + list(config.extended_from))[:SCHEDULE_RESTARTS + 1]
         into, cycle, end = 0.0, config.epochs - config.extended_from[-1], config.min_lr / config.lr
 
     extended = f" (extended from {' then '.join(map(str, config.extended_from))})" if config.extended_from else ""
