@@ -2316,22 +2316,16 @@ def _tensorboard_writer():
     return SummaryWriter
 
 
-class _Board:
-    """--tensorboard: each metrics row per epoch ("test/top1" for test_top1), and each step's rate ("lr/step")."""
-
-    def __init__(self, writer_class, folder: str, trainer: Trainer):
-        self.writer, self.trainer = writer_class(folder), trainer
-
-    def epoch(self, row: dict) -> None:
-        epoch, steps = row["epoch"], self.trainer.steps_per_epoch
-        for key, value in row.items():
-            if key != "epoch" and isinstance(value, float):
-                self.writer.add_scalar("/".join(key.split("_", 1)) if "_" in key else f"{key}/epoch_start", value,
-                                       epoch)
-        for step in range(steps):
-            rate = learning_rate(epoch - 1 + step / steps, self.trainer.config, self.trainer.t0)
-            self.writer.add_scalar("lr/step", rate, (epoch - 1) * steps + step)
-        self.writer.flush()
+def _board_epoch(board, row: dict, trainer: Trainer) -> None:
+    """--tensorboard: a metrics row ("test/top1" for test_top1), and the rate of each of its steps ("lr/step")."""
+    epoch, steps = row["epoch"], trainer.steps_per_epoch
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, float):
+            board.add_scalar("/".join(key.split("_", 1)) if "_" in key else f"{key}/epoch_start", value, epoch)
+    for step in range(steps):
+        rate = learning_rate(epoch - 1 + step / steps, trainer.config, trainer.t0)
+        board.add_scalar("lr/step", rate, (epoch - 1) * steps + step)
+    board.flush()
 
 
 def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: CheckpointWriter,
@@ -2350,8 +2344,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
            else "") + f", lr {config.lr}, "
         f"{trainer.steps_per_epoch} steps per epoch, epochs {trainer.epoch + 1}..{config.epochs}"
         + (f", run folder {folder.path}" if folder else ""))
-    board = _Board(board_class, folder.file("tensorboard") if folder else "tensorboard", trainer) \
-        if board_class else None
+    board = board_class(folder.file("tensorboard") if folder else "tensorboard") if board_class else None
     first, run_started = len(trainer.history), time.perf_counter()  # this call's rows: trainer.history[first:]
     elapsed_before = trainer.history[-1]["elapsed_seconds"] if trainer.history else 0.0
     stop = lambda: should_stop() or writer.failed  # noqa: E731  (a failed write stops within one step)
@@ -2391,7 +2384,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 state = writer.snapshot(trainer.state_dict())  # waits for (and raises) the previous write
                 writer.submit(lambda: folder.commit(state))
             if board:
-                board.epoch(row)
+                _board_epoch(board, row, trainer)
             if on_epoch:
                 on_epoch(row)
             per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
@@ -2409,7 +2402,7 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
         return TrainResult(trainer.model, trainer.history[first:], config.out_dir)
     finally:
         if board:
-            board.writer.close()
+            board.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2438,7 +2431,10 @@ def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str
     ckpt = load_checkpoint(path, full=False)
     if ema and not isinstance(ckpt.get("ema"), dict):
         raise UserError(f"{path} holds no averaged weights: its run was trained without --ema")
-    config = TrainConfig.from_dict({**ckpt["config"], "device": device})
+    # no training step here to capture, and fp16 autocast only on CUDA: a T4's fp16 run evaluates on a CPU in float32
+    config = TrainConfig.from_dict({**ckpt["config"], "device": device, "cuda_graphs": "off"})
+    if config.amp == "fp16" and resolve_device(device).type != "cuda":
+        config.amp = "off"
     if limit_test is not None:
         config.limit_test = limit_test
     env = resolve(config)
@@ -2459,7 +2455,8 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     run measured them: its images, precision and batches unless limit_test or batch_size say otherwise."""
     run = load_run(path, data, data_dir, device, limit_test, download, ema)
     result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"], "weights": "ema" if ema else "raw",
-              "partial_epoch": run.ckpt.get("partial_epoch") is not None}
+              "partial_epoch": run.ckpt.get("partial_epoch") is not None,  # and whether it is best.pt, chosen on test
+              "chosen_on_test": "optimizer" not in run.ckpt and run.ckpt["best"].get("metric") == "test_top1"}
     for split in ("test", "val") if run.config.val_split else ("test",):
         images, labels = run.splits[split]
         result[split] = evaluate(run.model, images.to(run.device), labels.to(run.device), run.normalize,
@@ -2679,6 +2676,9 @@ def _eval_command(argv: list) -> int:
         print(f"{r['checkpoint']}, {where}, {split} ({m['n']} images): top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} "
               f"loss {m['loss']:.4f}" + (f"; with flip TTA: top-1 {m['tta_top1']:.2%} top-5 {m['tta_top5']:.2%} "
                                         f"loss {m['tta_loss']:.4f}" if args.tta else ""))
+    if r["chosen_on_test"]:
+        print(f"note: {r['checkpoint']} is the epoch of the best test top-1 (the run had no --val-split), so its test "
+              f"numbers are optimistic; quote the last epoch's, or train with --val-split 5000")
     print("EVAL_JSON " + json.dumps(r))
     return 0
 

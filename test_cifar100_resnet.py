@@ -872,6 +872,27 @@ def test_eval_errors_are_one_message(tmp_path, capsys):
     assert err.startswith("error: no checkpoint at") and err.count("\n") == 1
 
 
+def test_eval_of_a_test_chosen_best_pt_says_its_numbers_are_optimistic(tiny_run, capsys):
+    for name, noted in (("best.pt", True), ("last.pt", False)):  # (a --val-split run's best.pt: the test above)
+        capsys.readouterr()
+        assert cr.main(["eval", str(tiny_run / name), "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert ("is the epoch of the best test top-1 (the run had no --val-split), so its test numbers are "
+                "optimistic" in out) is noted, name
+        assert json.loads(out.split("EVAL_JSON ")[1])["chosen_on_test"] is noted
+
+
+def test_a_checkpoint_of_an_fp16_or_cuda_graphs_run_evaluates_on_the_cpu(tiny_run, tmp_path):
+    # a T4's `--amp fp16`, an H100's `--cuda-graphs on`: settings of the GPU it trained on, not of the weights
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    expected = cr.evaluate_checkpoint(str(tiny_run / "last.pt"), device="cpu")["test"]
+    for settings in ({"amp": "fp16"}, {"cuda_graphs": "on"}, {"amp": "fp16", "cuda_graphs": "on"}):
+        state = {k: v for k, v in ckpt.items() if k != "checksum"}
+        state["config"] = {**ckpt["config"], **settings}
+        torch.save({**state, "checksum": cr.tensor_checksum(state)}, tmp_path / "gpu.pt")
+        assert cr.evaluate_checkpoint(str(tmp_path / "gpu.pt"), device="cpu")["test"] == expected, settings
+
+
 def test_cli_progress_output(tiny_data_dir, tmp_path):
     args = [a for a in tiny_args(tiny_data_dir, tmp_path / "run", "--log-every", "3") if a != "--quiet"]
     r = run_cli(*args)
