@@ -1763,13 +1763,15 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
     """What a checkpoint gets right and wrong, on the test set (and on a --val-split run's validation images):
     per_class.csv, confused_pairs.csv, calibration.csv and summary.json always; with matplotlib also the
     figures (per-class accuracy, confusion matrix ordered by superclass, misclassified images, reliability
-    diagram, the run's learning curves) and report.html, all in out_dir (default: report/ beside the
-    checkpoint). Returns the analyses and the paths written."""
+    diagram, the run's learning curves) and report.html, all in out_dir (default: report_best/ beside best.pt,
+    report_best_ema/ for its --ema average, and so on). Returns the analyses and the paths written."""
     run = cr.load_run(path, data, data_dir, device, download=download, ema=ema)  # ema: the --ema average
     run_dir = os.path.dirname(os.path.abspath(run.path))
     if read_run_metrics(run_dir):  # the run's files checked before anything is written
         _run_schedule(run_dir, 1)
-    folder = out_dir or os.path.join(run_dir, "report")
+    # report_best/, report_last_ema/, ...: the reports of other weights never replace each other
+    stem = os.path.splitext(os.path.basename(run.path))[0]
+    folder = out_dir or os.path.join(run_dir, f"report_{stem}" + ("_ema" if ema else ""))
     cr.RunFolder(folder).check_writable()
     make_folder(folder)
     classes, written, analyses = run.data.classes, [], {}
@@ -1833,7 +1835,8 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
         sections.append((f"{split} set", content))
     if "curves" in figures:
         sections.append(("learning curves", [figures["curves"]]))
-    written.append(_report_html(f"report: {run.path} (epoch {run.ckpt['epoch']})", sections, folder))
+    title = f"report: {run.path} (epoch {run.ckpt['epoch']}{', EMA weights' if ema else ''})"
+    written.append(_report_html(title, sections, folder))
     return {"analyses": analyses, "summary": summary, "files": written, "folder": folder}
 
 
@@ -2082,7 +2085,8 @@ def report_main(argv: list) -> int:
                           "and one self-contained report.html")
     p.add_argument("checkpoint", type=os.path.expanduser, help="a checkpoint, or a run folder (its last.pt)")
     p.add_argument("--out-dir", type=os.path.expanduser,
-                   help="where to write (default: report/ in the checkpoint's folder)")
+                   help="where to write (default: report_<checkpoint>/ beside it, e.g. report_best/ or, "
+                        "with --ema, report_best_ema/)")
     cr.add_data_flags(p, "folder holding cifar-100-python/ (default: the run's --data-dir)")
     p.add_argument("--ema", action="store_true", help="the run's --ema average instead of its weights (default: off)")
     args = p.parse_args(argv)

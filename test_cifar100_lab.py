@@ -965,11 +965,15 @@ class _Images(HTMLParser):
                 self.links.append(attrs[key])
 
 
+def page_text(folder) -> str:
+    return (folder / "report.html").read_text()
+
+
 def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_run, capsys, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
     monkeypatch.chdir(tiny_val_run.parent)
     assert cr.main(["report", tiny_val_run.name, "--device", "cpu"]) == 0
-    folder = tiny_val_run / "report"
+    folder = tiny_val_run / "report_last"  # a run folder's last.pt
     printed = capsys.readouterr().out
     assert "superclass top-1" in printed and "report.html" in printed
     summary = json.loads((folder / "summary.json").read_text())
@@ -1007,19 +1011,27 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
     assert [name for name, wide in zip(page.names, page.scrolled) if wide] == ["per_class.png", "val_per_class.png"]
     assert ".wide img{max-width:none}" in (folder / "report.html").read_text()
     assert summary["test"]["loss"] == float(f"{summary['test']['loss']:.6g}")  # no float32 noise
+    assert "<h1>report: " in page_text(folder) and "EMA weights" not in page_text(folder)
     # --ema: the same report of the run's averaged weights, which measure what the run wrote for them (its
     # numbers only: the figures are drawn by the code drawn above, of other weights)
     def no_matplotlib():
         raise cr.UserError("the figures need matplotlib")
 
+    real_pyplot = lab._pyplot
     monkeypatch.setattr(lab, "_pyplot", no_matplotlib)
     with pytest.raises(cr.UserError, match="wrote the numbers into report_ema"):
         lab.report(tiny_val_run.name, out_dir="report_ema", device="cpu", ema=True)
+    # by default beside the checkpoint, named after the weights (no report replaces another's), the page
+    # saying which
+    monkeypatch.setattr(lab, "_pyplot", real_pyplot)
+    lab.report(f"{tiny_val_run.name}/best.pt", device="cpu", ema=True)
+    assert ", EMA weights)</h1>" in page_text(tiny_val_run / "report_best_ema")
+    assert (folder / "report.html").exists()
     averaged = json.loads((tiny_val_run.parent / "report_ema" / "summary.json").read_text())
     last = metric_rows(tiny_val_run)[-1]
     assert averaged["weights"] == "ema" and summary["weights"] == "raw"
     assert averaged["test"]["top1"] == pytest.approx(float(last["test_ema_top1"]), abs=1e-6)
-    report_dir = os.path.join(tiny_val_run.name, "report")  # a path from here, as the other commands print
+    report_dir = os.path.join(tiny_val_run.name, "report_last")  # a path from here, as the other commands print
     assert printed.endswith(f"into {report_dir}; open {os.path.join(report_dir, 'report.html')}\n"), printed
 
 
