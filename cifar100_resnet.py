@@ -1395,13 +1395,6 @@ class CapturedStep:
         return self.loss
 
 
-def _compile_failed(error: Exception) -> bool:
-    """Whether torch.compile itself failed (running out of memory, say, is not a compile failure)."""
-    from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile already
-
-    return isinstance(error, TorchDynamoException) and not isinstance(error, torch.cuda.OutOfMemoryError)
-
-
 class Trainer:
     """The model, optimiser, scaler, generators and position of one run; trains one epoch at a time. With
     several processes (torchrun) every process draws the same global batch of batch_size x processes images,
@@ -1425,9 +1418,13 @@ class Trainer:
             processes = f" x {self.world} processes" if self.world > 1 else ""
             raise UserError(f"--batch-size {config.batch_size}{processes} is larger than the training set "
                             f"({self.n_train} images)")
-        if 0 < self.n_train % global_batch < self.world:
-            raise UserError(f"the last batch of each epoch ({self.n_train % global_batch} images) would leave some "
-                            f"of the {self.world} processes without an image: change --batch-size or --limit-train")
+        last = self.n_train % global_batch or global_batch  # the images of the epoch's last batch
+        if last < self.world:
+            raise UserError(f"the last batch of each epoch ({last} images) would leave some of the {self.world} "
+                            f"processes without an image: change --batch-size or --limit-train")
+        if config.stem == "imagenet" and min(config.batch_size, last // self.world) < 2:  # (torch: a ValueError)
+            raise UserError("--stem imagenet shrinks 32x32 images to 1x1 maps, on which BatchNorm cannot train with "
+                            "one image in a batch (per process): change --batch-size or --limit-train")
         self.batches = epoch_batches(self.n_train, global_batch)
         self.steps_per_epoch = len(self.batches)
 
@@ -1507,7 +1504,9 @@ class Trainer:
             try:
                 loss = self._update(*batch, weight)
             except Exception as e:  # compiling fails before the optimiser step: nothing has changed yet
-                if not (self.use_compile and self.config.compile == "auto" and _compile_failed(e)):
+                from torch._dynamo.exc import TorchDynamoException  # (loaded by torch.compile already)
+                if not (self.use_compile and self.config.compile == "auto" and isinstance(e, TorchDynamoException)
+                        and not isinstance(e, torch.cuda.OutOfMemoryError)):  # (out of memory is no compile failure)
                     raise
                 warn(f"torch.compile failed ({type(e).__name__}: {_first_line(e, 200)}); training on without it "
                      f"(--compile off skips the attempt, --compile on stops instead)")

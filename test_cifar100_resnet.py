@@ -1216,7 +1216,8 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
     # the usage line, then the commands, one line each, before any flag
     lines = r.stdout.splitlines()
     assert lines[0] == "usage: cifar100_resnet.py [COMMAND] [flags]"
-    listed = [line.split()[0] for line in lines[:lines.index("options:")] if line.startswith("  ")]
+    options = lines.index("options:" if "options:" in lines else "optional arguments:")  # (the latter: Python 3.9)
+    listed = [line.split()[0] for line in lines[:options] if line.startswith("  ")]
     assert listed == ["train", "eval", *cr.LAB_COMMANDS], listed
 
 
@@ -1582,10 +1583,9 @@ def test_all_names_exactly_the_public_api():
 
 def test_the_library_does_not_grow():
     # The budget is 2,400 lines (issue 23, still open); until it is met, a new feature pays for its lines by
-    # simplifying what is there, and whoever shrinks the file lowers this number to the new count. (2,827: one
-    # comment line of the fix that keeps fp16 runs from diverging, which found nothing to pay with.)
+    # simplifying what is there, and whoever shrinks the file lowers this number to the new count.
     with open(MODULE) as f:
-        assert sum(1 for _ in f) <= 2827
+        assert sum(1 for _ in f) <= 2826
 
 
 def test_a_copied_library_alone_trains_and_a_lab_command_is_one_line_naming_the_file_it_needs(tmp_path):

@@ -668,6 +668,8 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--out-dir", "{S}/a_file.txt"], "is a file, not a folder"),
     (["--out-dir", "{S}/a_file.txt/sub"], "not a writable folder"),
     (["--batch-size", "251"], "--batch-size 251 is larger than the training set (250 images)"),
+    (["--stem", "imagenet", "--limit-train", "226"], "BatchNorm cannot train with one image in a batch"),  # 9 x 25 + 1
+    (["--stem", "imagenet", "--batch-size", "1"], "--stem imagenet shrinks 32x32 images to 1x1 maps"),
     (["--data-dir", "{D}/cifar-100-python"], "is the cifar-100-python folder itself: pass the folder that holds it"),
     (["--data-dir", "{S}/nowhere"], "cifar100 not found"),
     (["--data-dir", "{S}/a_file.txt"], "a_file.txt is a file, not a folder"),
