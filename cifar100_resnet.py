@@ -1608,10 +1608,12 @@ class Trainer:
                 state.loss_sum = torch.stack(sums)
             self.partial = state
             return None
-        loss_sum, seen = self._sum(state.loss_sum, state.seen) if self.world > 1 else (state.loss_sum, state.seen)
+        totals = torch.tensor([float(state.loss_sum), state.seen], dtype=torch.float64, device=dev)
+        if self.world > 1:  # the loss summed and the images counted over every process
+            torch.distributed.all_reduce(totals)
         self.epoch += 1
         self._cpu_cost_note(self.n_train, state.seconds, epoch_done=True)
-        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(loss_sum) / seen,
+        return {"lr": learning_rate(self.epoch - 1, cfg, self.t0), "train_loss": float(totals[0]) / int(totals[1]),
                 "train_seconds": state.seconds, "images_per_s": self.n_train / state.seconds}
 
     def _report_progress(self, state: EpochState, lr: float, seconds: float) -> None:
@@ -1718,12 +1720,6 @@ class Trainer:
         size, extra = divmod(n, self.world)
         first = self.rank * size + min(self.rank, extra)
         return first, first + size + (self.rank < extra)
-
-    def _sum(self, loss_sum: torch.Tensor, seen: int) -> tuple:
-        """The summed loss and image count over every process."""
-        totals = torch.tensor([float(loss_sum), seen], dtype=torch.float64, device=loss_sum.device)
-        torch.distributed.all_reduce(totals)
-        return totals[0], int(totals[1])
 
     def agree_to_stop(self, asked: bool, wait: bool = False) -> bool:
         """Whether to stop now: alone, when asked. Several processes must stop at the same step though a signal
