@@ -1436,14 +1436,22 @@ def test_the_reason_fp16_runs_do_not_fuse_sgd():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 def test_fp16_on_gpu_trains_through_the_steps_its_gradient_scaler_skips():
-    config = cr.TrainConfig(arch="resnet18", width=8, batch_size=64, epochs=1, amp="fp16", compile="off",
+    config = cr.TrainConfig(arch="resnet18", width=8, batch_size=16, epochs=1, amp="fp16", compile="off",
                             device="cuda", dataset="cifar100", quiet=True)
-    trainer = cr.Trainer(config, synthetic_data(64 * 8, 64, dataset="cifar100"), log=lambda m: None)
+    trainer = cr.Trainer(config, synthetic_data(16 * 64, 64, dataset="cifar100"), log=lambda m: None)
     assert not trainer.optimizer.defaults.get("fused") and trainer.scaler.is_enabled()
-    trainer.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 40)  # the first steps overflow: skipped
+    # the first steps overflow (logit gradients of 2^30 / 16 in fp16) and are skipped, each halving the scale;
+    # the steps after them train: where fused SGD would add its unwritten momentum buffers to the weights
+    trainer.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 30)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     stats = trainer.train_epoch()
-    assert trainer.scaler.get_scale() < 2.0 ** 40 and math.isfinite(stats["train_loss"])
+    skipped = round(math.log2(2.0 ** 30 / trainer.scaler.get_scale()))
+    assert 1 <= skipped < trainer.steps_per_epoch - 10, skipped
+    assert math.isfinite(stats["train_loss"])
     trainer.check_weights_finite("after an epoch of fp16 with skipped steps")
+    after = [p.detach() for p in trainer.model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # it trained
+    assert max(float(p.abs().max()) for p in after) < 100  # and nothing but its gradients moved the weights
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
