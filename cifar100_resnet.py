@@ -2247,8 +2247,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
     if point and point.ckpt is not None:
         trainer.load_state_dict(point.ckpt, point.path)
     trainer.run_id = point.identity if point and point.identity and not branched else uuid.uuid4().hex[:12]
-    warning = schedule_end_warning(config, trainer.t0)
-    if warning and trainer.epoch == 0:
+    if trainer.epoch == 0 and (warning := schedule_end_warning(config, trainer.t0)):
         warn(warning)
 
     on_create()
@@ -2489,8 +2488,9 @@ PRESETS = {
 
 def _program() -> str:
     """How the program was started, for its usage lines (cifar100_resnet.py also when called from Python)."""
-    if "-m" in getattr(sys, "orig_argv", [])[1:3]:
-        return "python -m cifar100_resnet"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m NAME: NAME's (sys.orig_argv: 3.10+)
+    if spec is not None and spec.name in ("cifar100_resnet", "cifar100_lab"):
+        return f"python -m {spec.name}"
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
     return name if name in ("cifar100-resnet", "cifar100_lab.py") else "cifar100_resnet.py"
 

@@ -1627,8 +1627,10 @@ for argv in (["plot", "runs/a"], ["sweep", "--help"], ["eval"]):
                     reason="the package is not installed in this environment (pip install -e .)")
 def test_installed_commands_work_from_any_folder_and_name_themselves(tmp_path):
     # the library's command as python -m, and a command of the lab, installed beside it, as the console command
+    # and as python -m of the lab (each named as it was started, also on Python 3.9, which has no sys.orig_argv)
     for argv, usage in (([sys.executable, "-m", "cifar100_resnet", "eval"], "python -m cifar100_resnet eval"),
-                        ([str(Path(sys.executable).parent / "cifar100-resnet"), "plot"], "cifar100-resnet plot")):
+                        ([str(Path(sys.executable).parent / "cifar100-resnet"), "plot"], "cifar100-resnet plot"),
+                        ([sys.executable, "-m", "cifar100_lab", "plot"], "python -m cifar100_lab plot")):
         r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
         required = "checkpoint" if argv[-1] == "eval" else "run_dirs"
         assert r.returncode == 2 and r.stderr.strip() == (
