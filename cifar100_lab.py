@@ -1799,7 +1799,9 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
                        if k in a} | {"ece": a["calibration"]["ece"]} for split, a in analyses.items()}
     summary = {split: {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in numbers.items()}
                for split, numbers in summary.items()}  # 0.06, not float32's 0.05999999865889549
-    summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"], weights="ema" if ema else "raw")
+    summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"], weights="ema" if ema else "raw",
+                   # a best.pt of a run without --val-split, as eval says: its test numbers are optimistic
+                   chosen_on_test="optimizer" not in run.ckpt and run.ckpt["best"].get("metric") == "test_top1")
     cr.atomic_save(json.dumps(summary, indent=2) + "\n", os.path.join(folder, "summary.json"))
     written.append(os.path.join(folder, "summary.json"))
 
@@ -1826,6 +1828,9 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
                              for t, p, c in a["confused_pairs"]])
         content = [f"<p>{a['n']} images: " + ", ".join(lines) + "</p>", figures[split]["per_class"],
                    figures[split]["confusion"], "<h3>The 20 most confused pairs</h3>", pairs]
+        if split == "test" and summary["chosen_on_test"]:
+            content.insert(0, "<p><strong>These weights are the epoch of the best test top-1 (the run had no "
+                              "--val-split), so their test numbers are optimistic.</strong></p>")
         if "per_superclass" in a:
             content += ["<h3>Superclasses</h3>", _html_table(
                 ["superclass", "images", "top-1 (class)", "top-1 (superclass)"],
@@ -2098,6 +2103,9 @@ def report_main(argv: list) -> int:
                   f"{s['ece']:.2%}" + (f", superclass top-1 {s['superclass_top1']:.2%}, errors inside the right "
                                        f"superclass {s['errors_in_right_superclass']:.1%}"
                                        if "superclass_top1" in s else ""))
+    if r["summary"]["chosen_on_test"]:
+        print(f"note: {args.checkpoint} is the epoch of the best test top-1 (the run had no --val-split), so its "
+              f"test numbers are optimistic")
     folder = os.path.relpath(r["folder"])  # as the other commands print paths: from here, unless above it
     folder = r["folder"] if folder.startswith(os.pardir) else folder
     print(f"wrote {len(r['files'])} files into {folder}; open {os.path.join(folder, 'report.html')}")

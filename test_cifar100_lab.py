@@ -1043,6 +1043,29 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
     assert printed.endswith(f"into {report_dir}; open {os.path.join(report_dir, 'report.html')}\n"), printed
 
 
+def test_a_report_of_a_test_chosen_best_pt_says_its_numbers_are_optimistic(tiny_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setattr(lab, "_pyplot", lambda: (_ for _ in ()).throw(cr.UserError("no matplotlib here")))
+    for name, chosen in (("best.pt", True), ("last.pt", False)):  # a run without --val-split
+        with pytest.raises(cr.UserError, match="wrote the numbers"):
+            lab.report(str(tiny_run / name), out_dir=str(tmp_path / name), device="cpu")
+        assert json.loads((tmp_path / name / "summary.json").read_text())["chosen_on_test"] is chosen
+    # the page says so first in its test section (its figures not drawn here)
+    sections = {}
+    monkeypatch.setattr(lab, "_pyplot", lambda: None)
+    monkeypatch.setattr(lab, "_report_figures", lambda *a: {"per_class": "p.png", "confusion": "c.png"})
+    monkeypatch.setattr(lab, "plot_runs", lambda *a: "curves.png")
+    monkeypatch.setattr(lab, "_report_html", lambda title, parts, folder: sections.update(parts) or "report.html")
+    lab.report(str(tiny_run / "best.pt"), out_dir=str(tmp_path / "page"), device="cpu")
+    assert "so their test numbers are optimistic" in sections["test set"][0]
+    # the command says so, beside its numbers
+    summary = {"test": {"n": 64, "top1": 0.1, "top5": 0.3, "ece": 0.05}, "chosen_on_test": True}
+    monkeypatch.setattr(lab, "report", lambda *a, **k: {"summary": summary, "files": [], "folder": str(tmp_path)})
+    assert lab.report_main([str(tiny_run / "best.pt")]) == 0
+    assert "best.pt is the epoch of the best test top-1 (the run had no --val-split), so its test numbers are " \
+           "optimistic" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # preview-aug
 
