@@ -1025,15 +1025,20 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
     def no_matplotlib():
         raise cr.UserError("the figures need matplotlib")
 
-    real_pyplot = lab._pyplot
     monkeypatch.setattr(lab, "_pyplot", no_matplotlib)
     with pytest.raises(cr.UserError, match="wrote the numbers into report_ema"):
         lab.report(tiny_val_run.name, out_dir="report_ema", device="cpu", ema=True)
     # by default beside the checkpoint, named after the weights (no report replaces another's), the page
-    # saying which
-    monkeypatch.setattr(lab, "_pyplot", real_pyplot)
+    # saying which (its figures not drawn again here)
+    titles = []
+    monkeypatch.setattr(lab, "_pyplot", lambda: None)
+    monkeypatch.setattr(lab, "_report_figures", lambda *a: {"per_class": "p.png", "confusion": "c.png"})
+    monkeypatch.setattr(lab, "plot_runs", lambda *a: "curves.png")
+    monkeypatch.setattr(lab, "_report_html", lambda title, parts, where: titles.append((title, where)) or "r.html")
     lab.report(f"{tiny_val_run.name}/best.pt", device="cpu", ema=True)
-    assert ", EMA weights)</h1>" in page_text(tiny_val_run / "report_best_ema")
+    epoch = json.loads((tiny_val_run / "report_best_ema" / "summary.json").read_text())["epoch"]
+    assert titles == [(f"report: {tiny_val_run.name}/best.pt (epoch {epoch}, EMA weights)",
+                       str(tiny_val_run / "report_best_ema"))]
     assert (folder / "report.html").exists()
     averaged = json.loads((tiny_val_run.parent / "report_ema" / "summary.json").read_text())
     last = metric_rows(tiny_val_run)[-1]
