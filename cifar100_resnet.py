@@ -1422,7 +1422,7 @@ class Trainer:
         if last < self.world:
             raise UserError(f"the last batch of each epoch ({last} images) would leave some of the {self.world} "
                             f"processes without an image: change --batch-size or --limit-train")
-        if config.stem == "imagenet" and min(config.batch_size, last // self.world) < 2:  # (torch: a ValueError)
+        if config.stem == "imagenet" and min(config.batch_size, last // self.world) < 2:  # (torch raises a ValueError)
             raise UserError("--stem imagenet shrinks 32x32 images to 1x1 maps, on which BatchNorm cannot train with "
                             "one image in a batch (per process): change --batch-size or --limit-train")
         self.batches = epoch_batches(self.n_train, global_batch)
