@@ -1800,8 +1800,7 @@ def report(path: str, out_dir: Optional[str] = None, data: Optional[cr.CifarData
     summary = {split: {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in numbers.items()}
                for split, numbers in summary.items()}  # 0.06, not float32's 0.05999999865889549
     summary.update(checkpoint=os.path.abspath(run.path), epoch=run.ckpt["epoch"], weights="ema" if ema else "raw",
-                   # a best.pt of a run without --val-split, as eval says: its test numbers are optimistic
-                   chosen_on_test="optimizer" not in run.ckpt and run.ckpt["best"].get("metric") == "test_top1")
+                   chosen_on_test=run.chosen_on_test)
     cr.atomic_save(json.dumps(summary, indent=2) + "\n", os.path.join(folder, "summary.json"))
     written.append(os.path.join(folder, "summary.json"))
 

@@ -1964,6 +1964,11 @@ def _derived_files(state: dict) -> list:
     return files
 
 
+def _position(ckpt: dict) -> tuple:
+    """(epochs done, steps done in the next) of a checkpoint."""
+    return ckpt["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
+
+
 class RunFolder:
     """The files of one run. last.pt is the commit point: every other file derives from it (best.pt and
     ckpt_ep{N}.pt are parts or copies, metrics.csv its history) and is written after it, each write atomic. So
@@ -2039,13 +2044,13 @@ class RunFolder:
         """last.pt, then the files derived from it."""
         state = _with_checksum(state)
         atomic_save(state, self.file("last.pt"))
-        self.committed = (state["epoch"], (state["partial_epoch"] or {}).get("step", 0))
+        self.committed = _position(state)
         for name, content in _derived_files(state):
             atomic_save(content, self.file(name))
 
     def repair(self, state: dict) -> list:
         """Write the derived files of `state` (last.pt's content) that are missing or stale; returns their names."""
-        self.committed = (state["epoch"], (state["partial_epoch"] or {}).get("step", 0))
+        self.committed = _position(state)
         written = []
         for name, content in _derived_files(_with_checksum(state)):
             path = self.file(name)
@@ -2156,11 +2161,6 @@ class TrainResult:
     interrupted: bool = False  # stopped by should_stop(); last.pt holds the position to resume from
 
 
-def _position(ckpt: dict) -> tuple:
-    """(epochs done, steps done in the next) of a checkpoint."""
-    return ckpt["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
-
-
 @dataclass
 class ResumePoint:
     """Where a run continues from: a checkpoint and its path (None: stopped before its first checkpoint, it
@@ -2183,9 +2183,7 @@ def find_resume(resume: str, out_dir: Optional[str] = None) -> ResumePoint:
         raise UserError("--resume without a PATH continues the run in --out-dir: pass --out-dir")
     run = RunFolder(source)
     if os.path.exists(run.file("last.pt")):
-        point = find_resume(run.file("last.pt"))
-        point.folder = source
-        return point
+        return dataclasses.replace(find_resume(run.file("last.pt")), folder=source)
     if run.saved_config() is None:
         raise UserError(f"{source} holds no run to resume (no last.pt or config.json)")
     if out_dir and os.path.realpath(out_dir) != os.path.realpath(source):
@@ -2416,6 +2414,10 @@ class LoadedRun:
     data: CifarData
     splits: dict
 
+    @property
+    def chosen_on_test(self) -> bool:  # best.pt of a run without --val-split: its test numbers are optimistic
+        return "optimizer" not in self.ckpt and self.ckpt["best"].get("metric") == "test_top1"
+
 
 def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str] = None, device: str = "auto",
              limit_test: Optional[int] = None, download: bool = True, ema: bool = False) -> LoadedRun:
@@ -2449,8 +2451,7 @@ def evaluate_checkpoint(path: str, data: Optional[CifarData] = None, data_dir: O
     run measured them: its images, precision and batches unless limit_test or batch_size say otherwise."""
     run = load_run(path, data, data_dir, device, limit_test, download, ema)
     result = {"checkpoint": run.path, "epoch": run.ckpt["epoch"], "weights": "ema" if ema else "raw",
-              "partial_epoch": run.ckpt.get("partial_epoch") is not None,  # and whether it is best.pt, chosen on test
-              "chosen_on_test": "optimizer" not in run.ckpt and run.ckpt["best"].get("metric") == "test_top1"}
+              "partial_epoch": run.ckpt.get("partial_epoch") is not None, "chosen_on_test": run.chosen_on_test}
     for split in ("test", "val") if run.config.val_split else ("test",):
         images, labels = run.splits[split]
         result[split] = evaluate(run.model, images.to(run.device), labels.to(run.device), run.normalize,
