@@ -977,6 +977,17 @@ def page_text(folder) -> str:
     return (folder / "report.html").read_text()
 
 
+def report_pages(monkeypatch) -> list:
+    """report() without drawing: its figures stubbed, and each page it would write kept as (title, sections,
+    folder) in the list returned."""
+    pages = []
+    monkeypatch.setattr(lab, "_pyplot", lambda: None)
+    monkeypatch.setattr(lab, "_report_figures", lambda *a: {"per_class": "p.png", "confusion": "c.png"})
+    monkeypatch.setattr(lab, "plot_runs", lambda *a: "curves.png")
+    monkeypatch.setattr(lab, "_report_html", lambda *page: pages.append(page) or "report.html")
+    return pages
+
+
 def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_run, capsys, monkeypatch):
     pytest.importorskip("matplotlib.pyplot")
     monkeypatch.chdir(tiny_val_run.parent)
@@ -1030,15 +1041,11 @@ def test_report_writes_what_the_run_measured_and_a_self_contained_page(tiny_val_
         lab.report(tiny_val_run.name, out_dir="report_ema", device="cpu", ema=True)
     # by default beside the checkpoint, named after the weights (no report replaces another's), the page
     # saying which (its figures not drawn again here)
-    titles = []
-    monkeypatch.setattr(lab, "_pyplot", lambda: None)
-    monkeypatch.setattr(lab, "_report_figures", lambda *a: {"per_class": "p.png", "confusion": "c.png"})
-    monkeypatch.setattr(lab, "plot_runs", lambda *a: "curves.png")
-    monkeypatch.setattr(lab, "_report_html", lambda title, parts, where: titles.append((title, where)) or "r.html")
+    pages = report_pages(monkeypatch)
     lab.report(f"{tiny_val_run.name}/best.pt", device="cpu", ema=True)
     epoch = json.loads((tiny_val_run / "report_best_ema" / "summary.json").read_text())["epoch"]
-    assert titles == [(f"report: {tiny_val_run.name}/best.pt (epoch {epoch}, EMA weights)",
-                       str(tiny_val_run / "report_best_ema"))]
+    assert [(title, where) for title, _, where in pages] == [
+        (f"report: {tiny_val_run.name}/best.pt (epoch {epoch}, EMA weights)", str(tiny_val_run / "report_best_ema"))]
     assert (folder / "report.html").exists()
     averaged = json.loads((tiny_val_run.parent / "report_ema" / "summary.json").read_text())
     last = metric_rows(tiny_val_run)[-1]
@@ -1056,13 +1063,9 @@ def test_a_report_of_a_test_chosen_best_pt_says_its_numbers_are_optimistic(tiny_
             lab.report(str(tiny_run / name), out_dir=str(tmp_path / name), device="cpu")
         assert json.loads((tmp_path / name / "summary.json").read_text())["chosen_on_test"] is chosen
     # the page says so first in its test section (its figures not drawn here)
-    sections = {}
-    monkeypatch.setattr(lab, "_pyplot", lambda: None)
-    monkeypatch.setattr(lab, "_report_figures", lambda *a: {"per_class": "p.png", "confusion": "c.png"})
-    monkeypatch.setattr(lab, "plot_runs", lambda *a: "curves.png")
-    monkeypatch.setattr(lab, "_report_html", lambda title, parts, folder: sections.update(parts) or "report.html")
+    pages = report_pages(monkeypatch)
     lab.report(str(tiny_run / "best.pt"), out_dir=str(tmp_path / "page"), device="cpu")
-    assert "so their test numbers are optimistic" in sections["test set"][0]
+    assert "so their test numbers are optimistic" in dict(pages[0][1])["test set"][0]
     # the command says so, beside its numbers
     summary = {"test": {"n": 64, "top1": 0.1, "top5": 0.3, "ece": 0.05}, "chosen_on_test": True}
     monkeypatch.setattr(lab, "report", lambda *a, **k: {"summary": summary, "files": [], "folder": str(tmp_path)})
