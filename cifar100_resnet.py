@@ -1831,7 +1831,6 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_t
                   "test_ema_loss", "test_ema_top1", "test_ema_top5", "val_ema_loss", "val_ema_top1", "val_ema_top5",
                   "test_bnrecal_loss", "test_bnrecal_top1", "test_bnrecal_top5", "val_bnrecal_loss", "val_bnrecal_top1",
                   "val_bnrecal_top5"]
-_RUN_FILES = ("config.json", "last.pt")  # a folder holding either holds a run
 TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
 _WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model", "ema")  # what best.pt keeps
 
@@ -1983,7 +1982,7 @@ class RunFolder:
         return os.path.join(self.path, name)
 
     def holds_run(self) -> bool:
-        return any(os.path.exists(self.file(f)) for f in _RUN_FILES)
+        return any(os.path.exists(self.file(f)) for f in ("config.json", "last.pt"))  # either: a run
 
     def saved_config(self) -> Optional[dict]:
         path = self.file("config.json")
@@ -1997,10 +1996,6 @@ class RunFolder:
         if not isinstance(saved, dict):
             raise UserError(f"{path} does not hold a run's settings")
         return saved
-
-    def run_identity(self) -> Optional[str]:
-        """Which run this folder holds: config.json's run_id."""
-        return (self.saved_config() or {}).get("run_id")
 
     def check_writable(self) -> None:
         """Refuse a folder that cannot be created or written, before anything is created."""
@@ -2184,11 +2179,12 @@ def find_resume(resume: str, out_dir: Optional[str] = None) -> ResumePoint:
     run = RunFolder(source)
     if os.path.exists(run.file("last.pt")):
         return dataclasses.replace(find_resume(run.file("last.pt")), folder=source)
-    if run.saved_config() is None:
+    saved = run.saved_config()
+    if saved is None:
         raise UserError(f"{source} holds no run to resume (no last.pt or config.json)")
     if out_dir and os.path.realpath(out_dir) != os.path.realpath(source):
         raise UserError(f"{source} holds a run stopped before its first checkpoint: nothing to branch from")
-    return ResumePoint(None, None, run.run_identity(), run.saved_config(), source)
+    return ResumePoint(None, None, saved.get("run_id"), saved, source)
 
 
 def _check_target(folder: RunFolder, point: Optional[ResumePoint]) -> bool:
@@ -2202,7 +2198,7 @@ def _check_target(folder: RunFolder, point: Optional[ResumePoint]) -> bool:
         raise UserError(f"--out-dir {folder.path} holds another run; pass --resume to continue it (a run stopped "
                         f"before its first checkpoint starts again with its saved settings), or choose another "
                         f"--out-dir")
-    elif folder.run_identity() != point.identity:
+    elif (folder.saved_config() or {}).get("run_id") != point.identity:  # which run the folder holds
         raise UserError(f"--out-dir {folder.path} holds another run; a run folder is only continued by its own "
                         f"run: pass an empty --out-dir to branch off {point.path}")
     elif point.ckpt is not None and os.path.exists(folder.file("last.pt")) and \
@@ -2304,7 +2300,7 @@ def _tensorboard_writer():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError('--tensorboard needs the tensorboard package: pip install "cifar100_resnet[tensorboard]" '
-                        '(or pip install tensorboard)') from None
+                        '(or pip install tensorboard; a resumed run: --no-tensorboard)') from None
     return SummaryWriter
 
 
@@ -2553,6 +2549,9 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(f.default, bool):  # a switch: --name turns an off setting on, --no-name an on one off
             groups[m["group"]].add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
                                             default=f.default, help=f"{m['help']} (default: {m['shown'] or 'off'})")
+            if m["resumable"] and not (f.default or m["display"]):  # a resumed run may switch it off again
+                groups[m["group"]].add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                                                default=f.default, help=argparse.SUPPRESS)
             continue
         kwargs = {"type": _t0_arg if f.name == "t0" else type(f.default) if f.default is not None else str,
                   "default": f.default, "help": f"{m['help']} (default: {m['shown'] or f.default})", **m["argparse"]}
@@ -2562,7 +2561,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="a named recipe, as if its flags were given (flags given beside it win): "
                                        + "; ".join(f"{name} = {' '.join(_preset_flags(name))}" for name in PRESETS))
     groups["output"].add_argument("--resume", nargs="?", const="", metavar="PATH", type=os.path.expanduser,
-                                  help="continue a run: --out-dir's, or the run folder or checkpoint PATH")
+                                  help="continue a run: --out-dir's, or the run folder or checkpoint PATH "
+                                       "(--no-tta and --no-tensorboard switch those off for the rest of it)")
     return p
 
 

@@ -846,6 +846,11 @@ def test_cli_tta_adds_columns_and_changes_nothing_else(tiny_data_dir, tiny_run, 
         assert a["test_tta_top1"] == "" and 0 <= float(b["test_tta_top1"]) <= float(b["test_tta_top5"]) <= 1
         assert float(b["test_tta_loss"]) > 0 and b["val_tta_top1"] == ""
     assert_same_tensors(model_tensors(tiny_run / "last.pt"), model_tensors(tmp_path / "tta" / "last.pt"))
+    # a resumed run may switch it off again: the added epoch has no TTA columns, and its checkpoint says so
+    assert cr.main(tiny_args(tiny_data_dir, tmp_path / "tta", "--resume", "--epochs", "3", "--no-tta")) == 0
+    rows = metric_rows(tmp_path / "tta")
+    assert [r["test_tta_top1"] == "" for r in rows] == [False, False, True]
+    assert torch.load(tmp_path / "tta" / "last.pt", weights_only=True)["config"]["tta"] is False
 
 
 def test_eval_of_a_checkpoint_equals_what_the_run_measured(tiny_data_dir, tmp_path, capsys):
@@ -1182,7 +1187,7 @@ def test_notebook_schedule_warns_that_the_run_ends_mid_cycle(tiny_data_dir, tmp_
 
 def flag_actions() -> dict:
     """dest -> the argparse action of each train flag."""
-    return {a.dest: a for a in cr.build_parser()._actions if a.option_strings}
+    return {a.dest: a for a in cr.build_parser()._actions if a.option_strings and a.help != cr.argparse.SUPPRESS}
 
 
 def test_every_setting_has_one_flag_whose_help_names_its_true_default():
@@ -1207,6 +1212,11 @@ def test_every_setting_has_one_flag_whose_help_names_its_true_default():
         if field.metadata["choices"]:
             assert list(action.choices) == list(field.metadata["choices"]) and value in action.choices
     assert set(actions) - {f.name for f in cr.dataclasses.fields(cr.TrainConfig)} == {"help", "resume", "preset"}
+    # and the saved switches a resume may change have a hidden --no-... too (--resume's help names them)
+    hidden = [a for a in cr.build_parser()._actions if a.help == cr.argparse.SUPPRESS]
+    assert {a.option_strings[0]: (a.dest, a.default) for a in hidden} == {"--no-tta": ("tta", False),
+                                                                         "--no-tensorboard": ("tensorboard", False)}
+    assert "--no-tta and --no-tensorboard" in actions["resume"].help
     assert "extended_from" in cr.TrainConfig().saved()  # a library-only setting is still saved with the run
     text = cr.build_parser().format_help()
     assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
@@ -1530,7 +1540,7 @@ def test_tensorboard_without_the_package_is_one_line_and_creates_nothing(tiny_da
     assert cr.main(tiny_args(tiny_data_dir, tmp_path / "run", "--tensorboard")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ['error: --tensorboard needs the tensorboard package: pip install "cifar100_resnet[tensorboard]" '
-                   '(or pip install tensorboard)']
+                   '(or pip install tensorboard; a resumed run: --no-tensorboard)']
     assert not (tmp_path / "run").exists()
 
 
