@@ -1319,7 +1319,7 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     # legend says only what its line styles mean
     legend_columns = min(len(runs), 4)
     legend_height = _names_height(len(runs), legend_columns)
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5 + legend_height), sharex=True)  # epochs aligned
     colours, per_epoch_rate, measured = [], False, set()
     for rows, schedule in zip(runs, schedules):
         epochs = column(rows, "epoch")

@@ -692,6 +692,7 @@ def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path, mon
         assert "None" not in {marker for _, marker in drawn[2:]} and drawn[2][1] != drawn[3][1], drawn
         assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 3
     assert all(len(line.get_xdata()) > 1 for line in rate.get_lines())  # the rate: per step, a line
+    assert rate.get_xlim() == loss.get_xlim()  # its last step starts before epoch 3, but the epochs line up
 
 
 def test_plot_draws_the_other_top1_curves_each_run_measured(tiny_data_dir, tiny_run, tmp_path, monkeypatch):
