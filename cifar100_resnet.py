@@ -1458,8 +1458,8 @@ class Trainer:
         # on the device, where the recorded SGD kernels read it at each replay.
         self.use_compile, self.use_graphs = self.env.compile, self.env.cuda_graphs
         if self.use_compile and self.device.type == "cpu":
-            warn("--compile on the CPU is not what it is for and not trusted: with torch 2.14 on an AMD EPYC it "
-                 "computed a wrong weight gradient for the strided 1x1 shortcut convolutions (eager is right)")
+            warn("--compile on the CPU is not trusted: with torch 2.14 on an AMD EPYC it computed a wrong weight "
+                 "gradient for the strided 1x1 shortcut convolutions; --compile off (on --resume too) trains eagerly")
         self.forward_loss = torch.compile(self._forward_loss, dynamic=False) if self.use_compile else self._forward_loss
         self.graph, self.eager_steps = None, 0  # the captured step, and the steps run before it
         self.lr_tensor = torch.tensor(config.lr, device=self.device) if self.use_graphs else None
