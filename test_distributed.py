@@ -115,6 +115,10 @@ def _process(rank: int, world: int, folder: str) -> None:
         with contextlib.redirect_stderr(stderr):
             code = cr.main(tiny_args(f"{folder}/data", f"{folder}/lost", "--dataset", "cifar10", "--batch-size", "16"))
         Path(f"{folder}/lost{rank}.json").write_text(json.dumps([code, stderr.getvalue()]))
+        # Its peer gone, the group is left undestroyed: gloo's teardown after a lost peer races with its I/O
+        # threads and now and then aborts ("terminate called without an active exception", once in the suite
+        # on 2026-12-04; pytorch/pytorch#50701). Every result is in the files above.
+        os._exit(0)
     finally:
         torch.distributed.destroy_process_group()
 
