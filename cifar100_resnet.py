@@ -1785,23 +1785,25 @@ class Trainer:
             raise UserError(f"{path} was written inside an epoch by {processes} process(es), whose steps were "
                             f"batches of {processes} x --batch-size: resume it with as many (a checkpoint written "
                             f"between epochs resumes with any number)")
-        if ckpt["rng"]["data_device"] == self.device.type:
-            self.data_rng.set_state(ckpt["rng"]["data"])
-            if partial is not None:
-                partial = EpochState(**partial)
-                if partial.loss_sum.ndim:  # each process's sum (see train_epoch), and the images of its shares
-                    partial.loss_sum = partial.loss_sum[self.rank]
-                    partial.seen = sum(last - first for first, last in (
-                        self._share(end - start) for start, end in self.batches[:partial.step]))
-                elif self.rank > 0:  # 0.3: the sum of every process, which process 0 carries on
-                    partial.loss_sum, partial.seen = torch.zeros_like(partial.loss_sum), 0
-                partial.loss_sum = partial.loss_sum.to(self.device)
-                partial.first_bad_step = partial.first_bad_step.to(self.device)
-        else:  # a CPU generator's state cannot seed a CUDA generator: continue on a fresh, seeded stream
+        moved = ckpt["rng"]["data_device"] != self.device.type
+        if moved:  # a CPU generator's state cannot seed a CUDA generator: continue on a fresh, seeded stream
             warn(f"this run's data order was drawn on {ckpt['rng']['data_device']}; on {self.device.type} it "
                  f"continues from a fresh stream, so it will not repeat bit for bit")
             self.data_rng.manual_seed(self.config.seed + 1 + 1000003 * self.epoch)
-            partial = None
+        else:
+            self.data_rng.set_state(ckpt["rng"]["data"])
+        if partial is not None:
+            partial = EpochState(**partial)
+            if moved:  # the rest of the stopped epoch in an order of the fresh stream, from the step it stopped at
+                partial.data_rng_at_start = self.data_rng.get_state()
+            if partial.loss_sum.ndim:  # each process's sum (see train_epoch), and the images of its shares
+                partial.loss_sum = partial.loss_sum[self.rank]
+                partial.seen = sum(last - first for first, last in (
+                    self._share(end - start) for start, end in self.batches[:partial.step]))
+            elif self.rank > 0:  # 0.3: the sum of every process, which process 0 carries on
+                partial.loss_sum, partial.seen = torch.zeros_like(partial.loss_sum), 0
+            partial.loss_sum = partial.loss_sum.to(self.device)
+            partial.first_bad_step = partial.first_bad_step.to(self.device)
         self.partial = partial
 
 
@@ -1827,10 +1829,8 @@ def check_architecture(ckpt: dict, config: TrainConfig) -> None:
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "val_loss", "val_top1",
                   "val_top5", "epoch_seconds", "train_seconds", "images_per_s", "elapsed_seconds",
-                  "test_tta_loss", "test_tta_top1", "test_tta_top5", "val_tta_loss", "val_tta_top1", "val_tta_top5",
-                  "test_ema_loss", "test_ema_top1", "test_ema_top5", "val_ema_loss", "val_ema_top1", "val_ema_top5",
-                  "test_bnrecal_loss", "test_bnrecal_top1", "test_bnrecal_top5", "val_bnrecal_loss", "val_bnrecal_top1",
-                  "val_bnrecal_top5"]
+                  *(f"{split}_{weights}_{k}" for weights in ("tta", "ema", "bnrecal") for split in ("test", "val")
+                    for k in ("loss", "top1", "top5"))]  # test_tta_loss, ..., val_bnrecal_top5
 TEMP_SUFFIX = ".partial"  # atomic_save's temporary files: .<name>.<pid>.<thread>.partial
 _WEIGHT_KEYS = ("format", "version", "run_id", "config", "epoch", "best", "model", "ema")  # what best.pt keeps
 

@@ -749,7 +749,7 @@ def test_compiled_step_matches_eager_step_on_cpu(monkeypatch):
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
 
 
-def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
+def test_resume_inside_an_epoch_is_bit_identical_and_a_gpu_checkpoint_continues_at_its_step_on_cpu(tmp_path):
     data = synthetic_data(n_train=200, n_test=40)
     common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=32, device="cpu", quiet=True)
     cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "a")), data=data)
@@ -759,6 +759,7 @@ def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
     assert first.interrupted and len(first.history) == 1
     ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["partial_epoch"]["step"] == 3
+    shutil.copytree(tmp_path / "b", tmp_path / "gpu")
     rest = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "b")), data=data,
                     resume=str(tmp_path / "b" / "last.pt"))
     assert not rest.interrupted
@@ -767,6 +768,24 @@ def test_resume_inside_an_epoch_is_bit_identical_to_a_straight_run(tmp_path):
     assert [[r[k] for k in DETERMINISTIC_COLUMNS] for r in a] == [[r[k] for k in DETERMINISTIC_COLUMNS] for r in b]
     # the resumed epoch's time covers its training before and after the stop: never less than train_seconds
     assert all(float(r["epoch_seconds"]) >= float(r["train_seconds"]) for r in b)
+
+    # The same checkpoint as a GPU run's: its generator states CUDA's (16 bytes), which a CPU generator cannot
+    # take. Resumed on the CPU, it continues at its step on a fresh data stream: steps 4 to 7 of epoch 2, not
+    # epoch 2 again from its first step on weights that have had three of its steps.
+    ckpt.pop("checksum")
+    ckpt["rng"].update(data=torch.zeros(16, dtype=torch.uint8), data_device="cuda")
+    ckpt["partial_epoch"]["data_rng_at_start"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save({**ckpt, "checksum": cr.tensor_checksum(ckpt)}, tmp_path / "gpu" / "last.pt")
+    polls = []  # train() asks should_stop() after every step but an epoch's last
+    with pytest.warns(cr.RunWarning, match="drawn on cuda; on cpu it continues from a fresh stream"):
+        moved = cr.train(cr.TrainConfig(**common, out_dir=str(tmp_path / "gpu")), data=data,
+                         resume=str(tmp_path / "gpu"), should_stop=lambda: polls.append(1) or False)
+    assert len(polls) == 3 and not moved.interrupted and [row["epoch"] for row in moved.history] == [2]
+    rows = metric_rows(tmp_path / "gpu")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [rows[0][k] for k in DETERMINISTIC_COLUMNS] == \
+        [a[0][k] for k in DETERMINISTIC_COLUMNS]
+    # its loss the mean over all 7 steps, the first 3 steps' kept (without them, about 4/7 of the straight run's)
+    assert float(rows[1]["train_loss"]) == pytest.approx(float(a[1]["train_loss"]), rel=0.1)
 
 
 def test_readme_speaks_to_a_user_of_the_repository():
