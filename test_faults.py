@@ -675,6 +675,7 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--data-dir", "{S}/a_file.txt"], "a_file.txt is a file, not a folder"),
     (["--resume"], "pass --out-dir"), (["--resume", "{S}/nowhere.pt"], "no checkpoint at"),
     (["--resume", "--out-dir", "{S}/nowhere"], "holds no run to resume"),
+    (["--resume", "{S}/stopped", "--out-dir", "{S}/new"], "before its first checkpoint: nothing to branch from"),
     (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{S}/stopped"], "holds another run"),
     (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{R}"], "would overwrite them"),
     (["--resume", "--out-dir", "{R}", "--lr", "0.5"], "a resumed run keeps its settings"),
