@@ -1399,7 +1399,8 @@ def _number(text: str):
 
 def plot_sweep(sweep_dir: str, out_path: str) -> str:
     """A sweep's validation top-1 per epoch (the mean over seeds, a band from lowest to highest seed), and the
-    final val top-1 of each run against each varied setting (log axis for a range spanning 10x or more)."""
+    final val top-1 of each run against each varied setting (log axis for a range spanning 10x or more), each
+    run that diverged an x at 0 there."""
     plt = _pyplot()
     try:
         with open(os.path.join(sweep_dir, "sweep.json")) as f:
@@ -1407,7 +1408,9 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     except (OSError, ValueError, KeyError):
         raise cr.UserError(f"{sweep_dir} holds no sweep (sweep.json)") from None
     table = os.path.join(sweep_dir, "sweep.csv")
-    rows = [r for r in read_metrics(table, columns=("run", "final_val_top1", *varied)) if r["final_val_top1"]]
+    every = read_metrics(table, columns=("run", "final_val_top1", *varied))
+    rows = [r for r in every if r["final_val_top1"]]
+    diverged = [r for r in every if r.get("status") == "diverged"]  # each an x at 0 against its settings
     if not rows:
         raise cr.UserError(f"{sweep_dir} has no finished epochs to plot yet")
     if not all(isinstance(_number(r["final_val_top1"]), float) for r in rows):
@@ -1447,24 +1450,28 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     if not below:
         ax.legend(fontsize=8)
     for ax, name in zip(axes[0][1:], shown):
-        values = [_number(r[name]) for r in rows]
+        values = [_number(r[name]) for r in rows + diverged]
         finals = [100 * float(r["final_val_top1"]) for r in rows]
         numeric = all(isinstance(v, float) for v in values)
         if not numeric:
             categories = sorted(set(map(str, values)))
             values = [categories.index(str(v)) for v in values]
             ax.set_xticks(range(len(categories)), categories)
+        values, diverged_at = values[:len(rows)], values[len(rows):]
         ax.plot(values, finals, "o", alpha=0.6, label="each run")
         means = {}
         for v, final in zip(values, finals):
             means.setdefault(v, []).append(final)
         xs = sorted(means)
         ax.plot(xs, [sum(means[x]) / len(means[x]) for x in xs], "-", color="tab:red", label="mean over runs")
-        if numeric and min(xs) > 0 and max(xs) >= 10 * min(xs):
+        if diverged:
+            ax.plot(diverged_at, [0.0] * len(diverged), "x", color="black", markersize=8, label="diverged")
+        swept = sorted(set(xs) | set(diverged_at))
+        if numeric and min(swept) > 0 and max(swept) >= 10 * min(swept):
             ax.set_xscale("log")
-        if numeric and len(xs) <= 8:  # the values swept, as written, instead of the axis' own ticks
+        if numeric and len(swept) <= 8:  # the values swept, as written, instead of the axis' own ticks
             from matplotlib.ticker import NullFormatter
-            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.set_xticks(swept, [f"{x:g}" for x in swept])
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(title=f"final val top-1 against {name}", xlabel=name + (" (log scale)" if ax.get_xscale() == "log"
                                                                        else ""), ylabel="final val top-1 (%)")

@@ -9,6 +9,7 @@ Run: python -m pytest -q test_cifar100_lab.py
 
 import ast
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -335,6 +336,35 @@ def test_the_same_sweep_again_trains_nothing(grid_sweep, data, monkeypatch):
                       seeds=(0, 1), data=data, log=lines.append)
     assert "8 already finished" in lines[0] and len(result.rows) == 8
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
+
+
+def test_a_run_that_diverges_is_marked_the_sweep_goes_on_and_its_figure_marks_it(data, tmp_path, monkeypatch):
+    out, lines = tmp_path / "sweep", []
+    result = lab.sweep(tiny_config(), str(out), grid={"lr": [0.05, 1e30]}, data=data, log=lines.append)
+    status = {r["run"]: r["status"] for r in read_csv(out / "sweep.csv")}
+    assert status == {"lr=0.05,seed=0": "done", "lr=1e+30,seed=0": "diverged"}
+    diverged = out / "runs" / "lr=1e+30,seed=0"
+    assert "the loss became non-finite at epoch 1, step" in (diverged / lab.DIVERGED_FILE).read_text()
+    assert not (diverged / "last.pt").exists()  # no checkpoint holds the non-finite values
+    assert result.chosen["setting"] == "lr=0.05" and [e["done"] for e in result.summary] == [1, 0]
+    # the same sweep again trains neither: the diverged run stays marked
+    monkeypatch.setattr(cr, "train", lambda *a, **k: pytest.fail("a finished or diverged run was trained again"))
+    lines.clear()
+    lab.sweep(tiny_config(), str(out), grid={"lr": [0.05, 1e30]}, data=data, log=lines.append)
+    assert "2 already finished" in lines[0]
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    figures = []  # the figure: the diverged run an x at 0 where its rate is, the axis ticked at both rates
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    lab.plot_sweep(str(out), str(out / "sweep.png"))
+    (fig,) = figures
+    against_lr = fig.axes[1]
+    (cross,) = [line for line in against_lr.get_lines() if line.get_label() == "diverged"]
+    assert cross.get_marker() == "x" and list(cross.get_xdata()) == [1e30] and list(cross.get_ydata()) == [0.0]
+    assert [t.get_text() for t in against_lr.get_xticklabels()] == ["0.05", "1e+30"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_a_run_that_fails_in_a_worker_ends_the_sweep_at_once_and_no_other_run_starts(data, tmp_path):
