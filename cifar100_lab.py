@@ -316,6 +316,8 @@ def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: 
     at_lowest = result.rates[lowest_at]
     result.suggestion = max(at_lowest / 10, start)
     result.rule = f"a tenth of {at_lowest:.3g}, where the smoothed loss was lowest"
+    if lowest_at == 0:  # it never fell: no steady part to place the rate in
+        result.rule = "--start itself: the smoothed loss was lowest there and never fell; a lower --start shows where"
     # near the end, with no rise after it (0.5 %: the mixed loss is noisy), the lowest may lie beyond --end
     if result.stopped_early is None and lowest_at >= 0.9 * (len(result.rates) - 1) and \
             result.smoothed[-1] < 1.005 * min(result.smoothed):
@@ -1088,8 +1090,8 @@ def lr_find_main(argv: list) -> int:
     except KeyboardInterrupt:
         print(f"error: lr-find stopped by Ctrl-C before it wrote anything into {out}", file=sys.stderr)
         return 130
-    print(f"lr-find: {len(result.rates)} steps" + (f"; stopped early: {result.stopped_early}"
-                                                   if result.stopped_early else ""))
+    print(f"lr-find: {len(result.rates)} step{'s' * (len(result.rates) > 1)}"
+          + (f"; stopped early: {result.stopped_early}" if result.stopped_early else ""))
     print(f"suggested peak learning rate: {result.suggestion:.3g} for batch {config.batch_size} ({result.rule})")
     make_folder(out)
     print(f"wrote {' and '.join(write_lr_find(result, out))}")
@@ -1372,12 +1374,15 @@ def plot_lr_find(result: LRFindResult, out_path: str) -> str:
     """The range test's loss against the rate (log axis), the suggestion marked; returns the path."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.6))
+    one = len(result.rates) == 1  # (stopped after its first step): a marker, as a line of one point is not drawn
     ax.plot(result.rates, result.losses, color="tab:blue", alpha=0.25, linewidth=1, label="loss of each step")
-    ax.plot(result.rates, result.smoothed, color="tab:blue", label="smoothed loss")
+    ax.plot(result.rates, result.smoothed, color="tab:blue", label="smoothed loss", marker="o" if one else None)
     ax.axvline(result.suggestion, color="tab:red", linestyle="--",
                label=f"suggested peak rate {result.suggestion:.3g}")
+    if one:  # (matplotlib warns of a range of zero width)
+        ax.set_xlim(result.rates[0] / 3, result.rates[0] * 3)
     ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss (mixed, label-smoothed)",
-           title=f"learning-rate range test: {len(result.rates)} steps, "
+           title=f"learning-rate range test: {len(result.rates)} step{'s' * (not one)}, "
                  f"{result.rates[0]:.2g} to {result.rates[-1]:.2g}")
     low, high = min(result.losses), max(result.losses[:max(1, len(result.losses) // 10)] + [result.smoothed[0]])
     if high <= low:  # the loss only rose (a test of 2 steps, say) or never moved: show all of it

@@ -146,6 +146,9 @@ def test_lr_find_says_the_loss_still_fell_only_when_it_saw_no_rise_after_its_low
     result = with_losses(risen)
     assert result.rule.startswith("a tenth of ") and "still fell" not in result.rule
     assert result.smoothed.index(min(result.smoothed)) >= 89
+    # a loss that only rose from --start: the suggestion is --start, and says so (not "a tenth of" a rate)
+    rising = with_losses([4.6 + 0.01 * i for i in range(20)])
+    assert rising.suggestion == 1e-3 and rising.rule.startswith("--start itself: the smoothed loss was lowest there")
 
 
 def test_lr_find_stops_when_the_loss_diverges(data):
@@ -154,18 +157,25 @@ def test_lr_find_stops_when_the_loss_diverges(data):
     assert result.suggestion < result.rates[-1]
 
 
-@pytest.mark.parametrize("losses", [[4.6, 4.7], [4.6, 4.6]], ids=["rising", "flat"])
-def test_the_lr_find_figure_of_a_loss_that_never_fell_shows_it_without_a_warning(tmp_path, monkeypatch, losses):
+@pytest.mark.parametrize("losses, smoothed", [([4.6, 4.7], [4.6, 4.65]), ([4.6, 4.6], [4.6, 4.6]), ([4.6], [4.6])],
+                         ids=["rising", "flat", "one step"])
+def test_the_lr_find_figure_of_a_loss_that_never_fell_shows_it_without_a_warning(tmp_path, monkeypatch, losses,
+                                                                                 smoothed):
     pytest.importorskip("matplotlib")
     figures = []
     monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
-    result = lab.LRFindResult([1.0, 2.0], losses, [4.6, 4.65 if losses[1] > 4.6 else 4.6], 0.1, "", None)
-    with warnings.catch_warnings():  # the y range had zero height: matplotlib's UserWarning reached stderr
-        warnings.simplefilter("error")
+    result = lab.LRFindResult([1.0, 2.0][:len(losses)], losses, smoothed, 1.0, "", None)
+    with warnings.catch_warnings():  # a range of zero height, or width (one step): matplotlib's UserWarning
+        warnings.simplefilter("error")  # reached stderr
         warnings.simplefilter("ignore", DeprecationWarning)  # (matplotlib < 3.10 calls pyparsing 3.3's old names)
         lab.plot_lr_find(result, str(tmp_path / "lr_find.png"))
-    low, high = figures[0].axes[0].get_ylim()
+    ax = figures[0].axes[0]
+    low, high = ax.get_ylim()
     assert low < min(losses) and max(losses) < high
+    left, right = ax.get_xlim()
+    assert left < 1.0 < right and left < result.rates[-1] < right
+    if len(losses) == 1:  # a line of one point is not drawn: a marker is
+        assert ax.get_lines()[1].get_marker() == "o" and "1 step," in ax.get_title()
 
 
 def test_lr_find_command_writes_csv_and_figure_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
