@@ -1349,7 +1349,9 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     ax_loss.set(title="loss" + (" (log scale)" if wide else ""), xlabel="epoch", ylabel="cross-entropy",
                 yscale="log" if wide else "linear")
     ax_acc.set(title="accuracy" if "val_top1" in measured else "test accuracy", xlabel="epoch", ylabel="%")
-    ax_lr.set(title="learning rate (per step)", xlabel="epoch", ylabel="rate")
+    per_step = any(schedule is not None for schedule in schedules)
+    ax_lr.set(title="learning rate " + ("(per step)" if per_step else "(at epoch starts)"), xlabel="epoch",
+              ylabel="rate")
 
     def key(ax, styles):
         ax.legend([plt.Line2D([], [], color="dimgrey", linestyle=style, marker=marker) for style, marker, _ in styles],
@@ -1359,8 +1361,8 @@ def plot_runs(run_dirs: list, out_path: str, labels: Optional[list] = None) -> s
     key(ax_loss, [("-", "o" if single else None, "test"), ("--", "x" if single else None, "train")])
     key(ax_acc, [("-", "o" if single else None, "top-1"), (":", "^" if single else None, "top-5")]
         + [(style, marker, text) for name, style, marker, text in OTHER_TOP1 if name in measured])
-    if per_epoch_rate:
-        key(ax_lr, [("-", None, "per step"), ("-", "o", "at epoch starts (a run without config.json)")])
+    if per_epoch_rate:  # (the "per step" line only where a run has one)
+        key(ax_lr, [("-", None, "per step")] * per_step + [("-", "o", "at epoch starts (a run without config.json)")])
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

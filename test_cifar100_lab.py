@@ -776,6 +776,27 @@ def test_plot_names_each_run_once_under_the_panels_whatever_their_number(tiny_ru
     plt.close(fig)
 
 
+def test_plot_of_a_run_without_config_json_draws_its_rate_at_each_epoch_start(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bare = tmp_path / "bare"  # a run folder put together by hand: metrics.csv without config.json
+    bare.mkdir()
+    (bare / "metrics.csv").write_text((tiny_run / "metrics.csv").read_text())
+    figures = []
+    monkeypatch.setattr(lab, "_save", lambda fig, path: figures.append(fig) or path)
+    without = "at epoch starts (a run without config.json)"
+    for runs, title, key in (([bare], "learning rate (at epoch starts)", [without]),
+                             ([tiny_run, bare], "learning rate (per step)", ["per step", without])):
+        lab.plot_runs([str(r) for r in runs], str(tmp_path / "curves.png"))
+        rate = figures[-1].axes[2]
+        assert rate.get_title() == title and [t.get_text() for t in rate.get_legend().get_texts()] == key
+        epoch_starts = rate.get_lines()[-1]
+        assert list(epoch_starts.get_ydata()) == [float(r["lr"]) for r in metric_rows(tiny_run)]
+        assert epoch_starts.get_marker() == "o"
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def test_plotted_schedule_is_the_rate_of_every_step(tiny_data_dir, tiny_run):
     # the tiny run: 192 images in batches of 32, 2 epochs, one cycle (t0 auto = 2): 12 steps, the cosine
     points, rates = lab._run_schedule(str(tiny_run), 2)
