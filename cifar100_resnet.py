@@ -1740,8 +1740,10 @@ class Trainer:
         return stop
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """With several processes: wait for the stop vote in flight (ending with a gloo collective in flight
-        aborts), then free the votes' group. timeout: stopping alone (a failed write), give up after it."""
+        """With several processes: drop DDP (its reducer holds the process group), wait for the stop vote in flight,
+        then meet the others unless stopping alone (timeout: a failed write; give up waiting after it): gloo aborted
+        or hung where a group was torn down at exit, in flight, or after another process had gone."""
+        self.ddp = None
         if self._vote is not None:
             try:
                 self._vote[1].wait(*([datetime.timedelta(seconds=timeout)] if timeout is not None else []))
@@ -1751,6 +1753,8 @@ class Trainer:
                 return
             self._vote = None
         if self.control is not None:
+            if timeout is None:  # every process is here (a run's end, or its agreed divergence)
+                torch.distributed.barrier(group=self.control)
             torch.distributed.destroy_process_group(self.control)
             self.control = None
 
@@ -2235,8 +2239,7 @@ def train(config: TrainConfig, data: Optional[CifarData] = None, log: Callable[[
             check_architecture(point.ckpt, config)
     folder = RunFolder(config.out_dir) if config.out_dir and env.rank == 0 else None
     branched = folder is not None and _check_target(folder, point)
-    if data is None:
-        data = load_dataset(config.data_dir, config.dataset, config.download)
+    data = data or load_dataset(config.data_dir, config.dataset, config.download)
     trainer = Trainer(config, data, log, env, progress)
     if point and point.ckpt is not None:
         trainer.load_state_dict(point.ckpt, point.path)
@@ -2431,8 +2434,7 @@ def load_run(path: str, data: Optional[CifarData] = None, data_dir: Optional[str
         config.limit_test = limit_test
     env = resolve(config)
     dev = env.device
-    if data is None:
-        data = load_dataset(data_dir or config.data_dir, config.dataset, download)
+    data = data or load_dataset(data_dir or config.data_dir, config.dataset, download)
     model = build_model(config)
     load_weights(model, {"model": ckpt["ema"]} if ema else ckpt, path)
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format).eval()

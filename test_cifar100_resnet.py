@@ -1623,9 +1623,10 @@ def test_the_library_does_not_grow():
     # The budget is 2,400 lines (issue 23, still open); until it is met, a new feature pays for its lines by
     # simplifying what is there, and whoever shrinks the file lowers this number to the new count. (2,823: one
     # line of LoadedRun.chosen_on_test, the rule eval and the lab's report had each written, found nothing to
-    # pay with.)
+    # pay with. 2,825: Trainer.close's barrier and release of DDP, a torchrun run's teardown that aborted or hung
+    # a finished run now and then, paid for but for two lines.)
     with open(MODULE) as f:
-        assert sum(1 for _ in f) <= 2823
+        assert sum(1 for _ in f) <= 2825
 
 
 def test_a_copied_library_alone_trains_and_a_lab_command_is_one_line_naming_the_file_it_needs(tmp_path):
