@@ -1740,10 +1740,10 @@ class Trainer:
         return stop
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """With several processes: drop DDP (its reducer holds the process group), wait for the stop vote in flight,
-        then meet the others unless stopping alone (timeout: a failed write; give up waiting after it): gloo aborted
-        or hung where a group was torn down at exit, in flight, or after another process had gone."""
-        self.ddp = None
+        """The run's end: drop DDP (its reducer holds the process group) and forward_loss (a bound method, it kept the
+        trainer and its data on the device alive until a garbage collection); with several processes, wait for the
+        stop vote in flight, then meet the others unless stopping alone (timeout: a failed write; give up after it)."""
+        self.ddp = self.forward_loss = None
         if self._vote is not None:
             try:
                 self._vote[1].wait(*([datetime.timedelta(seconds=timeout)] if timeout is not None else []))
@@ -1753,7 +1753,7 @@ class Trainer:
                 return
             self._vote = None
         if self.control is not None:
-            if timeout is None:  # every process is here (a run's end, or its agreed divergence)
+            if timeout is None:  # all are here (the end, or an agreed divergence): gloo hung or aborted torn down alone
                 torch.distributed.barrier(group=self.control)
             torch.distributed.destroy_process_group(self.control)
             self.control = None

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_cifar100_resnet.py   (CPU only, a few minutes on 2
 
 import dataclasses
 import errno
+import gc
 import importlib.util
 import io
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -795,6 +797,27 @@ def test_readme_speaks_to_a_user_of_the_repository():
     for needed in ("pip install -e .", "cifar100-resnet --epochs 400", "--index-url", "epoch 1/3 step",
                    "runs/<timestamp>/", "eval runs/first", "plot runs/first"):
         assert needed in first_screen, needed
+
+
+def test_train_leaves_no_trainer_waiting_for_the_garbage_collector(monkeypatch):
+    # A sweep trains run after run in one process: each Trainer (the data, optimiser and captured graphs on the
+    # device) goes when its train() returns, not at a full garbage collection (a bound method stored on it made a
+    # reference cycle: five runs of a sweep left five trainers)
+    trainers = []
+    init = cr.Trainer.__init__
+    monkeypatch.setattr(cr.Trainer, "__init__", lambda self, *a, **k: trainers.append(weakref.ref(self)) or init(
+        self, *a, **k))
+    config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=1, batch_size=32, device="cpu",
+                            quiet=True)
+    # torch imports torch._dynamo lazily, inside the optimiser's first construction, and what that import keeps
+    # holds the frames it ran in: the first trainer of a process stays, whatever the library does
+    import torch._dynamo  # noqa: F401
+    gc.disable()  # (a collection during the run would free it either way)
+    try:
+        result = cr.train(config, data=synthetic_data(n_train=64, n_test=32))
+    finally:
+        gc.enable()
+    assert len(trainers) == 1 and trainers[0]() is None and len(result.history) == 1
 
 
 def test_resumed_momentum_buffers_take_their_parameters_layout():
