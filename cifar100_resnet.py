@@ -1753,7 +1753,7 @@ class Trainer:
                 return
             self._vote = None
         if self.control is not None:
-            if timeout is None:  # all are here (the end, or an agreed divergence): gloo hung or aborted torn down alone
+            if timeout is None:  # every process is here (the end, or an agreed divergence): none tears down alone
                 torch.distributed.barrier(group=self.control)
             torch.distributed.destroy_process_group(self.control)
             self.control = None

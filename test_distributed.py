@@ -69,9 +69,14 @@ def _process(rank: int, world: int, folder: str) -> None:
                    f"{folder}/rank{rank}.pt")
         # stopped inside epoch 2 (after 3 of its 5 steps) and resumed by as many processes, and straight
         atomic_save = cr.atomic_save
-        if rank == 0:  # process 0's writes of last.pt take a while: the others wait for them at the end
-            cr.atomic_save = lambda obj, path: (time.sleep(0.3) if path.endswith("last.pt") else None,
-                                                atomic_save(obj, path))
+
+        def slow_last_pt(obj, path):  # process 0's writes of last.pt take a while: the others wait at the end
+            if path.endswith("last.pt"):
+                time.sleep(0.3)
+            atomic_save(obj, path)
+
+        if rank == 0:
+            cr.atomic_save = slow_last_pt
         cr.train(tiny(16, out_dir=f"{folder}/straight"), data)
         Path(f"{folder}/straight_returned{rank}.txt").write_text(repr(time.time()))
         cr.atomic_save = atomic_save
