@@ -1416,10 +1416,12 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         raise cr.UserError(f"{sweep_dir} holds no sweep (sweep.json)") from None
     table = os.path.join(sweep_dir, "sweep.csv")
     every = read_metrics(table, columns=("run", "final_val_top1", *varied))
-    rows = [r for r in every if r["final_val_top1"]]
+    rows = [r for r in every if r["final_val_top1"]]  # the runs with a curve (one that diverged late too)
     diverged = [r for r in every if r.get("status") == "diverged"]  # each an x at 0 against its settings
     if not rows:
-        raise cr.UserError(f"{sweep_dir} has no finished epochs to plot yet")
+        raise cr.UserError(f"every run of {sweep_dir} diverged in its first epoch (each folder's {DIVERGED_FILE} "
+                           f"says where): nothing to plot" if every and len(diverged) == len(every) else
+                           f"{sweep_dir} has no finished epochs to plot yet")
     if not all(isinstance(_number(r["final_val_top1"]), float) for r in rows):
         raise cr.UserError(f"{table}: a final_val_top1 is not a number")
     chosen = {r["setting"] for r in read_metrics(os.path.join(sweep_dir, "summary.csv"), ("setting", "chosen"))
@@ -1442,7 +1444,8 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
         epochs = list(range(1, length + 1))
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
         label = (setting if setting != "base" else "run") + (f" ({len(curves)} seeds)" if len(curves) > 1 else "") \
-            + (" - chosen on val" if setting in chosen else "")
+            + (" - chosen on val" if setting in chosen else "") \
+            + (" - diverged" if any(m.get("status") == "diverged" for m in members) else "")
         (line,) = ax.plot(epochs, mean, linewidth=2.5 if setting in chosen else 1.5, label=label,
                           marker="o" if length == 1 else None)  # one point: a marker, as a line is not drawn
         if len(curves) > 1:
@@ -1456,15 +1459,16 @@ def plot_sweep(sweep_dir: str, out_path: str) -> str:
     handles, labels = ax.get_legend_handles_labels()
     if not below:
         ax.legend(fontsize=8)
+    scored = [r for r in rows if r.get("status") != "diverged"]  # a run's final top-1, or its x: never both
     for ax, name in zip(axes[0][1:], shown):
-        values = [_number(r[name]) for r in rows + diverged]
-        finals = [100 * float(r["final_val_top1"]) for r in rows]
+        values = [_number(r[name]) for r in scored + diverged]
+        finals = [100 * float(r["final_val_top1"]) for r in scored]
         numeric = all(isinstance(v, float) for v in values)
         if not numeric:
             categories = sorted(set(map(str, values)))
             values = [categories.index(str(v)) for v in values]
             ax.set_xticks(range(len(categories)), categories)
-        values, diverged_at = values[:len(rows)], values[len(rows):]
+        values, diverged_at = values[:len(scored)], values[len(scored):]
         ax.plot(values, finals, "o", alpha=0.6, label="each run")
         means = {}
         for v, final in zip(values, finals):

@@ -375,6 +375,25 @@ def test_a_run_that_diverges_is_marked_the_sweep_goes_on_and_its_figure_marks_it
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    # a run that diverges after finished epochs keeps its curve, and is an x only, not a point at its last top-1
+    late = out / "runs" / "lr=0.05,seed=0"
+    (late / lab.DIVERGED_FILE).write_text("the loss became non-finite at epoch 3, step 1\n")
+    lab.sweep(tiny_config(), str(out), grid={"lr": [0.05, 1e30]}, data=data, log=lines.append)
+    figures.clear()
+    lab.plot_sweep(str(out), str(out / "sweep.png"))
+    curves, against_lr = figures[0].axes[:2]
+    assert [(line.get_label(), list(line.get_xdata())) for line in curves.get_lines()] == [("lr=0.05 - diverged",
+                                                                                            [1, 2])]
+    lines_by_label = {line.get_label(): line for line in against_lr.get_lines()}
+    assert list(lines_by_label["each run"].get_xdata()) == []
+    assert list(lines_by_label["diverged"].get_xdata()) == [0.05, 1e30]
+    plt.close(figures[0])
+    # every run diverged in its first epoch: one line that says so, not "no finished epochs yet"
+    (late / "metrics.csv").unlink()
+    lab.sweep(tiny_config(), str(out), grid={"lr": [0.05, 1e30]}, data=data, log=lines.append)
+    with pytest.raises(cr.UserError, match=r"every run of .* diverged in its first epoch \(each folder's "
+                                           r"diverged.txt says where\): nothing to plot"):
+        lab.plot_sweep(str(out), str(out / "sweep.png"))
 
 
 def test_a_run_that_fails_in_a_worker_ends_the_sweep_at_once_and_no_other_run_starts(data, tmp_path):
