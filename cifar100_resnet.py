@@ -2599,29 +2599,29 @@ def _resume_config(args: argparse.Namespace, argv: list) -> tuple[TrainConfig, R
     """The saved settings with the flags a resume may change (refusing others), and the point it resumes from."""
     if args.preset:  # its epochs, say, would extend the run
         raise UserError("--preset chooses a new run's settings; a resumed run keeps its own (drop --preset)")
-    not_given = object()  # the flags the user typed are those not left at this default
-    probe = build_parser()
-    probe.set_defaults(**{f.name: not_given for f in dataclasses.fields(TrainConfig)}, resume=not_given)
-    given = {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not not_given}
     point = find_resume(args.resume, args.out_dir)
-    saved, fields = point.settings, {f.name for f in dataclasses.fields(TrainConfig)}
+    run = TrainConfig.from_dict(point.settings)  # a setting its file does not name: the default
     try:
-        TrainConfig.from_dict(saved)._check_types()
+        run._check_types()
     except UserError as e:
         raise UserError(f"{point.path or point.folder} holds settings this module cannot use: {e}") from None
-    extend = "epochs" in given and given["epochs"] != saved.get("epochs")
-    if extend and given["epochs"] < saved.get("epochs", 0):
+    not_given = object()  # the settings the user typed are those not left at this default
+    probe = build_parser()
+    probe.set_defaults(**{f.name: not_given for f in dataclasses.fields(TrainConfig)})
+    given = {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not not_given and hasattr(run, k)}
+    extend = given.get("epochs", run.epochs) != run.epochs
+    if extend and given["epochs"] < run.epochs:
         raise UserError(f"--epochs {given['epochs']}: a resumed run can only be extended, and this one has --epochs "
-                        f"{saved['epochs']}")
-    changed = [k for k, v in given.items() if k in fields - RESUMABLE_OVERRIDES - {"epochs"} and v != saved.get(k)]
+                        f"{run.epochs}")
+    changed = [k for k, v in given.items() if k not in RESUMABLE_OVERRIDES | {"epochs"} and v != getattr(run, k)]
     if changed:
-        flags = ", ".join(" ".join(_typed(k, given[k])) + (f" (the run has {_typed(k, saved.get(k))[1]})" if not
+        flags = ", ".join(" ".join(_typed(k, given[k])) + (f" (the run has {_typed(k, getattr(run, k))[1]})" if not
                           isinstance(given[k], bool) else " (the run was started without it)") for k in changed)
         raise UserError(f"a resumed run keeps its settings (only --epochs may grow); these differ: {flags}")
-    values = {k: v for k, v in saved.items() if k in fields}
+    values = run.saved()
     values.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
     if extend:  # the added epochs get a cosine cycle of their own (see learning_rate)
-        values.update(epochs=given["epochs"], extended_from=[*saved.get("extended_from", []), saved["epochs"]])
+        values.update(epochs=given["epochs"], extended_from=[*run.extended_from, run.epochs])
     values["out_dir"] = args.out_dir or point.folder
     return TrainConfig.from_dict(values), point
 

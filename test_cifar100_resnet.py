@@ -1359,6 +1359,21 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data_dir, tmp_path, 
         "short)" in capsys.readouterr().err
 
 
+def test_a_setting_that_a_resumed_run_does_not_name_has_its_default(tiny_data_dir, tmp_path, capsys):
+    # the config.json of a run stopped before its first checkpoint, without restart_warmup (written by hand, or
+    # before the setting existed): the run has the default, 0, so the flag at 0 changes nothing
+    out = tmp_path / "run"
+    out.mkdir()
+    args = tiny_args(tiny_data_dir, out, "--epochs", "1")
+    settings = cr.config_from_args(cr.build_parser().parse_args(args)).saved()
+    del settings["restart_warmup"]
+    (out / "config.json").write_text(json.dumps({**settings, "run_id": "abc"}))
+    assert cr.main([*args, "--resume", "--restart-warmup", "0.5"]) == 2
+    assert "these differ: --restart-warmup 0.5 (the run has 0)" in capsys.readouterr().err
+    assert cr.main([*args, "--resume", "--restart-warmup", "0"]) == 0
+    assert cr.load_checkpoint(str(out / "last.pt"))["config"]["restart_warmup"] == 0.0
+
+
 def test_a_checkpoint_this_user_may_not_read_says_so(tmp_path, monkeypatch):
     # the tests run as root here, who may read anything: the error torch.load would raise is planted
     def denied(*args, **kwargs):
