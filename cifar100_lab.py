@@ -227,7 +227,7 @@ def bench_main(argv: list) -> int:
     print(f"eval: {r['measured_eval_seconds']:.3f} s for {r['test_images']:,} images"
           + (f"; scaled to 10,000: {r['eval_seconds_per_10k']:.3f} s" if scaled else ""))
     print(f"a 50,000-image epoch with its evaluation: {r['epoch_with_eval_seconds']:.3f} s"
-          + (" (scaled)" if scaled else "") + f"; {config.epochs} epochs: "
+          + (" (scaled)" if scaled else "") + f"; {config.epochs} epoch{'s' * (config.epochs != 1)}: "
           f"{cr.format_duration(config.epochs * r['epoch_with_eval_seconds'])}")
     if r["peak_memory_gib"] is not None:
         print(f"peak GPU memory: {r['peak_memory_gib']:.2f} GiB")

@@ -725,8 +725,9 @@ def test_bench_stopped_by_ctrl_c_says_it_writes_nothing(monkeypatch, capsys):
 
 def test_bench_reads_real_data_when_given(tiny_data_dir, capsys):
     code = cr.main(["bench", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--data-dir", str(tiny_data_dir),
-                    "--no-download", "--batch-size", "64", "--bench-epochs", "1"])
-    assert code == 0 and "real data" in capsys.readouterr().out
+                    "--no-download", "--batch-size", "64", "--bench-epochs", "1", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "real data" in out and re.search(r" \(scaled\); 1 epoch: \d+m\d\ds\n", out), out
 
 
 def test_plot_draws_learning_curves_of_several_runs(tiny_data_dir, tmp_path, monkeypatch):
