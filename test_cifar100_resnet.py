@@ -1566,6 +1566,37 @@ def test_cuda_graph_epoch_matches_eager_epoch_on_gpu(monkeypatch):
         torch.testing.assert_close(runs["on"][1][name], eager, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_a_run_stopped_inside_an_epoch_resumes_on_gpu_and_moves_between_gpu_and_cpu_at_its_step(tmp_path,
+                                                                                               monkeypatch):
+    # deterministic cuDNN kernels, so that a straight run and a resumed one may agree to rounding (a resume that
+    # retrained or skipped steps, or lost the momentum, would not)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    data = synthetic_data(n_train=200, n_test=40)
+    common = dict(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=32, quiet=True, compile="off")
+    runs = {name: cr.TrainConfig(**common, device=device, out_dir=str(tmp_path / name))
+            for name, device in (("straight", "cuda"), ("gpu", "cuda"), ("cpu", "cpu"))}
+    cr.train(runs["straight"], data=data)
+    for name in ("gpu", "cpu"):  # 7 steps per epoch: the 10th call is after epoch 2's step 3
+        assert cr.train(runs[name], data=data, should_stop=stop_on_call(10)).interrupted
+    shutil.copytree(tmp_path / "gpu", tmp_path / "gpu_on_cpu")
+    shutil.copytree(tmp_path / "cpu", tmp_path / "cpu_on_gpu")
+    cr.train(runs["gpu"], data=data, resume=str(tmp_path / "gpu"))  # on the GPU, with CUDA graphs (auto)
+    straight, resumed = model_tensors(tmp_path / "straight" / "last.pt"), model_tensors(tmp_path / "gpu" / "last.pt")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name].float(), tensor.float(), rtol=1e-3, atol=1e-4, msg=name)
+    # moved to the other device inside epoch 2: each goes on at step 4 (3 more polls, not 6) on a fresh stream
+    for name, device, drawn in (("gpu_on_cpu", "cpu", "cuda"), ("cpu_on_gpu", "cuda", "cpu")):
+        polls, config = [], dataclasses.replace(runs["gpu"], device=device, out_dir=str(tmp_path / name))
+        with pytest.warns(cr.RunWarning, match=f"drawn on {drawn}; on {device} it continues from a fresh stream"):
+            moved = cr.train(config, data=data, resume=str(tmp_path / name), should_stop=lambda: polls.append(1))
+        assert len(polls) == 3 and [row["epoch"] for row in moved.history] == [2], name
+        rows = metric_rows(tmp_path / name)
+        assert float(rows[1]["train_loss"]) == pytest.approx(float(metric_rows(tmp_path / "straight")[1][
+            "train_loss"]), rel=0.1), name
+
+
 # ----------------------------------------------------------------------------------------------------------
 # TensorBoard (an optional extra: skipped without it)
 
