@@ -2355,12 +2355,9 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
             if config.bn_recal:
                 models["bnrecal_"] = trainer.recalibrated()
             for prefix, model in models.items():
-                tta = config.tta and not prefix  # flip TTA for the raw weights only
-                for split in ("test", "val") if config.val_split else ("test",):
-                    metrics = trainer.evaluate(split, model, tta=tta)
-                    row.update({f"{split}_{prefix}{k}": metrics[k] for k in ("loss", "top1", "top5")})
-                    if tta:
-                        row.update({f"{split}_tta_{k}": metrics[f"tta_{k}"] for k in ("loss", "top1", "top5")})
+                for split in ("test", "val") if config.val_split else ("test",):  # flip TTA: raw weights only
+                    metrics = trainer.evaluate(split, model, tta=config.tta and not prefix)
+                    row.update({f"{split}_{prefix}{k}": v for k, v in metrics.items() if k != "n"})  # test_tta_top1
             trainer.check_weights_finite(f"in epoch {trainer.epoch}")
             if not all(math.isfinite(row[f"{split}_loss"]) for split in ("test", "val") if f"{split}_loss" in row):
                 raise TrainingDiverged(f"the test loss became non-finite in epoch {trainer.epoch}")
@@ -2380,9 +2377,8 @@ def _train_epochs(trainer: Trainer, folder: Optional[RunFolder], writer: Checkpo
                 on_epoch(row)
             per_epoch = (row["elapsed_seconds"] - elapsed_before) / (len(trainer.history) - first)
             eta = (config.epochs - trainer.epoch) * per_epoch
-            also = "".join(f" {name} {row[column]:.2%}" for name, column in (
-                ("tta_top1", "test_tta_top1"), ("ema_top1", "test_ema_top1"), ("bnrecal_top1", "test_bnrecal_top1"),
-                ("val_top1", "val_top1")) if column in row)
+            also = "".join(f" {column.removeprefix('test_')} {row[column]:.2%}" for column in (
+                "test_tta_top1", "test_ema_top1", "test_bnrecal_top1", "val_top1") if column in row)
             log(f"epoch {trainer.epoch}/{config.epochs} lr {row['lr']:.4f} train_loss {row['train_loss']:.4f} "
                 f"test_loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{also} "
                 f"{row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s (epoch mean) ETA {format_duration(eta)}")

@@ -1693,9 +1693,10 @@ def test_the_library_does_not_grow():
     # simplifying what is there, and whoever shrinks the file lowers this number to the new count. (2,823: one
     # line of LoadedRun.chosen_on_test, the rule eval and the lab's report had each written, found nothing to
     # pay with. 2,825: Trainer.close's barrier and release of DDP, a torchrun run's teardown that aborted or hung
-    # a finished run now and then, paid for but for two lines.)
+    # a finished run now and then, paid for but for two lines. 2,821: the evaluation columns of an epoch's row
+    # taken as evaluate() names them.)
     with open(MODULE) as f:
-        assert sum(1 for _ in f) <= 2825
+        assert sum(1 for _ in f) <= 2821
 
 
 def test_a_copied_library_alone_trains_and_a_lab_command_is_one_line_naming_the_file_it_needs(tmp_path):
