@@ -496,6 +496,12 @@ def _train_sweep_run(run: SweepRun, data: cr.CifarData, log: Callable[[str], Non
         log(f"diverged: {e}")
         cr.atomic_save(f"{e}\n", folder.file(DIVERGED_FILE))
         return "diverged"
+    except cr.UserError as e:
+        if not str(e).startswith("another process is writing to --out-dir"):  # (RunFolder.open's lock)
+            raise
+        raise cr.UserError(f"another process is training run {run.name} ({folder.path}): a second sweep in the same "
+                           f"--out-dir? One sweep runs in a folder at a time; --devices spreads its runs over "
+                           f"several devices") from None
     return "partial" if result.interrupted else "done"
 
 

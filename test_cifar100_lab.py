@@ -348,6 +348,19 @@ def test_the_same_sweep_again_trains_nothing(grid_sweep, data, monkeypatch):
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
 
 
+def test_a_second_sweep_in_the_same_folder_is_one_line_that_names_the_run_and_the_way(data, tmp_path):
+    out = tmp_path / "sweep"
+    first = cr.RunFolder(str(out / "runs" / "lr=0.05,seed=0"))
+    first.open()  # as the first sweep's process holds the run it trains
+    try:
+        with pytest.raises(cr.UserError, match=r"^another process is training run lr=0.05,seed=0 \(.*\): a second "
+                                               r"sweep in the same --out-dir\? .* --devices spreads its runs"):
+            lab.sweep(tiny_config(), str(out), grid={"lr": [0.05, 0.1]}, data=data, log=lambda m: None)
+    finally:
+        first.close()
+    assert not (out / "runs" / "lr=0.1,seed=0").exists()  # no other run started
+
+
 def test_a_run_that_diverges_is_marked_the_sweep_goes_on_and_its_figure_marks_it(data, tmp_path, monkeypatch):
     out, lines = tmp_path / "sweep", []
     result = lab.sweep(tiny_config(), str(out), grid={"lr": [0.05, 1e30]}, data=data, log=lines.append)
