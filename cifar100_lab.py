@@ -176,6 +176,7 @@ def benchmark(config: cr.TrainConfig, data: cr.CifarData, epochs: int = 2, eval_
     train_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2]
     evaluation = sorted(eval_seconds)[len(eval_seconds) // 2]
     train_50k, eval_10k = train_epoch * 50_000 / n_train, evaluation * 10_000 / max(n_test, 1)
+    trainer.close()  # goes when this returns, not at a garbage collection (it holds a bound method of itself)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__, "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch,
@@ -310,6 +311,7 @@ def lr_find(config: cr.TrainConfig, data: Optional[cr.CifarData] = None, start: 
             result.stopped_early = (f"the smoothed loss passed {diverge_factor:g} x its lowest value at rate "
                                     f"{rate:.3g}")
             break
+    trainer.close()  # goes when this returns, not at a garbage collection (it holds a bound method of itself)
     if not result.rates:
         raise cr.UserError(f"the loss was not finite at the first rate, {start:g}: lower --start")
     lowest_at = result.smoothed.index(min(result.smoothed))

@@ -9,6 +9,7 @@ Run: python -m pytest -q test_cifar100_lab.py
 
 import ast
 import csv
+import gc
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -725,6 +727,23 @@ def test_bench_command_times_training_and_evaluation_on_cpu(capsys, monkeypatch)
     assert r["eval_seconds_per_10k"] == pytest.approx(r["measured_eval_seconds"] * 10_000 / 64)
     assert r["epoch_with_eval_seconds"] == pytest.approx(r["train_epoch_seconds"] + r["eval_seconds_per_10k"])
     assert r["cuda_graphs"] is False and r["peak_memory_gib"] is None
+
+
+def test_lr_find_and_bench_leave_no_trainer_waiting_for_the_garbage_collector(data, monkeypatch):
+    # each Trainer (the data, the optimiser, captured graphs on the device) goes when the function returns, as
+    # train()'s does, not at the next full garbage collection
+    trainers, init = [], cr.Trainer.__init__
+    monkeypatch.setattr(cr.Trainer, "__init__", lambda self, *a, **k: trainers.append(weakref.ref(self)) or init(
+        self, *a, **k))
+    import torch._dynamo  # noqa: F401  (its lazy import keeps the first trainer of a process: see the library's test)
+    gc.disable()  # (a collection, or the first after gc.enable(), would free them either way)
+    try:
+        lab.lr_find(tiny_config(), data, steps=4)
+        lab.benchmark(tiny_config(), data, epochs=1, eval_repeats=1)
+        alive = [trainer() is not None for trainer in trainers]
+    finally:
+        gc.enable()
+    assert alive == [False, False]
 
 
 def test_bench_stopped_by_ctrl_c_says_it_writes_nothing(monkeypatch, capsys):
