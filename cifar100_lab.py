@@ -1529,8 +1529,8 @@ def _plot_schedule_main(argv: list) -> int:
         trained = max((int(r["epoch"]) for r in read_run_metrics(args.run_dir)), default=0)
         out = out or os.path.join(args.run_dir, "schedule.png")
     r = plot_schedule(config, check_png(out), steps, trained)
-    where = (f"{r['into_cycle']:g} epochs into a {r['cycle']:g}-epoch cycle" if r["into_cycle"] > 1e-6
-             else "at the end of a cycle")
+    where = (f"{r['into_cycle']:g} epoch{'s' * (r['into_cycle'] != 1)} into a {r['cycle']:g}-epoch cycle"
+             if r["into_cycle"] > 1e-6 else "at the end of a cycle")
     restarts = ", ".join(f"{x:.4g}" for x in r["restarts"][:SCHEDULE_RESTARTS]) or "none"
     if len(r["restarts"]) > SCHEDULE_RESTARTS:
         restarts += f" and more (the first {SCHEDULE_RESTARTS} marked)"

@@ -1182,9 +1182,9 @@ def schedule_end_warning(config: TrainConfig, t0: float) -> Optional[str]:
     t_cur, length, end_fraction = schedule_end(config, t0)
     if not t_cur:
         return None
-    return (f"the schedule ends {t_cur:g} epochs into a {length:g}-epoch cycle at {end_fraction:.0%} of the "
-            f"peak learning rate, so the last weights are not annealed; --t0 auto fits whole cycles into "
-            f"--epochs")
+    return (f"the schedule ends {t_cur:g} epoch{'s' * (t_cur != 1)} into a {length:g}-epoch cycle at "
+            f"{end_fraction:.0%} of the peak learning rate, so the last weights are not annealed; --t0 auto fits "
+            f"whole cycles into --epochs")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1223,10 +1223,22 @@ def test_val_split_chooses_best_on_held_out_images(tiny_data_dir, tmp_path):
     assert best["best"]["value"] == max(row["val_top1"] for row in result.history)
 
 
+def test_best_pt_keeps_the_first_of_equally_good_epochs(monkeypatch, tmp_path):
+    # a later epoch replaces best.pt only when it is better: of epochs that tie, the first stays
+    monkeypatch.setattr(cr.Trainer, "evaluate", lambda self, split="test", model=None, tta=None: {
+        "n": 32, "loss": 1.0, "top1": 0.5, "top5": 0.9})
+    config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=3, batch_size=32, device="cpu",
+                            quiet=True, out_dir=str(tmp_path / "run"))
+    cr.train(config, data=synthetic_data(n_train=64, n_test=32))
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
+    assert cr.load_checkpoint(str(tmp_path / "run" / "last.pt"))["best"] == {"metric": "test_top1", "value": 0.5,
+                                                                              "epoch": 1}
+
+
 def test_notebook_schedule_warns_that_the_run_ends_mid_cycle(tiny_data_dir, tmp_path):
     r = run_cli(*tiny_args(tiny_data_dir, tmp_path / "run", "--epochs", "3", "--t0", "2"))
     assert r.returncode == 0
-    assert "warning: the schedule ends 1 epochs into a 4-epoch cycle" in r.stderr
+    assert "warning: the schedule ends 1 epoch into a 4-epoch cycle" in r.stderr
 
 
 def flag_actions() -> dict:

@@ -63,8 +63,13 @@ def _process(rank: int, world: int, folder: str) -> None:
     try:
         cr.build_model = without_batchnorm(cr.build_model)
         data = synthetic_data(n_train=136, n_test=60)
+        # the trainer held, as what torch._dynamo's lazy import keeps holds a process's first one: its DDP goes
+        kept, init = [], cr.Trainer.__init__
+        cr.Trainer.__init__ = lambda self, *a, **k: kept.append(self) or init(self, *a, **k)
         result = cr.train(tiny(16), data)
+        cr.Trainer.__init__ = init
         ddp_alive = any(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+        kept.clear()
         torch.save({"model": result.model.state_dict(), "history": result.history, "ddp_alive": ddp_alive},
                    f"{folder}/rank{rank}.pt")
         # stopped inside epoch 2 (after 3 of its 5 steps) and resumed by as many processes, and straight
