@@ -62,7 +62,7 @@ def _process(rank: int, world: int, folder: str) -> None:
                                          world_size=world)
     try:
         cr.build_model = without_batchnorm(cr.build_model)
-        data = synthetic_data(n_train=136, n_test=60)
+        data = synthetic_data(n_train=135, n_test=61)  # uneven shares: the last batch's 7 images, the 61 test ones
         # the trainer held, as what torch._dynamo's lazy import keeps holds a process's first one: its DDP goes
         kept, init = [], cr.Trainer.__init__
         cr.Trainer.__init__ = lambda self, *a, **k: kept.append(self) or init(self, *a, **k)
@@ -93,23 +93,29 @@ def _process(rank: int, world: int, folder: str) -> None:
         cr.train(stopped, data, resume=f"{folder}/stopped")
         real = cr.mixed_cross_entropy
 
-        def changed_in_process_1_step_3(change):
-            """The loss function, with `change` applied to what process 1's third call of it returns."""
+        def changed_in_process_1(change, step: int = 3):
+            """The loss function, with `change` applied to what process 1's call of it at `step` returns."""
             calls = []
 
             def loss_function(*args, **kwargs):
                 calls.append(1)
                 loss = real(*args, **kwargs)
-                return change(loss) if rank == 1 and len(calls) == 3 else loss
+                return change(loss) if rank == 1 and len(calls) == step else loss
 
             return loss_function
 
-        cr.mixed_cross_entropy = changed_in_process_1_step_3(lambda loss: loss * float("nan"))
-        try:
-            cr.train(tiny(16, log_every=2), data)
-        except cr.TrainingDiverged as e:
-            Path(f"{folder}/rank{rank}.txt").write_text(str(e))
+        # non-finite in process 1's step 3, checked at step 4 (when process 0's loss is too), and in its step 5,
+        # the epoch's last, checked at the epoch's end (when process 0's loss is still finite)
+        for step, log_every in ((3, 2), (5, 0)):
+            cr.mixed_cross_entropy = changed_in_process_1(lambda loss: loss * float("nan"), step)
+            try:
+                cr.train(tiny(16, log_every=log_every), data)
+            except cr.TrainingDiverged as e:
+                Path(f"{folder}/diverged_step{step}_{rank}.txt").write_text(str(e))
         cr.mixed_cross_entropy = real
+        # a stop asked for in the epoch's last step is agreed after the epoch: every process stops there
+        result = cr.train(tiny(16), data, should_stop=stop_on_call(5))  # (4 calls inside the epoch, then 1)
+        Path(f"{folder}/epoch_stop{rank}.json").write_text(json.dumps([result.interrupted, len(result.history)]))
         try:  # the range test's early stop is one process's: refused inside a group
             lab.lr_find(tiny(16), data, steps=5)
         except cr.UserError as e:
@@ -130,7 +136,7 @@ def _process(rank: int, world: int, folder: str) -> None:
         # the command as torchrun starts it (its variables set; the group already joined), and process 1 ends
         # in its third step: killed, or out of memory, as far as process 0 can tell
         os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-        cr.mixed_cross_entropy = changed_in_process_1_step_3(lambda loss: os._exit(0))
+        cr.mixed_cross_entropy = changed_in_process_1(lambda loss: os._exit(0))
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             code = cr.main(tiny_args(f"{folder}/data", f"{folder}/lost", "--dataset", "cifar10", "--batch-size", "16"))
@@ -155,8 +161,9 @@ def two_processes(tmp_path_factory) -> Path:
 def test_two_processes_train_exactly_what_one_process_does_with_twice_the_batch(two_processes, monkeypatch):
     ranks = [torch.load(two_processes / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     monkeypatch.setattr(cr, "build_model", without_batchnorm(cr.build_model))
-    # 136 images: 4 global batches of 32 and a last one of 8 (4 per process), weighted by its size
-    one = cr.train(tiny(32), synthetic_data(n_train=136, n_test=60))
+    # 135 images: 4 global batches of 32 and a last one of 7 (4 and 3 per process), each share weighted by its
+    # size; the 61 test images evaluated as 31 and 30
+    one = cr.train(tiny(32), synthetic_data(n_train=135, n_test=61))
     for name, tensor in one.model.state_dict().items():  # to rounding: the processes' gradients are summed in
         for r in ranks:  # another order than one batch's; after 10 steps, 5e-5 of a tensor's largest value apart
             torch.testing.assert_close(r["model"][name], tensor, rtol=1e-4, atol=2e-4 * tensor.abs().max().item(),
@@ -195,8 +202,13 @@ def test_a_run_stopped_inside_an_epoch_resumes_by_as_many_processes_to_the_same_
 
 def test_a_non_finite_loss_in_one_process_stops_every_process_at_the_same_step(two_processes):
     # the processes ended (the fixture returned): none waited for another that had stopped
-    messages = [(two_processes / f"rank{r}.txt").read_text() for r in (0, 1)]
-    assert messages[0] == messages[1] and "non-finite at epoch 1, step 3" in messages[0]
+    for step in (3, 5):  # (at step 5 only process 1's loss is non-finite when they check: it stops both)
+        messages = [(two_processes / f"diverged_step{step}_{r}.txt").read_text() for r in (0, 1)]
+        assert messages[0] == messages[1] and f"loss became non-finite at epoch 1, step {step}" in messages[0]
+
+
+def test_a_stop_asked_for_in_an_epochs_last_step_stops_every_process_after_that_epoch(two_processes):
+    assert [json.loads((two_processes / f"epoch_stop{r}.json").read_text()) for r in (0, 1)] == [[True, 1]] * 2
 
 
 def test_a_write_failing_in_process_0_ends_both_processes_cleanly(two_processes):
