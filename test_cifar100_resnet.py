@@ -403,6 +403,14 @@ def test_cutmix_box_centre_is_uniform_and_side_follows_sqrt_one_minus_lam():
     assert sorted(set(tops)) == list(range(31))
     assert 0.04 < tops.count(0) / len(tops) < 0.09  # centres 0 and 1: 2/32
     assert cr.cutmix_box(0.36, 32, 32, center=(16, 16)) == (4, 29, 4, 29)  # side int(32 * 0.8) = 25
+    assert cr.cutmix_box(0.75, 16, 64, center=(8, 32)) == (4, 12, 16, 48)  # each side from its own: 8 and 32
+
+
+def test_with_both_on_cutmix_prob_is_the_share_of_cutmix_batches():
+    g = torch.Generator().manual_seed(0)
+    for prob in (0.2, 0.8):
+        methods = [cr.draw_mix(cr.TrainConfig(cutmix_prob=prob), 32, 32, g)[0] for _ in range(2000)]
+        assert set(methods) == {"cutmix", "mixup"} and abs(methods.count("cutmix") / 2000 - prob) < 0.04
 
 
 def test_mixup_blends_each_image_with_its_partner():
@@ -777,6 +785,7 @@ def test_resume_inside_an_epoch_is_bit_identical_and_a_gpu_checkpoint_continues_
     ckpt.pop("checksum")
     ckpt["rng"].update(data=torch.zeros(16, dtype=torch.uint8), data_device="cuda")
     ckpt["partial_epoch"]["data_rng_at_start"] = torch.zeros(16, dtype=torch.uint8)
+    ckpt["partial_epoch"]["seconds"] = 1000.0  # as if its first 3 steps had taken that long: the epoch counts them
     torch.save({**ckpt, "checksum": cr.tensor_checksum(ckpt)}, tmp_path / "gpu" / "last.pt")
     polls = []  # train() asks should_stop() after every step but an epoch's last
     with pytest.warns(cr.RunWarning, match="drawn on cuda; on cpu it continues from a fresh stream"):
@@ -788,6 +797,7 @@ def test_resume_inside_an_epoch_is_bit_identical_and_a_gpu_checkpoint_continues_
         [a[0][k] for k in DETERMINISTIC_COLUMNS]
     # its loss the mean over all 7 steps, the first 3 steps' kept (without them, about 4/7 of the straight run's)
     assert float(rows[1]["train_loss"]) == pytest.approx(float(a[1]["train_loss"]), rel=0.1)
+    assert 1000 < float(rows[1]["train_seconds"]) < 1100 and float(rows[1]["epoch_seconds"]) > 1000
 
 
 def test_readme_speaks_to_a_user_of_the_repository():
@@ -1211,6 +1221,16 @@ def test_seed_determinism(tiny_data_dir, tmp_path):
     a, b, c = (model_tensors(tmp_path / n / "last.pt") for n in "abc")
     assert_same_tensors(a, b)
     assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
+def test_split_data_holds_out_the_last_of_the_limited_training_images():
+    data = synthetic_data(n_train=100, n_test=40)
+    splits = cr.split_data(data, cr.TrainConfig(limit_train=80, val_split=30, limit_test=25))
+    for name, (images, labels), (source_images, source_labels) in (
+            ("train", splits["train"], (data.train_images[:50], data.train_labels[:50])),
+            ("val", splits["val"], (data.train_images[50:80], data.train_labels[50:80])),
+            ("test", splits["test"], (data.test_images[:25], data.test_labels[:25]))):
+        assert torch.equal(images, source_images) and torch.equal(labels, source_labels), name
 
 
 def test_val_split_chooses_best_on_held_out_images(tiny_data_dir, tmp_path):

@@ -465,15 +465,30 @@ def test_a_bare_pickle_given_as_a_checkpoint_is_one_line_from_the_command(tmp_pa
 
 
 def malformed_checkpoints(good: dict) -> dict:
+    """Each malformed in one way, its checksum rewritten to fit (a stale one would be refused before the flaw)."""
     missing_model = {k: v for k, v in good.items() if k != "model"}
     bad_config = {**good, "config": {**good["config"], "epochs": "many"}}
     bad_rng = {**good, "rng": {"mix": good["rng"]["mix"]}}
     not_tensors = {**good, "model": {k: 1 for k in good["model"]}}
     wrong_shape = {**good, "model": {**good["model"], "fc.weight": torch.zeros(3, 3)}}
-    return {"keys missing": {"format": "cifar100_resnet", "epoch": 2}, "no model": missing_model,
-            "config of wrong types": bad_config, "rng incomplete": bad_rng, "model not tensors": not_tensors,
-            "weights not fitting their config": wrong_shape, "another format": {"format": "other", "epoch": 1},
-            "a list": [1, 2, 3]}
+    cases = {"no model": missing_model, "config of wrong types": bad_config, "rng incomplete": bad_rng,
+             "model not tensors": not_tensors, "weights not fitting their config": wrong_shape}
+    cases = {name: {**c, "checksum": cr.tensor_checksum({k: v for k, v in c.items() if k != "checksum"})}
+             for name, c in cases.items()}
+    return {"keys missing": {"format": "cifar100_resnet", "epoch": 2}, **cases,
+            "another format": {"format": "other", "epoch": 1}, "a list": [1, 2, 3]}
+
+
+MALFORMED_SAYS = {  # what the one line says of each (both --resume and eval)
+    "keys missing": "is not a complete cifar100_resnet checkpoint: config, best, model",
+    "no model": "is not a complete cifar100_resnet checkpoint: model missing or malformed",
+    "config of wrong types": "setting epochs must be int, got 'many'",
+    "rng incomplete": "is not a complete cifar100_resnet checkpoint: 'rng' lacks its generator states",
+    "model not tensors": "is not a complete cifar100_resnet checkpoint: the tensors of 'model' missing",
+    "weights not fitting their config": "do not fit the model of its settings: fc.weight has shape (3, 3), the model "
+                                        "built from it (100, 32)",
+    "another format": "is not a cifar100_resnet checkpoint", "a list": "is not a cifar100_resnet checkpoint",
+}
 
 
 @pytest.mark.parametrize("case", ["keys missing", "no model", "config of wrong types", "rng incomplete",
@@ -500,6 +515,8 @@ def test_a_malformed_checkpoint_is_one_line(data_dir, finished_run, tmp_path, ca
     assert str(path) in message or "setting epochs" in message
     if case in ("truncated", "empty", "random bytes"):  # in its own words, not torch's (an EOFError, say)
         assert message.endswith("is not a readable checkpoint (not a file written by torch.save, or one cut short)")
+    else:
+        assert MALFORMED_SAYS[case] in message, message
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -563,6 +580,9 @@ def sandbox(data_dir, reference, tmp_path_factory) -> Path:
     (box / "done").symlink_to(reference, target_is_directory=True)
     (box / "a_file.txt").write_text("not a folder\n")
     (box / "stopped").mkdir()
+    (box / "bad_extension").mkdir()  # extended from a number of epochs that is no whole number
+    settings = json.loads((reference / "config.json").read_text())
+    (box / "bad_extension" / "config.json").write_text(json.dumps({**settings, "extended_from": [2.5]}))
     (box / "stopped" / "config.json").write_text((reference / "config.json").read_text().replace(
         load(reference / "last.pt")["run_id"], "another-run"))
     with open(box / "raw.pt", "wb") as f:  # a bare pickle (protocol 4), not a file torch.save wrote
@@ -641,7 +661,9 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--label-smoothing", "1"], "--label-smoothing"), (["--mixup-alpha", "-1"], "--mixup-alpha"),
     (["--cutmix-alpha", "-0.5"], "--cutmix-alpha"), (["--cutmix-prob", "1.5"], "--cutmix-prob"),
     (["--t0", "0"], "--t0"), (["--t0", "soon"], "--t0"), (["--t-mult", "0.5"], "--t-mult"),
-    (["--warmup-epochs", "5", "--epochs", "4"], "--warmup-epochs"), (["--min-lr", "1"], "--min-lr"),
+    (["--warmup-epochs", "5", "--epochs", "4"], "--warmup-epochs"),
+    (["--warmup-epochs", "4", "--epochs", "4"], "--warmup-epochs must be in [0, epochs), got 4.0 with 4 epochs"),
+    (["--min-lr", "1"], "--min-lr"),
     (["--arch", "resnet50"], "invalid choice: 'resnet50'"), (["--stem", "tiny"], "invalid choice"),
     (["--width", "0"], "--width"), (["--dataset", "mnist"], "invalid choice"),
     (["--limit-train", "-1"], "--limit-train"), (["--limit-test", "-1"], "--limit-test"),
@@ -676,6 +698,8 @@ BAD = [  # (argv, a text the error must contain); D = the data folder, R = the f
     (["--resume"], "pass --out-dir"), (["--resume", "{S}/nowhere.pt"], "no checkpoint at"),
     (["--resume", "--out-dir", "{S}/nowhere"], "holds no run to resume"),
     (["--resume", "{S}/stopped", "--out-dir", "{S}/new"], "before its first checkpoint: nothing to branch from"),
+    (["--resume", "{S}/bad_extension"], "holds settings this module cannot use: setting extended_from must be tuple "
+                                        "or list, got [2.5]"),
     (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{S}/stopped"], "holds another run"),
     (["--resume", "{R}/ckpt_ep2.pt", "--out-dir", "{R}"], "would overwrite them"),
     (["--resume", "--out-dir", "{R}", "--lr", "0.5"], "a resumed run keeps its settings"),
