@@ -1014,6 +1014,16 @@ def test_the_cpu_cost_note_is_measured_after_warm_up_corrected_by_the_first_epoc
             f"about {cr.format_duration(estimate * 1000)}); this recipe is meant for a GPU.{suggestion}",
             f"note: epoch 1 took {cr.format_duration(35.0)} (estimated: {cr.format_duration(estimate)}), so 1000 "
             f"epochs: about {cr.format_duration(35.0 * 1000)}"], lines
+    # 5 s steps: estimated 40 s an epoch (8 steps); an epoch of 52 s is off by 30 % and corrects it, one of 48 s not
+    for last_step, corrected in ((17.0, True), (13.0, False)):
+        clock[0], lines = 0.0, []
+        config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=1000, batch_size=16, device="cpu",
+                                log_every=0)
+        trainer = cr.Trainer(config, data, log=lines.append, progress=lambda line: None)
+        trainer.step_seconds = iter([5.0] * 7 + [last_step])
+        trainer.train_epoch()
+        assert len(lines) == 1 + corrected and "takes about 0m40s (1000 epochs: about 11h06m)" in lines[0], lines
+        assert not corrected or lines[1].startswith("note: epoch 1 took 0m52s (estimated: 0m40s), so 1000 epochs")
 
 
 def test_console_rewrites_step_lines_in_place_on_a_terminal_only(tmp_path):
@@ -1259,6 +1269,9 @@ def test_notebook_schedule_warns_that_the_run_ends_mid_cycle(tiny_data_dir, tmp_
     r = run_cli(*tiny_args(tiny_data_dir, tmp_path / "run", "--epochs", "3", "--t0", "2"))
     assert r.returncode == 0
     assert "warning: the schedule ends 1 epoch into a 4-epoch cycle" in r.stderr
+    # said once, when the run starts: resumed, it is not said again
+    r = run_cli("--out-dir", str(tmp_path / "run"), "--resume", "--device", "cpu", "--no-download")
+    assert r.returncode == 0 and "warning" not in r.stderr and "is complete" in r.stdout
 
 
 def flag_actions() -> dict:
@@ -1405,6 +1418,48 @@ def test_a_setting_that_a_resumed_run_does_not_name_has_its_default(tiny_data_di
     assert "these differ: --restart-warmup 0.5 (the run has 0)" in capsys.readouterr().err
     assert cr.main([*args, "--resume", "--restart-warmup", "0"]) == 0
     assert cr.load_checkpoint(str(out / "last.pt"))["config"]["restart_warmup"] == 0.0
+
+
+def test_a_run_folder_another_process_writes_to_is_refused_and_left_as_it_is(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = cr.RunFolder(str(out))
+    holder.open()  # as another process training there holds it
+    try:
+        code = cr.main(tiny_args(tiny_data_dir, out))
+    finally:
+        holder.close()
+    assert code == 2 and capsys.readouterr().err == f"error: another process is writing to --out-dir {out}\n"
+    assert list(out.iterdir()) == []
+
+
+def test_a_resume_rebuilds_a_derived_file_a_stopped_process_left_unwritten_and_says_so(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    (out / "metrics.csv").unlink()
+    assert cr.main(["--resume", "--out-dir", str(out), "--device", "cpu", "--no-download"]) == 0
+    said = capsys.readouterr().out
+    assert "repaired metrics.csv from last.pt (a previous process stopped while writing)" in said
+    assert (out / "metrics.csv").read_bytes() == (tiny_run / "metrics.csv").read_bytes()
+
+
+def test_a_non_finite_test_loss_stops_the_run_with_no_checkpoint_of_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(cr.Trainer, "evaluate", lambda self, split="test", model=None, tta=None: {
+        "n": 32, "loss": float("nan"), "top1": 0.0, "top5": 0.0})
+    config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=2, batch_size=32, device="cpu",
+                            quiet=True, out_dir=str(tmp_path / "run"))
+    with pytest.raises(cr.TrainingDiverged, match="the test loss became non-finite in epoch 1; stopped, no "
+                                                  "checkpoint holds the non-finite values"):
+        cr.train(config, data=synthetic_data(n_train=64, n_test=32))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_after_a_first_sigterm_a_second_one_ends_the_process():
+    # training may be waiting in a collective for a process that has gone: the second SIGTERM is not caught
+    before = signal.getsignal(signal.SIGTERM)
+    with cr.StopSignals(quiet=True) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested() and stop.exit_code == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_checkpoint_this_user_may_not_read_says_so(tmp_path, monkeypatch):

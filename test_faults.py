@@ -537,16 +537,20 @@ def corrupt(folder: Path, case: str, marker: Path):
         batch["fine_labels"][0] = 100
     elif case == "label count":
         batch["fine_labels"] = batch["fine_labels"][:-1]
+    elif case == "a class in two superclasses":  # a second image of the first one's class, in another superclass
+        batch["fine_labels"][1] = batch["fine_labels"][0]
+        batch["coarse_labels"][1] = (batch["coarse_labels"][0] + 1) % 20
     elif case == "wrong class count":
         (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": ["a"] * 10}))
     elif case in ("hostile train", "hostile test", "hostile meta"):
         (folder / case.split()[1]).write_bytes(pickle.dumps(Payload(marker)))
-    if case in ("wrong shape", "float pixels", "labels out of range", "label count"):
+    if case in ("wrong shape", "float pixels", "labels out of range", "label count", "a class in two superclasses"):
         train.write_bytes(pickle.dumps(batch))
 
 
 @pytest.mark.parametrize("case", ["truncated", "empty", "garbage text", "wrong shape", "float pixels",
-                                  "labels out of range", "label count", "wrong class count", "hostile train",
+                                  "labels out of range", "label count", "a class in two superclasses",
+                                  "wrong class count", "hostile train",
                                   "hostile test", "hostile meta"])
 def test_corrupt_or_hostile_data_is_one_line_and_creates_nothing(tmp_path, capsys, case):
     data, marker = tmp_path / "data", tmp_path / "marker"
