@@ -4,7 +4,9 @@ root importable for the tests in bench/: pytest puts its folder on sys.path.)
 
 Only torch, numpy and pytest are needed here: test_cifar100_resnet.py runs with nothing else installed."""
 
+import contextlib
 import csv
+import gc
 import json
 import os
 import pickle
@@ -15,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -301,6 +304,24 @@ def read_csv(path) -> list:
 
 def metric_rows(run_dir) -> list:
     return read_csv(Path(run_dir) / "metrics.csv")
+
+
+@contextlib.contextmanager
+def trainers_alive_after(monkeypatch):
+    """Runs its block with the garbage collector off, and fills the list it yields with whether each Trainer
+    made inside is still alive after it (read before gc.enable(), whose first collection would free them all).
+    torch imports torch._dynamo lazily, inside the optimiser's first construction, and what that import keeps
+    holds the frames it ran in: imported here first, so the block's first trainer is not held by it."""
+    trainers, alive, init = [], [], cr.Trainer.__init__
+    monkeypatch.setattr(cr.Trainer, "__init__", lambda self, *a, **k: trainers.append(weakref.ref(self)) or init(
+        self, *a, **k))
+    import torch._dynamo  # noqa: F401
+    gc.disable()
+    try:
+        yield alive
+        alive.extend(trainer() is not None for trainer in trainers)
+    finally:
+        gc.enable()
 
 
 def stop_on_call(n: int):

@@ -9,7 +9,6 @@ Run: python -m pytest -q test_cifar100_lab.py
 
 import ast
 import csv
-import gc
 import importlib.util
 import json
 import math
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import time
 import warnings
-import weakref
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 import cifar100_lab as lab
 import cifar100_resnet as cr
 from conftest import (FAULT_PAUSE_ENV, HERE, LAB, MODULE, SHARED, metric_rows, official_layout, read_csv, run_cli,
-                      start_cli, stop_on_call, synthetic_data, tiny_args, write_official_layout)
+                      start_cli, stop_on_call, synthetic_data, tiny_args, trainers_alive_after, write_official_layout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -732,17 +730,9 @@ def test_bench_command_times_training_and_evaluation_on_cpu(capsys, monkeypatch)
 def test_lr_find_and_bench_leave_no_trainer_waiting_for_the_garbage_collector(data, monkeypatch):
     # each Trainer (the data, the optimiser, captured graphs on the device) goes when the function returns, as
     # train()'s does, not at the next full garbage collection
-    trainers, init = [], cr.Trainer.__init__
-    monkeypatch.setattr(cr.Trainer, "__init__", lambda self, *a, **k: trainers.append(weakref.ref(self)) or init(
-        self, *a, **k))
-    import torch._dynamo  # noqa: F401  (its lazy import keeps the first trainer of a process: see the library's test)
-    gc.disable()  # (a collection, or the first after gc.enable(), would free them either way)
-    try:
+    with trainers_alive_after(monkeypatch) as alive:
         lab.lr_find(tiny_config(), data, steps=4)
         lab.benchmark(tiny_config(), data, epochs=1, eval_repeats=1)
-        alive = [trainer() is not None for trainer in trainers]
-    finally:
-        gc.enable()
     assert alive == [False, False]
 
 

@@ -5,7 +5,6 @@ Run: python -m pytest -q test_cifar100_resnet.py   (CPU only, a few minutes on 2
 
 import dataclasses
 import errno
-import gc
 import importlib.util
 import io
 import json
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import time
 import types
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 
 import cifar100_resnet as cr
 from conftest import (DETERMINISTIC_COLUMNS, HERE, MODULE, SHARED, assert_same_tensors, metric_rows,
-                      model_tensors, run_cli, start_cli, stop_on_call, synthetic_data, tiny_args,
+                      model_tensors, run_cli, start_cli, stop_on_call, synthetic_data, tiny_args, trainers_alive_after,
                       write_official_layout)
 
 
@@ -813,21 +811,10 @@ def test_train_leaves_no_trainer_waiting_for_the_garbage_collector(monkeypatch):
     # A sweep trains run after run in one process: each Trainer (the data, optimiser and captured graphs on the
     # device) goes when its train() returns, not at a full garbage collection (a bound method stored on it made a
     # reference cycle: five runs of a sweep left five trainers)
-    trainers = []
-    init = cr.Trainer.__init__
-    monkeypatch.setattr(cr.Trainer, "__init__", lambda self, *a, **k: trainers.append(weakref.ref(self)) or init(
-        self, *a, **k))
     config = cr.TrainConfig(dataset="cifar10", arch="resnet18", width=4, epochs=1, batch_size=32, device="cpu",
                             quiet=True)
-    # torch imports torch._dynamo lazily, inside the optimiser's first construction, and what that import keeps
-    # holds the frames it ran in: the first trainer of a process stays, whatever the library does
-    import torch._dynamo  # noqa: F401
-    gc.disable()  # (a collection during the run, or the first after gc.enable(), would free it either way)
-    try:
+    with trainers_alive_after(monkeypatch) as alive:
         result = cr.train(config, data=synthetic_data(n_train=64, n_test=32))
-        alive = [trainer() is not None for trainer in trainers]
-    finally:
-        gc.enable()
     assert alive == [False] and len(result.history) == 1
 
 
