@@ -491,9 +491,7 @@ MALFORMED_SAYS = {  # what the one line says of each (both --resume and eval)
 }
 
 
-@pytest.mark.parametrize("case", ["keys missing", "no model", "config of wrong types", "rng incomplete",
-                                  "model not tensors", "weights not fitting their config", "another format",
-                                  "a list", "truncated", "empty", "random bytes"])
+@pytest.mark.parametrize("case", [*MALFORMED_SAYS, "truncated", "empty", "random bytes"])
 @pytest.mark.parametrize("how", ["--resume PATH", "eval"])
 def test_a_malformed_checkpoint_is_one_line(data_dir, finished_run, tmp_path, capsys, case, how):
     if how == "eval" and case == "rng incomplete":
